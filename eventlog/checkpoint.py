@@ -1,0 +1,151 @@
+"""Signed checkpoints: per chain, an RFC 6962 root over the event hashes since the previous
+checkpoint and the chain head, signed with Ed25519 (docs/HASHING.md, "Checkpoints")."""
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from hashlib import sha256
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .merkle import merkle_root
+
+STATEMENT_TAG = b"marlgrc.checkpoint.v1\n"
+
+
+class KeyFileError(RuntimeError):
+    """A signing or public key file is missing, unreadable or too open."""
+
+
+@dataclass(frozen=True)
+class CheckpointStatement:
+    """What a checkpoint signs: chain (topic, chain_id) holds, from ``first_seq`` to ``last_seq``,
+    events whose hashes have root ``merkle_root``; the event before them hashes to ``prev_head_hash``
+    and the last to ``head_event_hash``."""
+
+    topic: str
+    chain_id: str
+    first_seq: int
+    last_seq: int
+    prev_head_hash: bytes
+    head_event_hash: bytes
+    merkle_root: bytes
+
+    def to_bytes(self) -> bytes:
+        t, c = self.topic.encode(), self.chain_id.encode()
+        return b"".join([
+            STATEMENT_TAG,
+            struct.pack(">I", len(t)), t,
+            struct.pack(">I", len(c)), c,
+            struct.pack(">QQ", self.first_seq, self.last_seq),
+            self.prev_head_hash, self.head_event_hash, self.merkle_root,
+        ])
+
+    @classmethod
+    def from_record(cls, record: dict) -> "CheckpointStatement":
+        return cls(record["checked_topic"], record["checked_chain_id"], record["first_seq"], record["last_seq"],
+                   record["prev_head_hash"], record["head_event_hash"], record["merkle_root"])
+
+
+def statement_for(topic: str, chain_id: str, first_seq: int, prev_head_hash: bytes,
+                  event_hashes: list[bytes]) -> CheckpointStatement:
+    """The statement over ``event_hashes`` (seq first_seq, first_seq+1, ...). Requires a non-empty list."""
+    if not event_hashes:
+        raise ValueError("a checkpoint covers at least one event")
+    return CheckpointStatement(topic, chain_id, first_seq, first_seq + len(event_hashes) - 1,
+                               prev_head_hash, event_hashes[-1], merkle_root(event_hashes))
+
+
+def public_key_raw(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def key_id(key: Ed25519PublicKey) -> bytes:
+    """SHA-256 of the raw 32-byte public key."""
+    return sha256(public_key_raw(key)).digest()
+
+
+def public_key_pem(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def load_public_key(path_or_pem: Path | bytes) -> Ed25519PublicKey:
+    data = path_or_pem if isinstance(path_or_pem, bytes) else Path(path_or_pem).read_bytes()
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError as exc:
+        raise KeyFileError(f"not a PEM public key ({path_or_pem if not isinstance(path_or_pem, bytes) else 'bytes'}): "
+                           f"{exc}; export one with `marlgrc export --public-key`") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise KeyFileError("the public key is not Ed25519")
+    return key
+
+
+class Signer:
+    """An Ed25519 signing key kept in a local PEM file with mode 0600."""
+
+    def __init__(self, private_key: Ed25519PrivateKey):
+        self._key = private_key
+        self.public_key = private_key.public_key()
+        self.key_id = key_id(self.public_key)
+
+    @classmethod
+    def generate(cls) -> "Signer":
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> "Signer":
+        """Deterministic key for test vectors only."""
+        return cls(Ed25519PrivateKey.from_private_bytes(sha256(seed).digest()))
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> "Signer":
+        path = Path(path)
+        if path.exists():
+            return cls.load(path)
+        signer = cls.generate()
+        signer.save(path)
+        return signer
+
+    @classmethod
+    def load(cls, path: Path) -> "Signer":
+        path = Path(path)
+        try:
+            mode = path.stat().st_mode & 0o777
+            data = path.read_bytes()
+        except OSError as exc:
+            raise KeyFileError(f"cannot read signing key {path}: {exc.strerror}") from None
+        if mode & 0o077:
+            raise KeyFileError(f"signing key {path} has mode {oct(mode)}; it must be 0600: chmod 600 {path}")
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except ValueError:
+            raise KeyFileError(f"signing key {path} is not an unencrypted PEM private key; "
+                               f"move it away and a new one is created on next use") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise KeyFileError(f"signing key {path} is not an Ed25519 key")
+        return cls(key)
+
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pem = self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+
+    def sign(self, statement: CheckpointStatement) -> bytes:
+        return self._key.sign(statement.to_bytes())
+
+
+def signature_valid(public_key: Ed25519PublicKey, statement: CheckpointStatement, signature: bytes) -> bool:
+    try:
+        public_key.verify(signature, statement.to_bytes())
+        return True
+    except InvalidSignature:
+        return False

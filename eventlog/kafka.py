@@ -1,0 +1,245 @@
+"""Thin Kafka adapters (confluent-kafka): idempotent producer, read-committed reader, topic admin."""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Iterable, Iterator, NamedTuple
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from .topics import TopicSpec, logical, physical, topic_specs
+
+
+class BrokerUnavailable(RuntimeError):
+    """No Kafka broker answered at the given bootstrap address."""
+
+
+class DeliveryError(RuntimeError):
+    """Kafka did not acknowledge some events. A chain with an unacknowledged event has a gap."""
+
+
+class Record(NamedTuple):
+    """One Kafka message as read: logical topic, partition, offset, key (chain id), value, ms time."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: str
+    value: bytes
+    timestamp: int
+
+
+def _unavailable(bootstrap: str, what: str, exc: object) -> BrokerUnavailable:
+    return BrokerUnavailable(
+        f"Kafka at {bootstrap} did not answer while {what} ({exc}). Start one with `marlgrc up` "
+        f"(or `docker compose -f compose/docker-compose.yml up -d`) and pass its address with --bootstrap.")
+
+
+def check_broker(bootstrap: str, timeout: float = 10.0) -> None:
+    try:
+        AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise _unavailable(bootstrap, "listing topics", exc) from None
+
+
+def ensure_topics(bootstrap: str, prefix: str = "", specs: Iterable[TopicSpec] | None = None,
+                  timeout: float = 30.0) -> list[str]:
+    """Create the marl.* topics with explicit configs where missing; return the ones created."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        existing = set(admin.list_topics(timeout=timeout).topics)
+    except KafkaException as exc:
+        raise _unavailable(bootstrap, "listing topics", exc) from None
+    new = [NewTopic(physical(prefix, s.name), num_partitions=s.partitions, replication_factor=1, config=s.config)
+           for s in (specs or topic_specs()) if physical(prefix, s.name) not in existing]
+    created = []
+    for name, fut in (admin.create_topics(new, operation_timeout=timeout).items() if new else []):
+        try:
+            fut.result()
+            created.append(name)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise RuntimeError(f"could not create topic {name}: {exc}") from None
+    return created
+
+
+class EventProducer:
+    """Idempotent producer (``acks=all``), keyed by chain id, so a chain stays in one partition in order.
+
+    Delivery reports are requested for errors only; ``flush()`` raises DeliveryError naming the first
+    failures. Topic names are logical (``marl.joint.action``); ``prefix`` is prepended.
+    """
+
+    def __init__(self, bootstrap: str, *, prefix: str = "", client_id: str = "marlgrc", **config):
+        conf = {
+            "bootstrap.servers": bootstrap,
+            "client.id": client_id,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "batch.num.messages": 10000,
+            "queue.buffering.max.messages": 1_000_000,
+            "delivery.report.only.error": True,
+            "error_cb": self._on_error,
+        }
+        conf.update(config)
+        self.bootstrap = bootstrap
+        self.prefix = prefix
+        self._producer = Producer(conf)
+        self._failures: list[str] = []
+        self._fatal: str | None = None
+        self.sent = 0
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._fatal = str(err)
+
+    def _on_delivery(self, err, msg) -> None:
+        if err is not None:
+            self._failures.append(f"{msg.topic()} key={msg.key()!r}: {err.str()}")
+
+    def send(self, topic: str, key: str, value: bytes) -> None:
+        name = self.prefix + topic
+        while True:
+            try:
+                self._producer.produce(name, value, key, on_delivery=self._on_delivery)
+                break
+            except BufferError:
+                self._producer.poll(0.05)  # queue full: let librdkafka drain
+        self.sent += 1
+        if self.sent % 10000 == 0:
+            self._producer.poll(0)
+            self._raise_if_failed()
+
+    def flush(self, timeout: float = 120.0) -> None:
+        remaining = self._producer.flush(timeout)
+        self._raise_if_failed()
+        if remaining:
+            raise DeliveryError(
+                f"{remaining} events not acknowledged by Kafka at {self.bootstrap} after {timeout:.0f}s; "
+                f"check the broker (`marlgrc status`) and verify the affected chains before writing more")
+
+    def _raise_if_failed(self) -> None:
+        if self._fatal:
+            raise DeliveryError(f"fatal producer error: {self._fatal}; the producer must be recreated")
+        if self._failures:
+            first = "; ".join(self._failures[:3])
+            raise DeliveryError(
+                f"{len(self._failures)} events were not delivered (first: {first}). The chains they belong "
+                f"to now have gaps: run `marlgrc verify` and resume those chains from their last good head")
+
+    def close(self) -> None:
+        self.flush()
+
+
+def _consumer(bootstrap: str, **extra) -> Consumer:
+    conf = {
+        "bootstrap.servers": bootstrap,
+        "group.id": f"marlgrc-reader-{uuid.uuid4()}",
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        # set explicitly: clients differ in their default (DESIGN.md)
+        "isolation.level": "read_committed",
+        "auto.offset.reset": "earliest",
+        "fetch.max.bytes": 52428800,
+        "max.partition.fetch.bytes": 10485760,
+        "queued.min.messages": 200000,
+    }
+    conf.update(extra)
+    return Consumer(conf)
+
+
+def partitions_of(bootstrap: str, topics: Iterable[str], prefix: str = "", timeout: float = 10.0) -> list[TopicPartition]:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        md = admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise _unavailable(bootstrap, "reading metadata", exc) from None
+    out = []
+    for t in topics:
+        name = physical(prefix, t)
+        if name not in md.topics:
+            raise KeyError(f"topic {name} does not exist on {bootstrap}; create topics with `marlgrc up`")
+        out.extend(TopicPartition(name, p) for p in sorted(md.topics[name].partitions))
+    return out
+
+
+def read_records(bootstrap: str, topics: Iterable[str], *, prefix: str = "",
+                 start_offsets: dict[tuple[str, int], int] | None = None,
+                 start_timestamp_ms: int | None = None,
+                 end_offsets: dict[tuple[str, int], int] | None = None,
+                 batch: int = 10000, timeout: float = 30.0) -> Iterator[Record]:
+    """Replay topics from the beginning (default), from given offsets, or from a timestamp, up to
+    the end offsets seen when reading starts (or the given ``end_offsets``, exclusive).
+
+    Records come per partition in offset order; partitions are interleaved. Keys are chain ids.
+    """
+    consumer = _consumer(bootstrap)
+    try:
+        tps = partitions_of(bootstrap, topics, prefix)
+        if start_timestamp_ms is not None:
+            tps = consumer.offsets_for_times([TopicPartition(tp.topic, tp.partition, start_timestamp_ms)
+                                              for tp in tps], timeout=timeout)
+        ends: dict[tuple[str, int], int] = {}
+        assign = []
+        for tp in tps:
+            lo, hi = consumer.get_watermark_offsets(tp, timeout=timeout)
+            key = (logical(prefix, tp.topic), tp.partition)
+            end = hi if end_offsets is None else min(hi, end_offsets.get(key, hi))
+            if start_offsets is not None and key in start_offsets:
+                off = start_offsets[key]
+            elif start_timestamp_ms is not None:
+                off = tp.offset if tp.offset >= 0 else end
+            else:
+                off = OFFSET_BEGINNING
+            start = lo if off == OFFSET_BEGINNING else off
+            if start < end:
+                ends[(tp.topic, tp.partition)] = end
+                assign.append(TopicPartition(tp.topic, tp.partition, off))
+        if not assign:
+            return
+        consumer.assign(assign)
+        open_parts = dict(ends)
+        plen = len(prefix)
+        idle_since = time.monotonic()
+        while open_parts:
+            msgs = consumer.consume(batch, 1.0)
+            if not msgs:
+                # read_committed: control markers and aborted records take offsets we never see
+                for tp in consumer.position([TopicPartition(t, p) for (t, p) in open_parts]):
+                    if tp.offset >= open_parts[(tp.topic, tp.partition)]:
+                        del open_parts[(tp.topic, tp.partition)]
+                if time.monotonic() - idle_since > timeout and open_parts:
+                    raise BrokerUnavailable(f"no data from {bootstrap} for {timeout:.0f}s while reading "
+                                            f"{sorted(open_parts)}; is the broker up (`marlgrc status`)?")
+                continue
+            idle_since = time.monotonic()
+            for m in msgs:
+                if m.error() is not None:
+                    if m.error().code() == KafkaError._PARTITION_EOF:
+                        continue
+                    raise KafkaException(m.error())
+                t, p, o = m.topic(), m.partition(), m.offset()
+                end = open_parts.get((t, p))
+                if end is None or o >= end:
+                    continue
+                k = m.key()
+                yield Record(t[plen:], p, o, k.decode() if k is not None else "", m.value(), m.timestamp()[1])
+                if o + 1 >= end:
+                    del open_parts[(t, p)]
+    finally:
+        consumer.close()
+
+
+def chain_head_from_topic(bootstrap: str, topic: str, chain_id: str, prefix: str = "") -> tuple[int, bytes]:
+    """(seq, event_hash) of the last event of a chain, read back from Kafka, for a restarting writer.
+
+    Returns (-1, zeros) when the chain has no events."""
+    from .hashing import seq_and_chain
+
+    seq, head = -1, bytes(32)
+    for r in read_records(bootstrap, [topic], prefix=prefix):
+        if r.key == chain_id:
+            seq, head = seq_and_chain(r.value)[0], bytes(r.value[-32:])
+    return seq, head

@@ -1,0 +1,376 @@
+"""The auditor's verifier: hash chains, signed checkpoints and trusted state (docs/HASHING.md).
+
+Compute, then compare: each event's hash is recomputed from its bytes and compared with the hash it
+carries and with the next event's link; each checkpoint's Merkle root is recomputed from the events
+and compared with the signed one. The first break of each chain is named by kind and location.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from hashlib import sha256
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from .checkpoint import CheckpointStatement, key_id, signature_valid
+from .codec import DecodeError, ZERO_HASH, Codec, default_codec
+from .hashing import MIN_EVENT_LEN, PREV_END, PREV_START, seq_and_chain
+from .kafka import Record
+from .merkle import merkle_root
+
+CHECKPOINT_TOPIC = "marl.audit.checkpoints"
+_LOOKAHEAD = 64      # records kept after a break to classify it
+_RECENT = 4096       # recent hashes kept per chain to recognise duplicates and forks
+
+
+class BreakKind(str, Enum):
+    EDITED = "edited"
+    MISSING = "missing"
+    REORDERED = "reordered"
+    DUPLICATED = "duplicated"
+    INSERTED = "inserted"
+    TRUNCATED = "truncated_after_checkpoint"
+    BAD_SIGNATURE = "bad_signature"
+    CHECKPOINT_MISMATCH = "checkpoint_mismatch"      # chain differs from its signed checkpoint (rewritten)
+    INCONSISTENT = "inconsistent_with_trusted"       # history does not extend the trusted checkpoint
+
+
+@dataclass(frozen=True)
+class Break:
+    kind: BreakKind
+    topic: str
+    chain_id: str
+    partition: int
+    offset: int
+    seq: int
+    detail: str
+
+    def describe(self) -> str:
+        return (f"{self.kind.value} in {self.topic} chain {self.chain_id} at partition {self.partition} "
+                f"offset {self.offset} seq {self.seq}: {self.detail}")
+
+
+@dataclass
+class ChainReport:
+    topic: str
+    chain_id: str
+    events: int = 0
+    last_seq: int = -1
+    head_hash: str = ZERO_HASH.hex()
+    checkpoints_verified: int = 0
+    signed_through_seq: int = -1
+    first_break: Break | None = None
+
+
+@dataclass
+class Report:
+    chains: list[ChainReport]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def events(self) -> int:
+        return sum(c.events for c in self.chains)
+
+    @property
+    def breaks(self) -> list[Break]:
+        return [c.first_break for c in self.chains if c.first_break is not None]
+
+    @property
+    def ok(self) -> bool:
+        return not self.breaks
+
+    def to_json(self) -> str:
+        def enc(o):
+            if isinstance(o, Enum):
+                return o.value
+            raise TypeError(type(o))
+        return json.dumps({"ok": self.ok, "events": self.events, "notes": self.notes,
+                           "chains": [asdict(c) for c in self.chains]}, default=enc, indent=2)
+
+
+@dataclass
+class TrustedState:
+    """What an auditor verified last time: per chain, (last_seq, head hash) of its last checkpoint."""
+
+    heads: dict[tuple[str, str], tuple[int, bytes]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> "TrustedState":
+        path = Path(path)
+        if not path.exists():
+            return cls()
+        data = json.loads(path.read_text())
+        return cls({(c["topic"], c["chain_id"]): (c["last_seq"], bytes.fromhex(c["head_event_hash"]))
+                    for c in data["chains"]})
+
+    def save(self, path: Path) -> None:
+        rows = [{"topic": t, "chain_id": c, "last_seq": s, "head_event_hash": h.hex()}
+                for (t, c), (s, h) in sorted(self.heads.items())]
+        Path(path).write_text(json.dumps({"chains": rows}, indent=2) + "\n")
+
+
+@dataclass
+class _Chain:
+    topic: str
+    chain_id: str
+    next_seq: int = 0
+    last_hash: bytes = ZERO_HASH
+    last_partition: int = -1
+    last_offset: int = -1
+    count: int = 0
+    recent: list = field(default_factory=list)   # (hash, partition, offset) of seqs recent_base..
+    recent_base: int = 0
+    # checkpoint ranges still ahead, sorted; leaves of the one being built
+    checkpoints: list = field(default_factory=list)
+    cp_index: int = 0
+    leaves: list = field(default_factory=list)
+    range_start: tuple = (0, 0, 0)
+    checkpoints_verified: int = 0
+    signed_through: int = -1
+    trusted: tuple | None = None
+    broken: Break | None = None
+    suspect: Record | None = None
+    lookahead: list = field(default_factory=list)
+
+
+class Verifier:
+    """Feeds records (any interleaving of chains, each chain in offset order) and reports.
+
+    Use: ``add_checkpoints(records of marl.audit.checkpoints)`` first, then ``feed(data records)``,
+    then ``finish()``. Without a public key, checkpoint signatures cannot be checked and the report
+    says so.
+    """
+
+    def __init__(self, public_key: Ed25519PublicKey | None = None, trusted: TrustedState | None = None,
+                 codec: Codec | None = None):
+        self.public_key = public_key
+        self.key_id = key_id(public_key) if public_key is not None else None
+        self.trusted = trusted or TrustedState()
+        self.codec = codec or default_codec()
+        self._chains: dict[tuple[str, str], _Chain] = {}
+        self._pending_cps: dict[tuple[str, str], list[tuple[CheckpointStatement, Record]]] = {}
+        self.notes: list[str] = []
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def add_checkpoints(self, records: Iterable[Record]) -> None:
+        """Verify the checkpoint chain(s) themselves, then each checkpoint's signature."""
+        records = list(records)
+        self.feed(records)
+        if self.public_key is None and records:
+            self.notes.append("no public key given: checkpoint signatures were NOT checked")
+        for r in records:
+            st = self._chains[(r.topic, r.key)]
+            try:
+                name, rec = self.codec.decode(r.value)
+            except DecodeError as exc:
+                self._break_at(st, BreakKind.EDITED, r, -1, f"checkpoint does not decode: {exc}")
+                continue
+            if name != "audit_checkpoint":
+                continue
+            stmt = CheckpointStatement.from_record(rec)
+            if self.public_key is not None:
+                if rec["signer_key_id"] != self.key_id:
+                    self._break_at(st, BreakKind.BAD_SIGNATURE, r, rec["seq"],
+                                   f"signed by key {rec['signer_key_id'].hex()[:16]}…, not the trusted key "
+                                   f"{self.key_id.hex()[:16]}…")
+                    continue
+                if not signature_valid(self.public_key, stmt, rec["signature"]):
+                    self._break_at(st, BreakKind.BAD_SIGNATURE, r, rec["seq"],
+                                   f"Ed25519 signature does not verify for {stmt.topic} {stmt.chain_id} "
+                                   f"seq {stmt.first_seq}..{stmt.last_seq}")
+                    continue
+            self._pending_cps.setdefault((stmt.topic, stmt.chain_id), []).append((stmt, r))
+
+    def _install_checkpoints(self, st: _Chain) -> None:
+        cps = sorted(self._pending_cps.pop((st.topic, st.chain_id), []), key=lambda x: x[0].first_seq)
+        prev: CheckpointStatement | None = None
+        good = []
+        for stmt, r in cps:
+            if prev is not None and (stmt.first_seq != prev.last_seq + 1 or stmt.prev_head_hash != prev.head_event_hash):
+                cst = self._chains[(r.topic, r.key)]
+                self._break_at(cst, BreakKind.INCONSISTENT, r, -1,
+                               f"checkpoint {stmt.first_seq}..{stmt.last_seq} of {stmt.topic} {stmt.chain_id} does "
+                               f"not extend the previous one ({prev.first_seq}..{prev.last_seq})")
+                break
+            trusted = self.trusted.heads.get((st.topic, st.chain_id))
+            if trusted is not None and stmt.last_seq == trusted[0] and stmt.head_event_hash != trusted[1]:
+                cst = self._chains[(r.topic, r.key)]
+                self._break_at(cst, BreakKind.INCONSISTENT, r, -1,
+                               f"checkpoint head at seq {trusted[0]} is {stmt.head_event_hash.hex()[:16]}…, the "
+                               f"trusted state says {trusted[1].hex()[:16]}…: history was rewritten or forked")
+                break
+            good.append(stmt)
+            prev = stmt
+        st.checkpoints = good
+
+    # --- data --------------------------------------------------------------------------------
+    def _new_chain(self, topic: str, chain_id: str) -> _Chain:
+        st = _Chain(topic, chain_id)
+        st.trusted = self.trusted.heads.get((topic, chain_id))
+        self._chains[(topic, chain_id)] = st
+        self._install_checkpoints(st)
+        return st
+
+    def feed(self, records: Iterable[Record]) -> None:
+        chains = self._chains
+        for r in records:
+            key = (r.topic, r.key)
+            st = chains.get(key)
+            if st is None:
+                st = self._new_chain(r.topic, r.key)
+            if st.broken is not None:
+                if st.suspect is not None and len(st.lookahead) < _LOOKAHEAD:
+                    st.lookahead.append(r)
+                continue
+            v = r.value
+            h = v[-32:]
+            if len(v) < MIN_EVENT_LEN or sha256(v[:-32]).digest() != h:
+                self._break_at(st, BreakKind.EDITED, r, _seq_or(v, st.next_seq),
+                               "event_hash does not match SHA-256 of the event's bytes")
+                continue
+            if v[PREV_START:PREV_END] != st.last_hash:
+                st.broken = Break(BreakKind.EDITED, st.topic, st.chain_id, r.partition, r.offset, -1, "pending")
+                st.suspect = r
+                continue
+            seq = st.next_seq
+            rec = st.recent
+            rec.append((h, r.partition, r.offset))
+            if len(rec) > 2 * _RECENT:
+                del rec[:_RECENT]
+                st.recent_base += _RECENT
+            st.last_hash = h
+            st.last_partition = r.partition
+            st.last_offset = r.offset
+            st.next_seq = seq + 1
+            st.count += 1
+            if st.cp_index < len(st.checkpoints):
+                self._checkpoint_step(st, seq, h, r)
+            if st.trusted is not None and seq == st.trusted[0] and h != st.trusted[1]:
+                self._break_at(st, BreakKind.INCONSISTENT, r, seq,
+                               "event at the trusted head's seq differs from the trusted head hash")
+
+    def _checkpoint_step(self, st: _Chain, seq: int, h: bytes, r: Record) -> None:
+        cp = st.checkpoints[st.cp_index]
+        if seq < cp.first_seq:
+            return
+        if seq == cp.first_seq:
+            st.leaves = []
+            st.range_start = (r.partition, r.offset, seq)
+        st.leaves.append(h)
+        if seq == cp.last_seq:
+            root = merkle_root(st.leaves)
+            st.leaves = []
+            st.cp_index += 1
+            p, o, s = st.range_start
+            if root != cp.merkle_root or h != cp.head_event_hash:
+                st.broken = Break(BreakKind.CHECKPOINT_MISMATCH, st.topic, st.chain_id, p, o, s,
+                                  f"events seq {cp.first_seq}..{cp.last_seq} have Merkle root {root.hex()[:16]}…; "
+                                  f"the signed checkpoint says {cp.merkle_root.hex()[:16]}… (chain rewritten)")
+                return
+            st.checkpoints_verified += 1
+            st.signed_through = cp.last_seq
+
+    def _break_at(self, st: _Chain, kind: BreakKind, r: Record, seq: int, detail: str) -> None:
+        if st.broken is None or st.suspect is not None:
+            st.broken = Break(kind, st.topic, st.chain_id, r.partition, r.offset, seq, detail)
+            st.suspect = None
+
+    # --- classification ----------------------------------------------------------------------
+    def _classify(self, st: _Chain) -> Break:
+        x = st.suspect
+        g = st.next_seq - 1
+        hg = st.last_hash
+        xv = x.value
+        xh = bytes(xv[-32:])
+        xp = bytes(xv[PREV_START:PREV_END])
+        try:
+            xs, xchain = seq_and_chain(xv)
+        except (ValueError, UnicodeDecodeError):
+            return Break(BreakKind.EDITED, st.topic, st.chain_id, x.partition, x.offset, g + 1, "header unreadable")
+
+        def at(kind, rec, seq, detail):
+            return Break(kind, st.topic, st.chain_id, rec.partition, rec.offset, seq, detail)
+
+        recent = {e[0]: i for i, e in enumerate(st.recent)}
+        if xh in recent:
+            return at(BreakKind.DUPLICATED, x, xs, f"the event with seq {xs} appears again after seq {g}")
+        y = st.lookahead[0] if st.lookahead else None
+        if y is not None and y.value[PREV_START:PREV_END] == hg and _seq_or(y.value, -1) == g + 1:
+            return at(BreakKind.INSERTED, x, xs, f"an event (seq {xs}) that the chain does not link through "
+                                                 f"stands between seq {g} and seq {g + 1}")
+        y_links_x = y is not None and y.value[PREV_START:PREV_END] == xh
+        if xs == g + 1:
+            if y_links_x and st.recent:
+                _, p, o = st.recent[-1]
+                return Break(BreakKind.EDITED, st.topic, st.chain_id, p, o, g,
+                             f"seq {g} was changed and re-hashed: seq {g + 1} links to a different hash")
+            return at(BreakKind.EDITED, x, xs, f"link to seq {g} does not match")
+        if xs > g + 1:
+            later = any(_seq_or(r.value, -1) == g + 1 for r in st.lookahead)
+            if later:
+                return at(BreakKind.REORDERED, x, xs, f"seq {xs} arrives before seq {g + 1}")
+            return at(BreakKind.MISSING, x, g + 1, f"seq {g + 1}..{xs - 1} missing before seq {xs}")
+        # xs <= g: a second event for a seq already accepted: a fork
+        i = xs - 1 - st.recent_base
+        if y_links_x and 0 <= i < len(st.recent) and st.recent[i][0] == xp:
+            _, p, o = st.recent[i + 1] if i + 1 < len(st.recent) else (None, x.partition, x.offset)
+            return Break(BreakKind.INSERTED, st.topic, st.chain_id, p, o, xs,
+                         f"seq {xs} was accepted, but the chain continues from another event with seq {xs}")
+        return at(BreakKind.REORDERED, x, xs, f"seq {xs} arrives after seq {g}")
+
+    def finish(self) -> Report:
+        for (topic, chain_id), cps in list(self._pending_cps.items()):
+            # checkpoints for chains of which not a single event was read
+            st = self._new_chain(topic, chain_id)
+        reports = []
+        for st in self._chains.values():
+            if st.broken is not None and st.suspect is not None:
+                st.broken = self._classify(st)
+                st.suspect = None
+            if st.broken is None and st.cp_index < len(st.checkpoints):
+                cp = st.checkpoints[-1]
+                st.broken = Break(BreakKind.TRUNCATED, st.topic, st.chain_id, st.last_partition, st.last_offset + 1,
+                                  st.next_seq, f"chain ends at seq {st.next_seq - 1}; a signed checkpoint covers "
+                                               f"up to seq {cp.last_seq}")
+            if st.broken is None and st.trusted is not None and st.next_seq - 1 < st.trusted[0]:
+                st.broken = Break(BreakKind.TRUNCATED, st.topic, st.chain_id, st.last_partition, st.last_offset + 1,
+                                  st.next_seq, f"chain ends at seq {st.next_seq - 1}; the trusted state has seq "
+                                               f"{st.trusted[0]}")
+            reports.append(ChainReport(st.topic, st.chain_id, st.count, st.next_seq - 1, st.last_hash.hex(),
+                                       st.checkpoints_verified, st.signed_through, st.broken))
+        reports.sort(key=lambda c: (c.topic, c.chain_id))
+        return Report(reports, list(self.notes))
+
+    def trusted_after(self) -> TrustedState:
+        """Trusted state extended by every checkpoint verified in this run (call after finish)."""
+        heads = dict(self.trusted.heads)
+        for st in self._chains.values():
+            if st.broken is None and st.checkpoints_verified:
+                cp = st.checkpoints[st.cp_index - 1]
+                heads[(st.topic, st.chain_id)] = (cp.last_seq, cp.head_event_hash)
+        return TrustedState(heads)
+
+
+def _seq_or(value: bytes, default: int) -> int:
+    try:
+        return seq_and_chain(value)[0]
+    except (ValueError, UnicodeDecodeError):
+        return default
+
+
+def split_checkpoints(records: Iterable[Record]) -> tuple[list[Record], Iterator[Record]]:
+    recs = list(records)
+    return [r for r in recs if r.topic == CHECKPOINT_TOPIC], iter([r for r in recs if r.topic != CHECKPOINT_TOPIC])
+
+
+def verify_records(records: Iterable[Record], public_key: Ed25519PublicKey | None = None,
+                   trusted: TrustedState | None = None) -> Report:
+    """Verify an in-memory set of records (checkpoints and data in any order)."""
+    cps, data = split_checkpoints(records)
+    v = Verifier(public_key, trusted)
+    v.add_checkpoints(cps)
+    v.feed(data)
+    return v.finish()
