@@ -517,6 +517,11 @@ default.replication.factor=1
 min.insync.replicas=1
 group.initial.rebalance.delay.ms=0
 
+# After a crash (SIGKILL) the restarted broker can only re-register once the controller has
+# expired its previous session: 9 s by default; shorter here for quick crash-recovery tests.
+broker.heartbeat.interval.ms=1000
+broker.session.timeout.ms=4000
+
 # Topics are created explicitly (with their partitions and configs), never by a typo.
 auto.create.topics.enable=false
 num.partitions=3

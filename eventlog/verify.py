@@ -298,7 +298,10 @@ class Verifier:
         if xh in recent:
             return at(BreakKind.DUPLICATED, x, xs, f"the event with seq {xs} appears again after seq {g}")
         y = st.lookahead[0] if st.lookahead else None
+        x_is_linked = any(r.value[PREV_START:PREV_END] == xh for r in st.lookahead)
         if y is not None and y.value[PREV_START:PREV_END] == hg and _seq_or(y.value, -1) == g + 1:
+            if x_is_linked:
+                return at(BreakKind.REORDERED, x, xs, f"seq {xs} arrives before seq {g + 1}")
             return at(BreakKind.INSERTED, x, xs, f"an event (seq {xs}) that the chain does not link through "
                                                  f"stands between seq {g} and seq {g + 1}")
         y_links_x = y is not None and y.value[PREV_START:PREV_END] == xh
