@@ -408,8 +408,9 @@ def kafka_jars(cache_dir: Path | None = None) -> Path:
             )
         if not _KAFKA_POM.is_file():
             raise ServiceError(f"{_KAFKA_POM} is missing: reinstall marlgrc (the pom ships with the compose package)")
+        for stale in cache.glob(f".kafka-{KAFKA_VERSION}.partial-*"):  # interrupted downloads
+            shutil.rmtree(stale, ignore_errors=True)
         partial = cache / f".kafka-{KAFKA_VERSION}.partial-{os.getpid()}"
-        shutil.rmtree(partial, ignore_errors=True)
         argv = [mvn, "-q", "-B", "-Dstyle.color=never", "-f", str(_KAFKA_POM),
                 "dependency:copy-dependencies", f"-DoutputDirectory={partial}", "-DincludeScope=runtime"]
         log.info("downloading Kafka %s jars with Maven into %s (first run only)", KAFKA_VERSION, target)
@@ -717,6 +718,8 @@ def stop_kafka(home: Path, *, remove_data: bool = False, timeout: float = 30) ->
     cluster id: the next start formats a fresh cluster). Returns whether a broker was running.
     """
     paths = _kafka_paths(home)
+    if not paths["dir"].is_dir():
+        return False
     with _locked(paths["dir"]):
         broker = _stop_kafka_locked(paths, signal.SIGTERM, timeout)
         if remove_data:
@@ -730,6 +733,8 @@ def kill_kafka(home: Path) -> bool:
     """SIGKILL the Kafka of ``home`` (crash tests). Data and config stay, so a later
     :func:`start_kafka` recovers the log on the same ports. Returns whether one was running."""
     paths = _kafka_paths(home)
+    if not paths["dir"].is_dir():
+        return False
     with _locked(paths["dir"]):
         broker = _kafka_running(paths)
         if broker is not None:
@@ -1067,6 +1072,8 @@ def stop_postgres(home: Path, *, remove_data: bool = False, timeout: float = 30)
     ``timeout`` s. Removes ``state.json``; with ``remove_data`` also the cluster. Returns
     whether a server was running."""
     paths = _pg_paths(home)
+    if not paths["dir"].is_dir():
+        return False
     with _locked(paths["dir"]):
         server = _pg_running(paths)
         if server is not None:

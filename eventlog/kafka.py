@@ -82,6 +82,7 @@ class EventProducer:
             "queue.buffering.max.messages": 1_000_000,
             "delivery.report.only.error": True,
             "error_cb": self._on_error,
+            "log_level": 3,  # errors only; transient warnings (e.g. during a broker restart) are retried
         }
         conf.update(config)
         self.bootstrap = bootstrap
@@ -99,11 +100,13 @@ class EventProducer:
         if err is not None:
             self._failures.append(f"{msg.topic()} key={msg.key()!r}: {err.str()}")
 
-    def send(self, topic: str, key: str, value: bytes) -> None:
+    def send(self, topic: str, key: str, value: bytes, partition: int | None = None) -> None:
+        """Queue one event; ``partition`` only to reproduce a recorded layout (tests, imports)."""
         name = self.prefix + topic
+        extra = {} if partition is None else {"partition": partition}
         while True:
             try:
-                self._producer.produce(name, value, key, on_delivery=self._on_delivery)
+                self._producer.produce(name, value, key, on_delivery=self._on_delivery, **extra)
                 break
             except BufferError:
                 self._producer.poll(0.05)  # queue full: let librdkafka drain
@@ -145,6 +148,7 @@ def _consumer(bootstrap: str, **extra) -> Consumer:
         "fetch.max.bytes": 52428800,
         "max.partition.fetch.bytes": 10485760,
         "queued.min.messages": 200000,
+        "log_level": 3,
     }
     conf.update(extra)
     return Consumer(conf)

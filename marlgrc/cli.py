@@ -1,0 +1,280 @@
+"""The marlgrc command line: the only place that wires the parts together."""
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .config import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Event-sourced, audit-first multi-agent RL on Apache Kafka.")
+console = Console(stderr=True)
+out = Console() if Console().is_terminal else Console(width=160)
+
+HomeOpt = typer.Option(None, "--home", help="state directory (default $MARLGRC_HOME or ~/.local/state/marlgrc)")
+BootOpt = typer.Option(None, "--bootstrap", help="Kafka bootstrap (default $MARLGRC_BOOTSTRAP or the broker `up` started)")
+PrefixOpt = typer.Option(None, "--prefix", help="topic prefix of this deployment (default $MARLGRC_TOPIC_PREFIX)")
+
+
+def fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def progress_bar(total: int | None, what: str) -> Progress:
+    return Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                    transient=False, disable=not console.is_terminal and total is None)
+
+
+# ---------------------------------------------------------------- services
+@app.command()
+def up(home: Optional[Path] = HomeOpt, port: Optional[int] = typer.Option(None, help="Kafka port (default: free)"),
+       postgres: bool = typer.Option(False, "--postgres/--no-postgres", help="also start PostgreSQL 15"),
+       prefix: Optional[str] = PrefixOpt) -> None:
+    """Start a local Kafka broker (and optionally PostgreSQL) and create the marl.* topics."""
+    from compose import ServiceError, start_kafka, start_postgres
+    from eventlog.kafka import ensure_topics
+
+    s = Settings.load(home=home, prefix=prefix)
+    try:
+        with console.status("starting Kafka (first run fetches its jars from Maven Central)…"):
+            broker = start_kafka(s.home, port)
+        created = ensure_topics(broker.bootstrap, s.prefix)
+        out.print(f"kafka {broker.bootstrap} (pid {broker.pid}); topics created: {len(created)}")
+        if postgres:
+            with console.status("starting PostgreSQL…"):
+                pg = start_postgres(s.home)
+            out.print(f"postgres {pg.dsn} (pid {pg.pid})")
+    except ServiceError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def down(home: Optional[Path] = HomeOpt,
+         purge: bool = typer.Option(False, "--purge", help="also delete the broker's and database's data")) -> None:
+    """Stop the local services started by `up`."""
+    from compose import stop_kafka, stop_postgres
+
+    s = Settings.load(home=home)
+    k = stop_kafka(s.home, remove_data=purge)
+    p = stop_postgres(s.home, remove_data=purge)
+    out.print(f"kafka {'stopped' if k else 'was not running'}; postgres {'stopped' if p else 'was not running'}")
+
+
+@app.command()
+def status(home: Optional[Path] = HomeOpt) -> None:
+    """Show the local services."""
+    from compose import kafka_status, postgres_status
+
+    s = Settings.load(home=home)
+    k, p = kafka_status(s.home), postgres_status(s.home)
+    out.print(f"kafka: {f'{k.bootstrap} pid {k.pid}' if k else 'not running'}")
+    out.print(f"postgres: {f'{p.dsn} pid {p.pid}' if p else 'not running'}")
+    if k is None:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------- demo
+@app.command()
+def demo(home: Optional[Path] = HomeOpt, bootstrap: Optional[str] = BootOpt, prefix: Optional[str] = PrefixOpt,
+         episodes: int = typer.Option(3, help="episodes of the synthetic run"),
+         steps: int = typer.Option(50, help="steps per episode"),
+         agents: int = typer.Option(3, help="number of agents"),
+         seed: int = typer.Option(0)) -> None:
+    """The main job end to end: start Kafka if needed, stream a multi-agent run through it, verify it."""
+    from compose import ServiceError, start_kafka
+    from eventlog.checkpoint import Signer
+    from eventlog.kafka import EventProducer, ensure_topics
+    from eventlog.log import EventLog
+
+    from .demo import synthetic_run
+
+    s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
+    boot = s.bootstrap
+    if boot is None:
+        try:
+            with console.status("starting Kafka…"):
+                boot = start_kafka(s.home).bootstrap
+        except ServiceError as exc:
+            fail(str(exc))
+    ensure_topics(boot, s.prefix)
+    signer = Signer.load_or_create(s.signing_key)
+    run_id = f"demo-{uuid.uuid4().hex[:8]}"
+    producer = EventProducer(boot, prefix=s.prefix, client_id="marlgrc-demo")
+    log = EventLog(producer, run_id=run_id, producer_id="demo", signer=signer, checkpoint_every=500)
+    with progress_bar(episodes * steps, "streaming steps") as bar:
+        task = bar.add_task("steps", total=episodes * steps)
+        counts = synthetic_run(log, episodes=episodes, steps=steps, agents=agents, seed=seed,
+                               progress=lambda n: bar.advance(task, n))
+        log.close()
+    out.print(f"run {run_id}: {counts['steps']} steps, {counts['events']} events written to {boot}")
+    ok = _verify_and_print(boot, s.prefix, run_id, signer.public_key)
+    out.print(f"verdict: {'VERIFIED' if ok else 'BROKEN'} (run {run_id})")
+    if not ok:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------- audit
+def _print_report(report) -> None:
+    table = Table("topic", "chain", "events", "last seq", "signed through", "first break")
+    for c in report.chains:
+        table.add_row(c.topic, c.chain_id, str(c.events), str(c.last_seq), str(c.signed_through_seq),
+                      c.first_break.describe() if c.first_break else "-")
+    out.print(table)
+    for n in report.notes:
+        console.print(f"[yellow]note:[/] {n}")
+
+
+def _verify_and_print(boot: str, prefix: str, run_id: str | None, public_key, trusted=None):
+    from eventlog.audit import verify_kafka
+
+    report, _ = verify_kafka(boot, prefix=prefix, run_id=run_id, public_key=public_key, trusted=trusted)
+    _print_report(report)
+    return report.ok
+
+
+def _public_key(path: Optional[Path], s: Settings, bundle: Optional[Path] = None):
+    from eventlog.bundle import bundle_public_key
+    from eventlog.checkpoint import KeyFileError, Signer, load_public_key
+
+    try:
+        if path is not None:
+            return load_public_key(path)
+        if bundle is not None and bundle_public_key(bundle) is not None:
+            console.print("[yellow]note:[/] trusting the public key shipped in the bundle; pin your own with --public-key")
+            return load_public_key(bundle_public_key(bundle))
+        if s.signing_key.exists():
+            return Signer.load(s.signing_key).public_key
+    except KeyFileError as exc:
+        fail(str(exc))
+    return None
+
+
+@app.command()
+def verify(run: Optional[str] = typer.Option(None, "--run", help="only the chains of this run"),
+           bundle: Optional[Path] = typer.Option(None, "--bundle", help="verify an exported bundle instead of Kafka"),
+           public_key: Optional[Path] = typer.Option(None, "--public-key", help="trusted Ed25519 public key (PEM)"),
+           trusted: Optional[Path] = typer.Option(None, "--trusted", help="trusted-state file: checked, then extended"),
+           as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+           home: Optional[Path] = HomeOpt, bootstrap: Optional[str] = BootOpt, prefix: Optional[str] = PrefixOpt) -> None:
+    """Verify hash chains and signed checkpoints, of Kafka topics or of a bundle. Exit 1 on any break."""
+    from eventlog.audit import verify_bundle, verify_kafka
+    from eventlog.bundle import BundleError
+    from eventlog.kafka import BrokerUnavailable
+    from eventlog.verify import TrustedState
+
+    s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
+    key = _public_key(public_key, s, bundle)
+    state = TrustedState.load(trusted) if trusted else None
+    try:
+        with progress_bar(None, "verifying") as bar:
+            task = bar.add_task("events", total=None)
+            tick = lambda n: bar.advance(task, n)  # noqa: E731
+            if bundle is not None:
+                report, verifier = verify_bundle(bundle, public_key=key, trusted=state, run_id=run, progress=tick)
+            else:
+                report, verifier = verify_kafka(s.resolve_bootstrap(), prefix=s.prefix, run_id=run, public_key=key,
+                                                trusted=state, progress=tick)
+    except (BundleError, BrokerUnavailable, KeyError) as exc:
+        fail(str(exc).strip("'\""))
+    if as_json:
+        out.print_json(report.to_json())
+    else:
+        _print_report(report)
+        out.print(f"{report.events} events in {len(report.chains)} chains: "
+                  f"{'no break' if report.ok else f'{len(report.breaks)} chain(s) broken'}")
+    if trusted and report.ok:
+        verifier.trusted_after().save(trusted)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command("export")
+def export(out_dir: Path = typer.Option(..., "--out", help="bundle folder to write"),
+           run: Optional[str] = typer.Option(None, "--run", help="only this run's chains (default: whole topics)"),
+           home: Optional[Path] = HomeOpt, bootstrap: Optional[str] = BootOpt, prefix: Optional[str] = PrefixOpt) -> None:
+    """Export topics (or one run) to an auditor's bundle: exact event bytes, checkpoints, public key."""
+    from eventlog.audit import DATA_TOPICS
+    from eventlog.bundle import write_bundle
+    from eventlog.checkpoint import public_key_pem
+    from eventlog.kafka import read_records
+    from eventlog.verify import CHECKPOINT_TOPIC
+
+    s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
+    boot = s.resolve_bootstrap()
+    key = _public_key(None, s)
+    recs = read_records(boot, [CHECKPOINT_TOPIC, *DATA_TOPICS], prefix=s.prefix)
+    if run:
+        recs = (r for r in recs if r.key.startswith(f"{run}:"))
+    manifest = write_bundle(out_dir, recs, public_key_pem=public_key_pem(key) if key else None,
+                            meta={"run_id": run, "source": boot, "prefix": s.prefix})
+    out.print(f"bundle {out_dir}: {manifest['events']} events ({', '.join(f'{t}={n}' for t, n in manifest['topics'].items())})")
+
+
+@app.command("import")
+def import_bundle(bundle: Path = typer.Argument(..., help="bundle folder written by `marlgrc export`"),
+                  home: Optional[Path] = HomeOpt, bootstrap: Optional[str] = BootOpt,
+                  prefix: Optional[str] = PrefixOpt) -> None:
+    """Produce a bundle's events back to Kafka, byte for byte, keyed by chain id."""
+    from eventlog.bundle import BundleError, read_bundle, read_manifest
+    from eventlog.kafka import EventProducer, ensure_topics
+
+    s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
+    boot = s.resolve_bootstrap()
+    try:
+        read_manifest(bundle)
+        ensure_topics(boot, s.prefix)
+        producer = EventProducer(boot, prefix=s.prefix, client_id="marlgrc-import")
+        n = 0
+        for r in read_bundle(bundle):
+            producer.send(r.topic, r.key, r.value)
+            n += 1
+        producer.flush()
+    except BundleError as exc:
+        fail(str(exc))
+    out.print(f"imported {n} events into {boot} (prefix {s.prefix!r})")
+
+
+@app.command()
+def prove(topic: str = typer.Option(..., help="logical topic, e.g. marl.joint.action"),
+          chain: str = typer.Option(..., help="chain id (the Kafka key)"),
+          seq: int = typer.Option(..., help="the event's seq"),
+          bundle: Optional[Path] = typer.Option(None, "--bundle"),
+          public_key: Optional[Path] = typer.Option(None, "--public-key"),
+          home: Optional[Path] = HomeOpt, bootstrap: Optional[str] = BootOpt, prefix: Optional[str] = PrefixOpt) -> None:
+    """Print (and check) the inclusion proof of one event against the signed checkpoint covering it."""
+    from eventlog.audit import ProofError, prove_inclusion, records_for_proof
+
+    s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
+    key = _public_key(public_key, s, bundle)
+    boot = None if bundle is not None else s.resolve_bootstrap()
+    try:
+        proof = prove_inclusion(records_for_proof(boot, bundle, topic, chain, s.prefix), topic, chain, seq, key)
+    except ProofError as exc:
+        fail(str(exc))
+    out.print_json(json.dumps(proof.to_json()))
+
+
+@app.command("public-key")
+def public_key_cmd(home: Optional[Path] = HomeOpt) -> None:
+    """Print the checkpoint signer's public key (PEM), for auditors to pin."""
+    from eventlog.checkpoint import Signer, public_key_pem
+
+    s = Settings.load(home=home)
+    sys.stdout.write(public_key_pem(Signer.load_or_create(s.signing_key).public_key).decode())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
