@@ -537,9 +537,8 @@ log4j.appender.file.File={paths["log"]}
 log4j.appender.file.Append=true
 log4j.appender.file.layout=org.apache.log4j.PatternLayout
 log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
-# One line each when the server has started and when it has shut down.
+# Plus one line per start ("Kafka Server started"), to tell restarts apart in the log.
 log4j.logger.kafka.server.KafkaRaftServer=INFO
-log4j.logger.kafka.server.BrokerServer=WARN
 """
     _write_atomic(paths["log4j"], log4j)
 

@@ -61,7 +61,22 @@ def ensure_topics(bootstrap: str, prefix: str = "", specs: Iterable[TopicSpec] |
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise RuntimeError(f"could not create topic {name}: {exc}") from None
+    _wait_for_leaders(admin, created, timeout)
     return created
+
+
+def _wait_for_leaders(admin: AdminClient, names: list[str], timeout: float) -> None:
+    """New topics answer 'not leader' until every partition has a leader; wait for that."""
+    deadline = time.monotonic() + timeout
+    while names:
+        md = admin.list_topics(timeout=timeout)
+        names = [n for n in names if n not in md.topics or md.topics[n].error is not None
+                 or not md.topics[n].partitions
+                 or any(p.leader < 0 for p in md.topics[n].partitions.values())]
+        if names and time.monotonic() > deadline:
+            raise RuntimeError(f"topics {names} have no leader after {timeout:.0f}s; check the broker log")
+        if names:
+            time.sleep(0.05)
 
 
 class EventProducer:

@@ -1,0 +1,306 @@
+"""Privacy primitives at the producer boundary (docs/PRIVACY.md).
+
+- ``subject_ref = HMAC-SHA256(subject_key, namespace || 0x00 || raw_id)``: a pseudonym under a random
+  32-byte key per data subject. Without the key it cannot be recomputed from the raw id.
+- The key is found through a blind index ``HMAC-SHA256(index_key, namespace || 0x00 || raw_id)``.
+- A field an authorized party must read back is AES-256-GCM encrypted under the subject key with
+  associated data ``chain_id || 0x00 || seq (8 bytes, big-endian) || field``; stored as
+  ``nonce (12) || ciphertext || tag (16)``.
+- Erasure shreds the subject's key and its blind-index row; after it the ciphertext cannot be
+  decrypted and the pseudonym cannot be recomputed, while hash chains (which cover only pseudonyms
+  and ciphertext) still verify.
+
+Raw identifiers are never logged, never put in exception texts and never returned by this module
+except by ``FieldProtector.reveal`` to a caller holding the key store.
+"""
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+import struct
+import threading
+from dataclasses import dataclass
+from hashlib import sha256
+from pathlib import Path
+from typing import Iterable, NamedTuple, Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+NONCE_LEN = 12
+KEY_LEN = 32
+KEYSTORE_KEY_ENV = "MARLGRC_KEYSTORE_KEY"
+
+
+class PrivacyError(RuntimeError):
+    """A key store or protected field could not be used. Messages never contain raw identifiers."""
+
+
+class KeyShredded(PrivacyError):
+    """The subject's key is gone (erased, or never existed in this key store)."""
+
+
+class ProtectedValue(NamedTuple):
+    """A value about a data subject, as an env hands it to the harness (never leaves the process).
+
+    ``raw_id`` identifies the subject within ``namespace``; ``plaintext`` is what gets encrypted
+    under that subject's key as ``field``."""
+
+    namespace: str
+    field: str
+    raw_id: str
+    plaintext: bytes
+
+
+def _subject_input(namespace: str, raw_id: str) -> bytes:
+    if "\x00" in namespace:
+        raise PrivacyError("a namespace must not contain NUL")
+    return namespace.encode() + b"\x00" + raw_id.encode()
+
+
+def pseudonym(subject_key: bytes, namespace: str, raw_id: str) -> bytes:
+    """``subject_ref``: HMAC-SHA256(subject_key, namespace || 0x00 || raw_id)."""
+    return hmac.new(subject_key, _subject_input(namespace, raw_id), sha256).digest()
+
+
+def blind_index(index_key: bytes, namespace: str, raw_id: str) -> bytes:
+    """Where a subject's key is found: HMAC-SHA256(index_key, namespace || 0x00 || raw_id)."""
+    return hmac.new(index_key, _subject_input(namespace, raw_id), sha256).digest()
+
+
+def associated_data(chain_id: str, seq: int, field: str) -> bytes:
+    """AES-GCM associated data binding a ciphertext to its event and field."""
+    return chain_id.encode() + b"\x00" + struct.pack(">Q", seq) + field.encode()
+
+
+def encrypt_field(subject_key: bytes, chain_id: str, seq: int, field: str, plaintext: bytes,
+                  nonce: bytes | None = None) -> bytes:
+    """``nonce || ciphertext || tag`` under AES-256-GCM; ``nonce`` is random unless given (vectors)."""
+    nonce = nonce if nonce is not None else os.urandom(NONCE_LEN)
+    return nonce + AESGCM(subject_key).encrypt(nonce, plaintext, associated_data(chain_id, seq, field))
+
+
+def decrypt_field(subject_key: bytes, chain_id: str, seq: int, field: str, blob: bytes) -> bytes:
+    try:
+        return AESGCM(subject_key).decrypt(blob[:NONCE_LEN], blob[NONCE_LEN:], associated_data(chain_id, seq, field))
+    except (InvalidTag, ValueError):
+        raise PrivacyError(f"field {field!r} of {chain_id} seq {seq} does not decrypt: wrong key, or the "
+                           f"ciphertext was moved to another event or field") from None
+
+
+class KeyProvider(Protocol):
+    """Per-subject keys behind a blind index. The local SQLCipher store implements it; a KMS can too."""
+
+    def subject_key(self, namespace: str, raw_id: str, *, create: bool = True) -> bytes | None:
+        """The subject's key (created on first use when ``create``); None when there is none."""
+        ...
+
+    def key_for_ref(self, namespace: str, subject_ref: bytes) -> bytes | None:
+        """The key of the subject whose pseudonym is ``subject_ref``; None when shredded or unknown."""
+        ...
+
+    def shred(self, namespace: str, raw_id: str) -> "Shredded | None":
+        """Delete the subject's key and blind-index row; None when the subject has no key."""
+        ...
+
+
+@dataclass(frozen=True)
+class Shredded:
+    """What an erasure removed: the subject's pseudonym (computed before the key went) and row counts."""
+
+    namespace: str
+    subject_ref: bytes
+    keys_deleted: int
+    index_rows_deleted: int
+
+
+def _keystore_key(path: Path) -> bytes:
+    given = os.environ.get(KEYSTORE_KEY_ENV)
+    if given:
+        try:
+            key = bytes.fromhex(given)
+        except ValueError:
+            key = b""
+        if len(key) != KEY_LEN:
+            raise PrivacyError(f"{KEYSTORE_KEY_ENV} must be {KEY_LEN * 2} hex digits (a 256-bit key)")
+        return key
+    key_file = path.with_name(path.name + ".key")
+    if key_file.exists():
+        mode = key_file.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise PrivacyError(f"key store key {key_file} has mode {oct(mode)}; it must be 0600: chmod 600 {key_file}")
+        key = bytes.fromhex(key_file.read_text().strip())
+        if len(key) != KEY_LEN:
+            raise PrivacyError(f"key store key {key_file} is not {KEY_LEN * 2} hex digits")
+        return key
+    key = secrets.token_bytes(KEY_LEN)
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key.hex())
+    return key
+
+
+class LocalKeyStore:
+    """Subject keys in a local SQLCipher file (mode 0600), with ``secure_delete`` on and a rollback
+    journal (no WAL), so a shredded key is overwritten on disk rather than left in a free page or
+    a WAL frame.
+
+    The file is encrypted with a 256-bit key from ``$MARLGRC_KEYSTORE_KEY`` (hex) or, by default,
+    from ``<path>.key`` (mode 0600, created on first use). The blind-index key lives inside the
+    encrypted file. Thread-safe: one connection behind a lock.
+    """
+
+    def __init__(self, path: Path, *, key: bytes | None = None):
+        import sqlcipher3
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            mode = self.path.stat().st_mode & 0o777
+            if mode & 0o077:
+                raise PrivacyError(f"key store {self.path} has mode {oct(mode)}; it must be 0600: chmod 600 {self.path}")
+        else:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        file_key = key if key is not None else _keystore_key(self.path)
+        self._lock = threading.Lock()
+        self._db = sqlcipher3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        self._db.execute(f"PRAGMA key = \"x'{file_key.hex()}'\"")
+        try:
+            self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlcipher3.DatabaseError:
+            self._db.close()
+            raise PrivacyError(f"key store {self.path} does not open with the given key (file is not a database): "
+                               f"set {KEYSTORE_KEY_ENV} or restore {self.path}.key") from None
+        for pragma in ("PRAGMA secure_delete=ON", "PRAGMA journal_mode=DELETE", "PRAGMA foreign_keys=ON"):
+            self._db.execute(pragma)
+        self._db.executescript("""
+            CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+            CREATE TABLE IF NOT EXISTS blind_index (
+                blind_index BLOB PRIMARY KEY, namespace TEXT NOT NULL, subject_ref BLOB NOT NULL UNIQUE);
+            CREATE TABLE IF NOT EXISTS subject_keys (
+                subject_ref BLOB PRIMARY KEY REFERENCES blind_index(subject_ref) ON DELETE CASCADE,
+                subject_key BLOB NOT NULL, created_at INTEGER NOT NULL DEFAULT (unixepoch()));
+        """)
+        row = self._db.execute("SELECT value FROM meta WHERE name='index_key'").fetchone()
+        if row is None:
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('index_key', ?)", (secrets.token_bytes(KEY_LEN),))
+            row = self._db.execute("SELECT value FROM meta WHERE name='index_key'").fetchone()
+        self._index_key = bytes(row[0])
+
+    def subject_key(self, namespace: str, raw_id: str, *, create: bool = True) -> bytes | None:
+        bi = blind_index(self._index_key, namespace, raw_id)
+        with self._lock:
+            row = self._db.execute(
+                "SELECT k.subject_key FROM blind_index b JOIN subject_keys k USING (subject_ref) "
+                "WHERE b.blind_index=?", (bi,)).fetchone()
+            if row is not None:
+                return bytes(row[0])
+            if not create:
+                return None
+            key = secrets.token_bytes(KEY_LEN)
+            ref = pseudonym(key, namespace, raw_id)
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("INSERT INTO blind_index VALUES (?, ?, ?)", (bi, namespace, ref))
+                self._db.execute("INSERT INTO subject_keys (subject_ref, subject_key) VALUES (?, ?)", (ref, key))
+                self._db.execute("COMMIT")
+            except Exception:
+                self._db.execute("ROLLBACK")
+                raise
+            return key
+
+    def key_for_ref(self, namespace: str, subject_ref: bytes) -> bytes | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT k.subject_key FROM subject_keys k JOIN blind_index b USING (subject_ref) "
+                "WHERE k.subject_ref=? AND b.namespace=?", (bytes(subject_ref), namespace)).fetchone()
+        return bytes(row[0]) if row is not None else None
+
+    def shred(self, namespace: str, raw_id: str) -> Shredded | None:
+        bi = blind_index(self._index_key, namespace, raw_id)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT subject_ref FROM blind_index WHERE blind_index=?", (bi,)).fetchone()
+                if row is None:
+                    self._db.execute("ROLLBACK")
+                    return None
+                ref = bytes(row[0])
+                keys = self._db.execute("DELETE FROM subject_keys WHERE subject_ref=?", (ref,)).rowcount
+                rows = self._db.execute("DELETE FROM blind_index WHERE blind_index=?", (bi,)).rowcount
+                self._db.execute("COMMIT")
+            except Exception:
+                self._db.execute("ROLLBACK")
+                raise
+            # rewrite the file so no free page keeps the shredded key (secure_delete zeroes it already)
+            self._db.execute("VACUUM")
+        return Shredded(namespace, ref, keys, rows)
+
+    def subjects(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM subject_keys").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> "LocalKeyStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class FieldProtector:
+    """Turns ``ProtectedValue`` items into the contract's ``ProtectedField`` records for one event.
+
+    Keys are cached in memory per (namespace, raw_id) for the harness's step loop; ``forget`` drops
+    a subject from the cache as well as from the key store.
+    """
+
+    def __init__(self, keys: KeyProvider):
+        self.keys = keys
+        self._cache: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+
+    def _key(self, namespace: str, raw_id: str) -> tuple[bytes, bytes]:
+        hit = self._cache.get((namespace, raw_id))
+        if hit is None:
+            key = self.keys.subject_key(namespace, raw_id, create=True)
+            assert key is not None
+            hit = self._cache[(namespace, raw_id)] = (key, pseudonym(key, namespace, raw_id))
+        return hit
+
+    def subject_ref(self, namespace: str, raw_id: str) -> bytes:
+        return self._key(namespace, raw_id)[1]
+
+    def protect(self, chain_id: str, seq: int, values: Iterable[ProtectedValue]) -> list[dict]:
+        out = []
+        for v in values:
+            key, ref = self._key(v.namespace, v.raw_id)
+            out.append({"namespace": v.namespace, "field": v.field, "subject_ref": ref,
+                        "ciphertext": encrypt_field(key, chain_id, seq, v.field, v.plaintext)})
+        return out
+
+    def reveal(self, chain_id: str, seq: int, record: dict) -> bytes:
+        """Decrypt one ``ProtectedField`` record of event (chain_id, seq); raises KeyShredded after erasure."""
+        key = self.keys.key_for_ref(record["namespace"], bytes(record["subject_ref"]))
+        if key is None:
+            raise KeyShredded(f"no key for subject {bytes(record['subject_ref']).hex()[:16]}… in namespace "
+                              f"{record['namespace']!r}: it was erased (or belongs to another key store)")
+        return decrypt_field(key, chain_id, seq, record["field"], bytes(record["ciphertext"]))
+
+    def forget(self, namespace: str, raw_id: str) -> Shredded | None:
+        self._cache.pop((namespace, raw_id), None)
+        return self.keys.shred(namespace, raw_id)
+
+
+def deletion_payload(shredded: Shredded, *, request_id: str, requester: str, legal_basis: str,
+                     extra_actions: Iterable[tuple[str, int]] = ()) -> dict:
+    """The ``compliance.deletion`` payload for one erasure (no raw identifier in it)."""
+    actions = [{"target": "keystore.subject_keys", "count": shredded.keys_deleted},
+               {"target": "keystore.blind_index", "count": shredded.index_rows_deleted}]
+    actions += [{"target": t, "count": int(c)} for t, c in extra_actions]
+    return {"request_id": request_id, "requester": requester, "legal_basis": legal_basis,
+            "namespace": shredded.namespace, "subject_ref": shredded.subject_ref, "actions": actions}

@@ -1,0 +1,229 @@
+"""MAPPO: PPO with one shared actor over each agent's own observation and a centralized critic over
+the global state (Yu et al. 2021, "The Surprising Effectiveness of PPO in Cooperative Multi-Agent
+Games"). Discrete and continuous (diagonal Gaussian) actions.
+
+Reads top to bottom: config, networks, acting (the Policy protocol), the update from replayed
+episodes, state for checkpoints. Training data is a ``learners.replay.Replay``: the audited stream.
+The behaviour log-probabilities are recomputed from the recorded actions with the policy as it was
+before the update (on-policy data makes them equal to the recorded ones for discrete actions, and
+they stay exact for clipped continuous actions).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .networks import Actor, config_hash, gae, mlp, seed_everything, weights_sha256
+from .replay import Episode, Replay, RunSpec
+
+
+@dataclass
+class MAPPOConfig:
+    seed: int = 1
+    """seed of torch, numpy and the action sampler"""
+    learning_rate: float = 7e-4
+    """Adam learning rate of actor and critic"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """lambda of generalized advantage estimation"""
+    update_epochs: int = 5
+    """passes over each batch of episodes"""
+    num_minibatches: int = 2
+    """minibatches per pass"""
+    clip_coef: float = 0.2
+    """PPO surrogate clipping"""
+    ent_coef: float = 0.01
+    """entropy bonus"""
+    vf_coef: float = 0.5
+    """value loss weight"""
+    max_grad_norm: float = 10.0
+    """gradient clipping (actor and critic clipped separately)"""
+    hidden: int = 64
+    """hidden units in each of two layers"""
+    norm_adv: bool = True
+    """normalize advantages per minibatch"""
+    reward_scale: float = 1.0
+    """rewards are multiplied by this before GAE"""
+    episodes_per_update: int = 20
+    """episodes the producers run with the current policy between updates (online training)"""
+
+
+class MAPPO:
+    """A shared actor and a critic over the global state plus the agent's one-hot id."""
+
+    algorithm = "mappo"
+    on_policy = True
+    centralized_critic = True
+    continuous_actions = True
+
+    def __init__(self, spec: RunSpec, config: MAPPOConfig | None = None):
+        self.spec = spec
+        self.config = config or MAPPOConfig()
+        c = self.config
+        seed_everything(c.seed)
+        self.n_agents = len(spec.agents)
+        self.actor_in = spec.obs_dim + self.n_agents
+        self.actor = Actor(self.actor_in, c.hidden, n_actions=spec.n_actions, action_dim=spec.action_dim)
+        self.critic = mlp(self.critic_in_dim(), c.hidden, 1, out_std=1.0)
+        self.optimizer = torch.optim.Adam([*self.actor.parameters(), *self.critic.parameters()],
+                                          lr=c.learning_rate, eps=1e-5)
+        self.sampler = torch.Generator().manual_seed(c.seed)       # acting
+        self.shuffler = torch.Generator().manual_seed(c.seed + 1)  # minibatches
+        self.updates = 0            # policy.update events so far (run time)
+        self.optimizer_steps = 0    # total (run time)
+        self.env_steps = 0          # total (run time)
+        self.episodes = 0           # total (run time)
+        self.last_losses: dict[str, float] = {}
+        self.last_return = float("nan")
+        self.config_hash = config_hash(self.config)
+        self.version = self._version()
+
+    # --- inputs ----------------------------------------------------------------------------
+    def critic_in_dim(self) -> int:
+        return self.spec.state_dim + self.n_agents
+
+    def actor_inputs(self, obs: torch.Tensor) -> torch.Tensor:
+        """[..., N, obs_dim] -> [..., N, obs_dim + N]: observation then one-hot agent index."""
+        eye = torch.eye(self.n_agents).expand(*obs.shape[:-1], self.n_agents)
+        return torch.cat([obs, eye], -1)
+
+    def critic_inputs(self, obs: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """[T, N, obs_dim], [T, S] -> [T, N, S + N]: the global state, seen by every agent with its id."""
+        s = state.unsqueeze(-2).expand(*state.shape[:-1], self.n_agents, state.shape[-1])
+        eye = torch.eye(self.n_agents).expand(*s.shape[:-1], self.n_agents)
+        return torch.cat([s, eye], -1)
+
+    # --- acting: the Policy protocol ---------------------------------------------------------
+    def _version(self) -> str:
+        return f"{self.algorithm}-v{self.updates}-{weights_sha256(self.actor).hex()[:12]}"
+
+    @torch.no_grad()
+    def act(self, observations, state=None) -> dict:
+        """Sample an action for each live agent; returns {agent: (action, log_prob)}."""
+        spec = self.spec
+        live = [a for a in spec.agents if a in observations]
+        x = torch.zeros(len(live), self.actor_in)
+        for j, a in enumerate(live):
+            o = torch.as_tensor(np.asarray(observations[a], np.float32).ravel())
+            x[j, :o.shape[0]] = o
+            x[j, spec.obs_dim + spec.agents.index(a)] = 1.0
+        d = self.actor.dist(x)
+        if spec.discrete:
+            probs = d.probs
+            acts = torch.multinomial(probs, 1, generator=self.sampler).squeeze(-1)
+            logp = d.log_prob(acts)
+            start = spec.action_space.start
+            return {a: (int(acts[j]) + start, float(logp[j])) for j, a in enumerate(live)}
+        noise = torch.randn(d.mean.shape, generator=self.sampler)
+        raw = d.mean + d.stddev * noise
+        low = torch.as_tensor(spec.action_space.low, dtype=torch.float32)
+        high = torch.as_tensor(spec.action_space.high, dtype=torch.float32)
+        acts = torch.maximum(torch.minimum(raw, high), low)
+        logp = d.log_prob(acts).sum(-1)
+        return {a: (acts[j].numpy().copy(), float(logp[j])) for j, a in enumerate(live)}
+
+    def greedy(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic action for actor inputs [B, obs_dim + N]: what ONNX exports."""
+        return self.actor(x)
+
+    # --- the update ------------------------------------------------------------------------
+    def _flatten(self, episodes: list[Episode]):
+        c = self.config
+        xs, cs, acts, advs, rets, masks = [], [], [], [], [], []
+        with torch.no_grad():
+            for ep in episodes:
+                obs = torch.as_tensor(ep.obs)
+                x = self.actor_inputs(obs)
+                cx = self.critic_inputs(obs, torch.as_tensor(ep.state))
+                values = self.critic(cx).squeeze(-1)                     # [T, N]
+                rewards = torch.as_tensor(ep.rewards) * c.reward_scale
+                dones = torch.zeros(ep.length)
+                dones[-1] = 1.0  # the episode's end is its end: the final observation is not recorded
+                adv, ret = gae(rewards, values, dones.unsqueeze(-1).expand_as(rewards),
+                               torch.zeros(self.n_agents), c.gamma, c.gae_lambda)
+                xs.append(x.reshape(-1, x.shape[-1]))
+                cs.append(cx.reshape(-1, cx.shape[-1]))
+                a = torch.as_tensor(ep.actions)
+                acts.append(a.reshape(-1, *a.shape[2:]))
+                advs.append(adv.reshape(-1))
+                rets.append(ret.reshape(-1))
+                masks.append(torch.as_tensor(ep.alive).reshape(-1) > 0)
+        m = torch.cat(masks)
+        return (torch.cat(xs)[m], torch.cat(cs)[m], torch.cat(acts)[m], torch.cat(advs)[m], torch.cat(rets)[m])
+
+    def update(self, replay: Replay) -> dict:
+        """PPO epochs over the replayed episodes. Returns losses and the optimizer steps taken."""
+        c = self.config
+        episodes = replay.episodes
+        steps_before = self.optimizer_steps
+        losses = {"losses/policy": 0.0, "losses/value": 0.0, "losses/entropy": 0.0, "losses/approx_kl": 0.0}
+        if episodes:
+            x, cx, a, adv, ret = self._flatten(episodes)
+            with torch.no_grad():
+                old_logp, _ = self.actor.log_prob_entropy(x, a)
+            B = x.shape[0]
+            mb = max(1, B // c.num_minibatches)
+            n = 0
+            for _ in range(c.update_epochs):
+                perm = torch.randperm(B, generator=self.shuffler)
+                for start in range(0, B, mb):
+                    idx = perm[start:start + mb]
+                    logp, ent = self.actor.log_prob_entropy(x[idx], a[idx])
+                    ratio = (logp - old_logp[idx]).exp()
+                    madv = adv[idx]
+                    if c.norm_adv and madv.numel() > 1:
+                        madv = (madv - madv.mean()) / (madv.std() + 1e-8)
+                    pg_loss = torch.max(-madv * ratio, -madv * ratio.clamp(1 - c.clip_coef, 1 + c.clip_coef)).mean()
+                    v_loss = 0.5 * (self.critic(cx[idx]).squeeze(-1) - ret[idx]).pow(2).mean()
+                    entropy = ent.mean()
+                    loss = pg_loss - c.ent_coef * entropy + c.vf_coef * v_loss
+                    self.optimizer.zero_grad()
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(self.actor.parameters(), c.max_grad_norm)
+                    nn.utils.clip_grad_norm_(self.critic.parameters(), c.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer_steps += 1
+                    n += 1
+                    with torch.no_grad():
+                        losses["losses/policy"] += float(pg_loss)
+                        losses["losses/value"] += float(v_loss)
+                        losses["losses/entropy"] += float(entropy)
+                        losses["losses/approx_kl"] += float(((ratio - 1) - (logp - old_logp[idx])).mean())
+            losses = {k: v / n for k, v in losses.items()}
+            self.last_return = float(np.mean([e.team_return for e in episodes]))
+        self.env_steps += replay.env_steps
+        self.episodes += len(episodes)
+        self.updates += 1
+        self.last_losses = losses
+        self.version = self._version()
+        return {"optimizer_steps": self.optimizer_steps - steps_before, "env_steps": replay.env_steps,
+                "losses": losses, "charts/episodic_return": self.last_return}
+
+    # --- state -------------------------------------------------------------------------------
+    def modules(self) -> list[nn.Module]:
+        return [self.actor, self.critic]
+
+    def weights_sha256(self) -> bytes:
+        return weights_sha256(*self.modules())
+
+    def state_dict(self) -> dict:
+        return {"algorithm": self.algorithm, "config": asdict(self.config), "spec": self.spec.to_dict(),
+                "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.get_state(),
+                "shuffler": self.shuffler.get_state(),
+                "counters": {"updates": self.updates, "optimizer_steps": self.optimizer_steps,
+                             "env_steps": self.env_steps, "episodes": self.episodes}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.set_state(state["sampler"])
+        self.shuffler.set_state(state["shuffler"])
+        for k, v in state["counters"].items():
+            setattr(self, k, v)
+        self.version = self._version()

@@ -1,0 +1,125 @@
+"""What the learners truly share: seeding, layer initialisation, the actor heads, GAE and the weights hash.
+
+Policies are shared across agents (parameter sharing); an agent's input is its observation, padded
+to the widest agent, followed by a one-hot of its index, so one network serves heterogeneous ids.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import asdict, fields, is_dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.distributions import Categorical, Normal
+
+
+def seed_everything(seed: int) -> None:
+    """The same seeding block in every learner: random, numpy, torch, deterministic algorithms on."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+
+
+def config_hash(config) -> str:
+    """SHA-256 hex of a config dataclass as canonical JSON (sorted keys)."""
+    import json
+
+    data = asdict(config) if is_dataclass(config) else dict(config)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def config_doc(config_cls) -> dict[str, str]:
+    """Field name -> its one-line docstring (read from the class source), for docs and `--help`."""
+    import inspect
+
+    lines = inspect.getsource(config_cls).splitlines()
+    out: dict[str, str] = {}
+    names = {f.name for f in fields(config_cls)}
+    for i, line in enumerate(lines[:-1]):
+        name = line.strip().split(":")[0]
+        if name in names and lines[i + 1].strip().startswith('"""'):
+            out[name] = lines[i + 1].strip().strip('"')
+    return out
+
+
+def weights_sha256(*modules: nn.Module) -> bytes:
+    """SHA-256 over every tensor of the modules' state dicts (name, dtype, shape, raw bytes), in order."""
+    h = hashlib.sha256()
+    for m in modules:
+        for name, t in m.state_dict().items():
+            t = t.detach().cpu().contiguous()
+            h.update(name.encode())
+            h.update(str(t.dtype).encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.numpy().tobytes())
+    return h.digest()
+
+
+def layer_init(layer: nn.Linear, std: float = float(np.sqrt(2)), bias: float = 0.0) -> nn.Linear:
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias)
+    return layer
+
+
+def mlp(inp: int, hidden: int, out: int, out_std: float = 1.0, layers: int = 2) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    d = inp
+    for _ in range(layers):
+        mods += [layer_init(nn.Linear(d, hidden)), nn.Tanh()]
+        d = hidden
+    mods.append(layer_init(nn.Linear(d, out), std=out_std))
+    return nn.Sequential(*mods)
+
+
+class Actor(nn.Module):
+    """Shared policy: categorical over ``n_actions`` (discrete) or a diagonal Gaussian (continuous).
+
+    Continuous actions are sampled unbounded and clipped to [low, high] when sent to the env; the
+    log-probability is of the recorded (clipped) action, recomputed by the learner before updating.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, *, n_actions: int = 0, action_dim: int = 0):
+        super().__init__()
+        self.discrete = n_actions > 0
+        out = n_actions if self.discrete else action_dim
+        self.body = mlp(in_dim, hidden, out, out_std=0.01)
+        if not self.discrete:
+            self.log_std = nn.Parameter(torch.full((action_dim,), -0.5))
+
+    def dist(self, x: torch.Tensor):
+        out = self.body(x)
+        if self.discrete:
+            return Categorical(logits=out)
+        return Normal(out, self.log_std.exp().expand_as(out))
+
+    def log_prob_entropy(self, x: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.dist(x)
+        if self.discrete:
+            return d.log_prob(actions.long()), d.entropy()
+        return d.log_prob(actions).sum(-1), d.entropy().sum(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The greedy action (argmax, or the Gaussian mean): what ONNX exports."""
+        out = self.body(x)
+        return out.argmax(-1) if self.discrete else out
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, last_values: torch.Tensor,
+        gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over time-major tensors [T, ...].
+
+    ``dones[t]`` is 1 where the episode ended at step t (no bootstrap past it); ``last_values`` is
+    V(s_T) for a trajectory cut short, zeros where every episode ended."""
+    T = rewards.shape[0]
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(T)):
+        nxt = last_values if t == T - 1 else values[t + 1]
+        nonterminal = 1.0 - dones[t]
+        delta = rewards[t] + gamma * nxt * nonterminal - values[t]
+        last = delta + gamma * lam * nonterminal * last
+        adv[t] = last
+    return adv, adv + values

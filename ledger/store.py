@@ -1,0 +1,540 @@
+"""Ledger storage: what every backend offers, and the SQLCipher backend (the default).
+
+A backend writes one batch of rows, the consumer offsets and the integrity findings in one
+transaction; reads chain heads and offsets back on restart; purges and erases through its
+deletion procedure only (tables are append-only otherwise); and hashes its contents.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from hashlib import sha256
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from eventlog.merkle import merkle_root
+
+from .keys import KeyProvider, LedgerKeyError
+from .tables import (ALL_TABLES, DELETION_EVENTS, EVENT_TABLES, INGEST_OFFSETS, INTEGRITY_FINDINGS, LINEAGE,
+                     TABLES, Table)
+
+
+class LedgerError(RuntimeError):
+    """The ledger cannot be opened or written; the message says what to do."""
+
+
+class AppendOnlyError(LedgerError):
+    """An UPDATE or DELETE outside the purge and erasure procedures was refused."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """An integrity problem met while ingesting (recorded in ``integrity_findings``)."""
+
+    kind: str
+    topic: str
+    partition: int
+    offset: int
+    chain_id: str
+    seq: int
+    event_id: str
+    detail: str
+
+    def describe(self) -> str:
+        return (f"{self.kind} in {self.topic} chain {self.chain_id} at partition {self.partition} offset "
+                f"{self.offset} seq {self.seq}: {self.detail}")
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What one deletion removed from one chain: seqs first..last (``count`` rows), the Merkle root
+    of their hashes, the hash before the range (``prev_hash``) and the last deleted hash (``head_hash``)."""
+
+    deletion_id: int
+    kind: str
+    source_table: str
+    topic: str
+    chain_id: str
+    first_seq: int
+    last_seq: int
+    count: int
+    merkle_root: bytes
+    prev_hash: bytes
+    head_hash: bytes
+
+
+@dataclass
+class DeletionSummary:
+    """One purge or erasure: the tombstone's counts per table and the evidence rows written."""
+
+    kind: str
+    counts: dict[str, int] = field(default_factory=dict)
+    evidence: list[Evidence] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    table: str
+    topic: str
+    partition: int
+    offset: int
+    chain_id: str
+    seq: int
+    raw: bytes
+
+
+DELETABLE = tuple(t.name for t in EVENT_TABLES)
+SUBJECT_TABLES = tuple(t.name for t in EVENT_TABLES if t.subject_refs)
+_FINDING_COLS = [c for c in INTEGRITY_FINDINGS.column_names if c != "finding_id"]
+
+
+def contiguous_ranges(rows: Iterable[tuple]) -> list[list[tuple]]:
+    """Group ``(topic, chain_id, seq, event_hash, prev_event_hash)`` rows, sorted by topic, chain and
+    seq, into runs of consecutive seqs within one chain."""
+    out: list[list[tuple]] = []
+    for row in rows:
+        if out and out[-1][-1][0] == row[0] and out[-1][-1][1] == row[1] and out[-1][-1][2] + 1 == row[2]:
+            out[-1].append(row)
+        else:
+            out.append([row])
+    return out
+
+
+class LedgerStore(ABC):
+    """A ledger backend. Subclasses supply the connection and their SQL dialect."""
+
+    dialect: str
+    ph: str  # parameter placeholder
+
+    # ----------------------------------------------------------------- dialect
+    @abstractmethod
+    def _begin(self): ...
+
+    @abstractmethod
+    def _commit(self): ...
+
+    @abstractmethod
+    def _rollback(self): ...
+
+    @abstractmethod
+    def _cursor(self): ...
+
+    @abstractmethod
+    def _delete_rows(self, kind: str, cutoff: int | None, subject_ref: bytes | None, request_id: str,
+                     requester: str, legal_basis: str, deleted_at: int) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def _json_param(self, col: str) -> str:
+        return self.ph
+
+    # ----------------------------------------------------------------- writing
+    def _insert_sql(self, table: Table) -> str:
+        cols = table.column_names
+        params = ", ".join(self._json_param(c) if k == "json" else self.ph for c, k in table.columns)
+        return f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES ({params}) ON CONFLICT DO NOTHING"
+
+    def write(self, rows: dict[str, list[dict]], offsets: dict[tuple[str, int], int],
+              findings: list[Finding] = ()) -> None:
+        """Rows, consumer offsets (next offset to read) and findings, in one transaction."""
+        cur = self._cursor()
+        self._begin()
+        try:
+            for name in [t.name for t in EVENT_TABLES] + [LINEAGE.name]:
+                batch = rows.get(name)
+                if not batch:
+                    continue
+                table = TABLES[name]
+                cols = table.column_names
+                cur.executemany(self._insert_sql(table), [tuple(r.get(c) for c in cols) for r in batch])
+            if findings:
+                now = _now_micros()
+                cur.executemany(
+                    f"INSERT INTO integrity_findings ({', '.join(_FINDING_COLS)}) "
+                    f"VALUES ({', '.join([self.ph] * len(_FINDING_COLS))})",
+                    [(now, f.kind, f.topic, f.partition, f.offset, f.chain_id, f.seq, f.event_id, f.detail)
+                     for f in findings])
+            if offsets:
+                cur.executemany(
+                    f"INSERT INTO ingest_offsets (topic, kafka_partition, next_offset) VALUES ({self.ph}, {self.ph}, "
+                    f"{self.ph}) ON CONFLICT (topic, kafka_partition) DO UPDATE SET next_offset = excluded.next_offset",
+                    [(t, p, o) for (t, p), o in sorted(offsets.items())])
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+
+    # ----------------------------------------------------------------- reading
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        cur = self._cursor()
+        cur.execute(sql, params)
+        return cur.fetchall()
+
+    def count(self, table: str) -> int:
+        return self.query(f"SELECT COUNT(*) FROM {TABLES[table].name}")[0][0]
+
+    def offsets(self) -> dict[tuple[str, int], int]:
+        return {(t, p): o for t, p, o in self.query("SELECT topic, kafka_partition, next_offset FROM ingest_offsets")}
+
+    def chain_heads(self) -> dict[tuple[str, str], tuple[int, bytes]]:
+        """Per chain, (seq, event_hash) of its last stored event, or of the last deleted one where a
+        deletion took the chain's tail."""
+        heads: dict[tuple[str, str], tuple[int, bytes]] = {}
+        for t in EVENT_TABLES:
+            for topic, chain, seq, h in self.query(
+                    f"SELECT topic, chain_id, seq, event_hash FROM (SELECT topic, chain_id, seq, event_hash, "
+                    f"ROW_NUMBER() OVER (PARTITION BY topic, chain_id ORDER BY kafka_offset DESC) AS rn "
+                    f"FROM {t.name}) x WHERE rn = 1"):
+                heads[(topic, chain)] = (seq, bytes(h))
+        for ev in self.evidence():
+            cur = heads.get((ev.topic, ev.chain_id))
+            if cur is None or ev.last_seq > cur[0]:
+                heads[(ev.topic, ev.chain_id)] = (ev.last_seq, ev.head_hash)
+        return heads
+
+    def event_ids(self, event_ids: list[str]) -> set[str]:
+        """Which of ``event_ids`` are stored already (duplicate detection on ingest)."""
+        found: set[str] = set()
+        for t in EVENT_TABLES:
+            for i in range(0, len(event_ids), 500):
+                chunk = event_ids[i:i + 500]
+                marks = ", ".join([self.ph] * len(chunk))
+                found.update(r[0] for r in self.query(f"SELECT event_id FROM {t.name} WHERE event_id IN ({marks})",
+                                                      tuple(chunk)))
+        return found
+
+    def stored_events(self) -> Iterator[StoredEvent]:
+        """Every stored event with its raw bytes, per table in (topic, partition, offset) order."""
+        for t in EVENT_TABLES:
+            cur = self._cursor()
+            cur.execute(f"SELECT topic, kafka_partition, kafka_offset, chain_id, seq, raw FROM {t.name} "
+                        f"ORDER BY topic, kafka_partition, kafka_offset")
+            for topic, p, o, chain, seq, raw in cur:
+                yield StoredEvent(t.name, topic, p, o, chain, seq, bytes(raw))
+
+    def evidence(self) -> list[Evidence]:
+        rows = self.query(
+            "SELECT deletion_id, kind, source_table, topic, chain_id, first_seq, last_seq, row_count, merkle_root, "
+            "prev_hash, head_hash FROM deletion_events WHERE topic IS NOT NULL ORDER BY deletion_id")
+        return [Evidence(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bytes(r[8]), bytes(r[9]), bytes(r[10]))
+                for r in rows]
+
+    def findings(self) -> list[Finding]:
+        return [Finding(*r) for r in self.query(
+            "SELECT kind, topic, kafka_partition, kafka_offset, chain_id, seq, event_id, detail "
+            "FROM integrity_findings ORDER BY finding_id")]
+
+    def tombstones(self) -> list[dict]:
+        cols = ["deletion_id", "kind", "request_id", "requester", "legal_basis", "deleted_at", "cutoff", "counts"]
+        out = []
+        for r in self.query(f"SELECT {', '.join(cols)} FROM deletion_events WHERE topic IS NULL ORDER BY deletion_id"):
+            d = dict(zip(cols, r))
+            d["counts"] = d["counts"] if isinstance(d["counts"], dict) else json.loads(d["counts"] or "{}")
+            out.append(d)
+        return out
+
+    # ----------------------------------------------------------------- deletion
+    def purge(self, now_micros: int | None = None) -> DeletionSummary:
+        """Delete every row whose ``retention_expiry`` is before ``now_micros``, in one transaction,
+        with evidence per chain range and a tombstone in ``deletion_events``."""
+        now = _now_micros() if now_micros is None else now_micros
+        before = self._last_deletion_id()
+        self._delete_rows("retention", now, None, "", "", "", now)
+        return self._summary_since(before, "retention")
+
+    def erase_subject(self, subject_ref: bytes, request_id: str, requester: str, legal_basis: str) -> DeletionSummary:
+        """Delete every row carrying ``subject_ref`` (a 32-byte pseudonym) in one transaction, with a
+        tombstone (request id, requester, legal basis, counts) in ``deletion_events``."""
+        if len(subject_ref) != 32:
+            raise ValueError("subject_ref is the 32-byte HMAC pseudonym of the subject")
+        for name, value in (("request_id", request_id), ("requester", requester), ("legal_basis", legal_basis)):
+            if not value:
+                raise ValueError(f"an erasure needs a {name}")
+        before = self._last_deletion_id()
+        self._delete_rows("erasure", None, subject_ref, request_id, requester, legal_basis, _now_micros())
+        return self._summary_since(before, "erasure")
+
+    def _last_deletion_id(self) -> int:
+        return self.query("SELECT COALESCE(MAX(deletion_id), 0) FROM deletion_events")[0][0]
+
+    def _summary_since(self, before: int, kind: str) -> DeletionSummary:
+        s = DeletionSummary(kind)
+        s.evidence = [e for e in self.evidence() if e.deletion_id > before]
+        for t in self.tombstones():
+            if t["deletion_id"] > before:
+                s.counts = {k: v for k, v in t["counts"].items()}
+        return s
+
+    # ----------------------------------------------------------------- contents
+    def content_hash(self) -> str:
+        """SHA-256 over every event row, lineage row, finding and offset, in primary-key order.
+
+        Values are normalized (bytes as hex, JSON re-serialized with sorted keys, booleans as 0/1) so
+        the hash does not depend on the backend. Deletion evidence and ingest timestamps are left out.
+        """
+        h = sha256()
+        specs: list[tuple[Table, list[str], str]] = [
+            (t, t.column_names, "event_id") for t in EVENT_TABLES]
+        specs.append((LINEAGE, LINEAGE.column_names, "policy_update_event_id, idx"))
+        specs.append((INTEGRITY_FINDINGS, [c for c in _FINDING_COLS if c != "found_at"],
+                      "topic, kafka_partition, kafka_offset, kind"))
+        specs.append((INGEST_OFFSETS, INGEST_OFFSETS.column_names, "topic, kafka_partition"))
+        for table, cols, order in specs:
+            kinds = dict(table.columns)
+            h.update(f"\x00{table.name}\x00".encode())
+            cur = self._cursor()
+            cur.execute(f"SELECT {', '.join(cols)} FROM {table.name} ORDER BY {order}")
+            for row in cur:
+                h.update(json.dumps([_norm(v, kinds[c]) for c, v in zip(cols, row)], separators=(",", ":"),
+                                    sort_keys=True).encode() + b"\n")
+        return h.hexdigest()
+
+    def table_counts(self) -> dict[str, int]:
+        return {t.name: self.count(t.name) for t in ALL_TABLES}
+
+
+def _norm(v, kind: str):
+    if v is None:
+        return None
+    if kind == "bytes":
+        return bytes(v).hex()
+    if kind == "json":
+        return json.loads(v) if isinstance(v, (str, bytes)) else v
+    if kind == "bool":
+        return int(bool(v))
+    return v
+
+
+def _now_micros() -> int:
+    return time.time_ns() // 1000
+
+
+# ======================================================================== SQLite / SQLCipher
+_SQLITE_TYPES = {"text": "TEXT", "int": "INTEGER", "real": "REAL", "bool": "INTEGER", "bytes": "BLOB", "json": "TEXT"}
+_HEADER_NOT_NULL = {"event_id", "topic", "kafka_partition", "kafka_offset", "chain_id", "seq", "run_id",
+                    "event_type", "produced_at", "retention_expiry", "prev_event_hash", "event_hash", "raw"}
+
+
+def sqlite_ddl() -> list[str]:
+    stmts = []
+    for t in EVENT_TABLES:
+        cols = ",\n  ".join(f"{c} {_SQLITE_TYPES[k]}{' NOT NULL' if c in _HEADER_NOT_NULL else ''}"
+                            for c, k in t.columns)
+        stmts.append(f"CREATE TABLE IF NOT EXISTS {t.name} (\n  {cols},\n  PRIMARY KEY (event_id)\n)")
+        stmts.append(f"CREATE INDEX IF NOT EXISTS {t.name}_chain ON {t.name} (topic, chain_id, seq)")
+        stmts.append(f"CREATE INDEX IF NOT EXISTS {t.name}_expiry ON {t.name} (retention_expiry)")
+        stmts.append(f"CREATE INDEX IF NOT EXISTS {t.name}_run ON {t.name} (run_id)")
+    stmts.append(
+        "CREATE TABLE IF NOT EXISTS policy_update_lineage (\n"
+        "  policy_update_event_id TEXT NOT NULL REFERENCES policy_updates (event_id) ON DELETE CASCADE,\n"
+        "  idx INTEGER NOT NULL, lineage_topic TEXT NOT NULL, lineage_partition INTEGER NOT NULL,\n"
+        "  first_offset INTEGER NOT NULL, last_offset INTEGER NOT NULL, chain_id TEXT NOT NULL,\n"
+        "  first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL, head_event_hash BLOB NOT NULL,\n"
+        "  PRIMARY KEY (policy_update_event_id, idx))")
+    stmts.append(
+        "CREATE TABLE IF NOT EXISTS deletion_events (\n"
+        "  deletion_id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL CHECK (kind IN ('retention', 'erasure')),\n"
+        "  request_id TEXT, requester TEXT, legal_basis TEXT, subject_ref BLOB, deleted_at INTEGER NOT NULL,\n"
+        "  cutoff INTEGER, counts TEXT, source_table TEXT, topic TEXT, chain_id TEXT, first_seq INTEGER,\n"
+        "  last_seq INTEGER, row_count INTEGER, merkle_root BLOB, prev_hash BLOB, head_hash BLOB)")
+    stmts.append(
+        "CREATE TABLE IF NOT EXISTS integrity_findings (\n"
+        "  finding_id INTEGER PRIMARY KEY AUTOINCREMENT, found_at INTEGER NOT NULL, kind TEXT NOT NULL,\n"
+        "  topic TEXT NOT NULL, kafka_partition INTEGER NOT NULL, kafka_offset INTEGER NOT NULL, chain_id TEXT,\n"
+        "  seq INTEGER, event_id TEXT, detail TEXT NOT NULL)")
+    stmts.append(
+        "CREATE TABLE IF NOT EXISTS ingest_offsets (\n"
+        "  topic TEXT NOT NULL, kafka_partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,\n"
+        "  PRIMARY KEY (topic, kafka_partition))")
+    for name in [t.name for t in EVENT_TABLES] + ["policy_update_lineage"]:
+        stmts.append(f"CREATE TRIGGER IF NOT EXISTS {name}_append_only_update BEFORE UPDATE ON {name} BEGIN "
+                     f"SELECT RAISE(ABORT, 'ledger table {name} is append-only: UPDATE refused'); END")
+        # ledger_deletion_allowed() exists only on connections opened by this module, and answers true
+        # only inside purge() / erase_subject(): any other DELETE is refused.
+        stmts.append(f"CREATE TRIGGER IF NOT EXISTS {name}_append_only_delete BEFORE DELETE ON {name} "
+                     f"WHEN NOT ledger_deletion_allowed() BEGIN SELECT RAISE(ABORT, 'ledger table {name} is "
+                     f"append-only: DELETE refused outside `marlgrc ledger purge` and erasure'); END")
+    for name in ("deletion_events", "integrity_findings"):
+        for op in ("UPDATE", "DELETE"):
+            stmts.append(f"CREATE TRIGGER IF NOT EXISTS {name}_append_only_{op.lower()} BEFORE {op} ON {name} BEGIN "
+                         f"SELECT RAISE(ABORT, 'ledger table {name} is append-only: {op} refused'); END")
+    stmts.extend(view_ddl("sqlite"))
+    return stmts
+
+
+def view_ddl(dialect: str) -> list[str]:
+    """Analyst views: every table without its restricted columns, and the seeds' analyses."""
+    stmts = []
+    create = "CREATE VIEW IF NOT EXISTS" if dialect == "sqlite" else "CREATE OR REPLACE VIEW"
+    for t in ALL_TABLES:
+        cols = ", ".join(c for c in t.column_names if c not in t.restricted)
+        stmts.append(f"{create} v_{t.name} AS SELECT {cols} FROM {t.name}")
+    stmts.append(f"{create} v_reward_convergence AS SELECT run_id, episode, COUNT(*) AS steps, "
+                 f"SUM(team_reward) AS episode_return, AVG(team_reward) AS mean_step_reward "
+                 f"FROM joint_actions GROUP BY run_id, episode")
+    if dialect == "sqlite":
+        share = ("FROM di_credit_assignment d, json_each(d.shares) s",
+                 "json_extract(s.value, '$.agent_id')", "json_extract(s.value, '$.credit')")
+        metric = ("FROM fairness_metrics f, json_each(f.metrics) m",
+                  "json_extract(m.value, '$.name')", "json_extract(m.value, '$.value')")
+    else:
+        share = ("FROM di_credit_assignment d CROSS JOIN LATERAL jsonb_array_elements(d.shares) s(value)",
+                 "s.value->>'agent_id'", "(s.value->>'credit')::double precision")
+        metric = ("FROM fairness_metrics f CROSS JOIN LATERAL jsonb_array_elements(f.metrics) m(value)",
+                  "m.value->>'name'", "(m.value->>'value')::double precision")
+    stmts.append(f"{create} v_credit_per_agent AS SELECT d.run_id AS run_id, d.episode AS episode, "
+                 f"{share[1]} AS agent_id, SUM({share[2]}) AS credit, COUNT(*) AS steps, "
+                 f"AVG(d.global_reward) AS mean_global_reward {share[0]} GROUP BY d.run_id, d.episode, {share[1]}")
+    stmts.append(f"{create} v_fairness_over_time AS SELECT f.run_id AS run_id, f.episode AS episode, "
+                 f"f.window_kind AS window_kind, f.window_start AS window_start, f.window_end AS window_end, "
+                 f"{metric[1]} AS metric, {metric[2]} AS value {metric[0]}")
+    return stmts
+
+
+class SqliteLedger(LedgerStore):
+    """The ledger in one SQLCipher file (or, for benchmarks only, a plain SQLite file).
+
+    Opens with ``PRAGMA key`` (a raw 32-byte key from the key provider), checks the key with one
+    query, then sets ``secure_delete=ON``, ``foreign_keys=ON`` and WAL. The file is created with
+    mode 0600; an existing file readable by others is refused.
+    """
+
+    dialect = "sqlite"
+    ph = "?"
+
+    def __init__(self, path: Path, key: KeyProvider | None, *, encrypted: bool = True):
+        self.path = Path(path)
+        self.encrypted = encrypted
+        self._deleting = False
+        if encrypted and key is None:
+            raise LedgerKeyError("an encrypted ledger needs a key: pass --key-file or set MARLGRC_LEDGER_KEY")
+        if encrypted:
+            from sqlcipher3 import dbapi2 as module
+        else:
+            module = sqlite3
+        self._module = module
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+        mode = self.path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise LedgerError(f"ledger file {self.path} has mode {oct(mode)}; it must be 0600: chmod 600 {self.path}")
+        old_umask = os.umask(0o077)  # the -wal and -shm files too
+        try:
+            self.conn = module.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            if encrypted:
+                raw = key.ledger_key()
+                self.conn.execute("PRAGMA cipher_log_level = NONE")  # its own "hmac check failed" lines
+                self.conn.execute(f"PRAGMA key = \"x'{raw.hex()}'\"")
+                del raw
+            try:
+                self.conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            except module.DatabaseError as exc:
+                self.conn.close()
+                if "not a database" in str(exc):
+                    raise LedgerKeyError(
+                        f"cannot open ledger {self.path}: the key does not decrypt it (SQLCipher: file is not a "
+                        f"database). Use the key this ledger was created with (--key-file or MARLGRC_LEDGER_KEY)"
+                        f"{'' if encrypted else ', or open it as an encrypted ledger'}") from None
+                raise LedgerError(f"cannot open ledger {self.path}: {exc}") from None
+            self.conn.create_function("ledger_deletion_allowed", 0, lambda: 1 if self._deleting else 0)
+            self.conn.execute("PRAGMA secure_delete = ON")
+            self.conn.execute("PRAGMA foreign_keys = ON")
+            self.conn.execute("PRAGMA journal_mode = WAL")
+            # NORMAL in WAL loses at most the last transactions on power loss, never consistency; offsets
+            # live in the same transactions, so those events are simply read again.
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+            self._install()
+        finally:
+            os.umask(old_umask)
+
+    def _install(self) -> None:
+        self._begin()
+        for stmt in sqlite_ddl():
+            self.conn.execute(stmt)
+        self._commit()
+
+    def _begin(self):
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def _commit(self):
+        self.conn.execute("COMMIT")
+
+    def _rollback(self):
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+    def _cursor(self):
+        return self.conn.cursor()
+
+    def write(self, rows, offsets, findings=()):
+        try:
+            super().write(rows, offsets, findings)
+        except self._module.IntegrityError as exc:
+            raise LedgerError(f"ledger {self.path} refused a batch: {exc}") from None
+
+    def _delete_rows(self, kind, cutoff, subject_ref, request_id, requester, legal_basis, deleted_at):
+        cur = self.conn.cursor()
+        self._begin()
+        try:
+            counts: dict[str, int] = {}
+            tables = DELETABLE if kind == "retention" else SUBJECT_TABLES
+            if kind == "retention":
+                where, arg = "retention_expiry < ?", cutoff
+            else:
+                where, arg = "instr(subject_refs, ?) > 0", subject_ref.hex()
+            for name in tables:
+                rows = cur.execute(f"SELECT topic, chain_id, seq, event_hash, prev_event_hash FROM {name} "
+                                   f"WHERE {where} ORDER BY topic, chain_id, seq", (arg,)).fetchall()
+                for rng in contiguous_ranges(rows):
+                    cur.execute(
+                        "INSERT INTO deletion_events (kind, request_id, requester, legal_basis, subject_ref, "
+                        "deleted_at, cutoff, source_table, topic, chain_id, first_seq, last_seq, row_count, "
+                        "merkle_root, prev_hash, head_hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        (kind, request_id or None, requester or None, legal_basis or None, subject_ref, deleted_at,
+                         cutoff, name, rng[0][0], rng[0][1], rng[0][2], rng[-1][2], len(rng),
+                         merkle_root([bytes(r[3]) for r in rng]), bytes(rng[0][4]), bytes(rng[-1][3])))
+                self._deleting = True
+                try:
+                    counts[name] = cur.execute(f"DELETE FROM {name} WHERE {where}", (arg,)).rowcount
+                finally:
+                    self._deleting = False
+            cur.execute(
+                "INSERT INTO deletion_events (kind, request_id, requester, legal_basis, subject_ref, deleted_at, "
+                "cutoff, counts) VALUES (?,?,?,?,?,?,?,?)",
+                (kind, request_id or None, requester or None, legal_basis or None, subject_ref, deleted_at, cutoff,
+                 json.dumps(counts, sort_keys=True)))
+            self._commit()
+        except BaseException:
+            self._deleting = False
+            self._rollback()
+            raise
+        # erased pages must not linger in the WAL either (secure_delete zeroes them in the main file)
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def checkpoint(self) -> None:
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except Exception:  # noqa: BLE001 - closing twice is harmless
+            pass
+
+
+def drop_sqlite(path: Path) -> None:
+    """Remove a ledger file and its WAL and shared-memory files (``marlgrc ledger rebuild``)."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        p = Path(str(path) + suffix)
+        if p.exists():
+            p.unlink()
