@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import schemas as schema_files
 
-from .chain import GENESIS, ChainHead, ChainWriter, Event
+from .chain import GENESIS, ChainHead, ChainWriter, Event, event_id_prefix, now_micros
 from .checkpoint import Signer, statement_for
 from .codec import Codec, default_codec
 from .topics import TOPIC_CLASSIFICATION
@@ -46,13 +46,16 @@ class EventLog:
     """
 
     def __init__(self, sink: Sink, *, run_id: str, producer_id: str, signer: Signer | None = None,
-                 checkpoint_every: int = 10_000, codec: Codec | None = None):
+                 checkpoint_every: int = 10_000, codec: Codec | None = None,
+                 clock: Callable[[], int] = now_micros, id_prefixes: Callable[[], str] = event_id_prefix):
         self.sink = sink
         self.run_id = run_id
         self.producer_id = producer_id
         self.signer = signer
         self.checkpoint_every = checkpoint_every
         self.codec = codec or default_codec()
+        self._clock = clock
+        self._id_prefixes = id_prefixes  # deterministic ones only for test vectors
         self._writers: dict[tuple[str, str], ChainWriter] = {}
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._checkpoint_chain = f"{run_id}:checkpoints:{producer_id}"
@@ -63,7 +66,8 @@ class EventLog:
         w = self._writers.get(key)
         if w is None:
             w = ChainWriter(topic, chain_id, self.run_id, self.producer_id,
-                            data_classification or TOPIC_CLASSIFICATION[topic], head=head, codec=self.codec)
+                            data_classification or TOPIC_CLASSIFICATION[topic], head=head, codec=self.codec,
+                            clock=self._clock, id_prefix=self._id_prefixes())
             self._writers[key] = w
         return w
 

@@ -239,7 +239,7 @@ class RunReader:
         return seg
 
     def add(self, records: Iterable[Record]) -> Replay:
-        recs = [r for r in records if r.key.startswith(self._prefix)]
+        recs = [r for r in records if r.topic in RUN_TOPICS and r.key.startswith(self._prefix)]
         cps = [r for r in recs if r.topic == CHECKPOINT_TOPIC]
         data = [r for r in recs if r.topic != CHECKPOINT_TOPIC]
         if cps:

@@ -1,0 +1,263 @@
+"""On-policy training through the event log: the producers act with the current policy, every
+transition is written as events, the learner reads exactly those offsets back, verifies and trains
+on them, and writes ``policy.update``. The training data is the audited stream and nothing else.
+
+    loop:  mark offsets -> harness.run_episodes(env, learner, log) -> flush -> mark offsets
+           -> RunReader.add(records in [start, end)) -> learner.update -> policy.update event
+
+Two transports: ``KafkaTransport`` (the real thing) and ``MemoryTransport`` (the same sealed event
+bytes kept in process; for unit tests and for CPU-only learning curves when no broker runs).
+
+Reproduce the learning curve in docs/results.md:
+    python -m marlgrc.online --env simple_spread_v3 --algo mappo --minutes 30 --out results/mappo.json
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from eventlog.kafka import EventProducer, read_records
+from eventlog.log import EventLog, MemorySink
+from learners import algorithm
+from learners.lineage import emit_policy_update
+from learners.replay import RUN_TOPICS, Replay, RunReader, RunSpec, records_from_memory, watermarks
+from producers.harness import run_episodes
+from producers.spaces import space_record
+
+MPE_DEFAULTS = {"N": 3, "max_cycles": 25, "local_ratio": 0.5}
+
+
+def make_env(name: str, *, continuous: bool = False, **kwargs) -> tuple[Any, str, str]:
+    """(env, env_id, env_version) for a versioned name: MPE2's ``simple_spread_v3`` or a built-in env."""
+    if name == "simple_spread_v3":
+        from mpe2 import simple_spread_v3
+
+        return (simple_spread_v3.parallel_env(**{**MPE_DEFAULTS, **kwargs}, continuous_actions=continuous),
+                name, "mpe2")
+    from producers.envs import BUILTIN_ENVS
+
+    if name not in BUILTIN_ENVS:
+        raise SystemExit(f"unknown env {name!r}; choose simple_spread_v3 or one of {sorted(BUILTIN_ENVS)}")
+    mod, fn = BUILTIN_ENVS[name].split(":")
+    return getattr(importlib.import_module(mod), fn)(**kwargs), name, name.rsplit("_v", 1)[-1]
+
+
+def spec_from_env(env: Any, run_id: str, env_id: str, env_version: str, seed: int) -> RunSpec:
+    """The RunSpec the harness's run.started will carry (same space records), to build the first policy."""
+    try:
+        state_space = getattr(env, "state_space", None)
+    except (AttributeError, NotImplementedError):
+        state_space = None
+    return RunSpec.from_run_started(run_id, {
+        "env_id": env_id, "env_version": env_version, "seed": seed, "config_hash": "",
+        "agents": [{"agent_id": a, "observation_space": space_record(env.observation_space(a)),
+                    "action_space": space_record(env.action_space(a))} for a in env.possible_agents],
+        "state_space": space_record(state_space)})
+
+
+class KafkaTransport:
+    """Events through the broker; batches are read back by offsets [start, end) per partition."""
+
+    def __init__(self, bootstrap: str, prefix: str = ""):
+        self.bootstrap, self.prefix = bootstrap, prefix
+        self.sink = EventProducer(bootstrap, prefix=prefix)
+
+    def mark(self) -> dict[tuple[str, int], int]:
+        return watermarks(self.bootstrap, RUN_TOPICS, self.prefix)
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+    def read(self, start, end):
+        return read_records(self.bootstrap, RUN_TOPICS, prefix=self.prefix, start_offsets=start, end_offsets=end)
+
+
+class MemoryTransport:
+    """The same sealed events kept in memory; offsets are positions per topic (partition 0)."""
+
+    def __init__(self):
+        self.sink = MemorySink()
+
+    def mark(self) -> int:
+        return len(self.sink.sent)
+
+    def flush(self) -> None:
+        pass
+
+    def read(self, start: int, end: int):
+        before = records_from_memory(self.sink.sent[:start])
+        base: dict[str, int] = {}
+        for r in before:
+            base[r.topic] = r.offset + 1
+        out = []
+        for r in records_from_memory(self.sink.sent[start:end]):
+            out.append(r._replace(offset=r.offset + base.get(r.topic, 0)))
+        return out
+
+
+@dataclass
+class OnlineResult:
+    learner: Any
+    run_id: str
+    curve: list[dict] = field(default_factory=list)   # per update: env_steps, episodic_return, losses, ...
+    update_hashes: list[bytes] = field(default_factory=list)
+    replays: list[Replay] = field(default_factory=list)
+
+
+def train_online(env: Any, env_id: str, env_version: str, algo: str, *, transport, iterations: int,
+                 seed: int = 1, run_id: str | None = None, config: Any = None, signer=None, public_key=None,
+                 learner: Any = None, episodes_per_update: int | None = None, keep_replays: bool = False,
+                 time_budget_s: float | None = None, on_update: Callable[[dict], None] | None = None) -> OnlineResult:
+    """Run ``iterations`` of {act with the current policy -> events -> read back -> update}."""
+    run_id = run_id or f"{env_id}__{algo}__{seed}__{int(time.time())}-{uuid.uuid4().hex[:6]}"
+    a = algorithm(algo)
+    if learner is None:
+        spec = spec_from_env(env, run_id, env_id, env_version, seed)
+        learner = a.learner_cls(spec, config or a.config_cls(seed=seed))
+    E = episodes_per_update or learner.config.episodes_per_update
+    log = EventLog(transport.sink, run_id=run_id, producer_id="harness", signer=signer)
+    learner_log = EventLog(transport.sink, run_id=run_id, producer_id=f"learner-{algo}", signer=signer)
+    reader = RunReader(run_id, public_key=public_key)
+    result = OnlineResult(learner, run_id)
+    t0 = time.monotonic()
+    for it in range(iterations):
+        start = transport.mark()
+        run_episodes(env, learner, log, episodes=E, seed=seed * 1_000_003 + it * E, env_id=env_id,
+                     env_version=env_version, config={"algorithm": algo, "iteration": it})
+        transport.flush()
+        end = transport.mark()
+        replay = reader.add(transport.read(start, end))
+        if replay.spec.agents != learner.spec.agents or replay.spec.action_spaces != learner.spec.action_spaces:
+            raise RuntimeError(f"run {run_id}: run.started's agents/spaces differ from the env the policy was built for")
+        parent = learner.version
+        out = learner.update(replay)
+        ev = emit_policy_update(learner_log, learner, out, replay, parent_version=parent)
+        transport.flush()
+        result.update_hashes.append(ev.event_hash)
+        if keep_replays:
+            result.replays.append(replay)
+        row = {"iteration": it, "env_steps": learner.env_steps, "episodes": learner.episodes,
+               "charts/episodic_return": out["charts/episodic_return"], "optimizer_steps": learner.optimizer_steps,
+               "seconds": round(time.monotonic() - t0, 2), **out["losses"]}
+        result.curve.append(row)
+        if on_update:
+            on_update(row)
+        if time_budget_s is not None and time.monotonic() - t0 > time_budget_s:
+            break
+    log.close()
+    learner_log.close()
+    return result
+
+
+def evaluate(env: Any, policy: Any, episodes: int, seed: int) -> float:
+    """Mean team return (all agents' rewards summed over an episode) of ``policy`` without events."""
+    total = 0.0
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        while env.agents:
+            acts = policy.act({a: obs[a] for a in env.agents if a in obs})
+            obs, rew, _, _, _ = env.step({a: x[0] for a, x in acts.items()})
+            total += sum(rew.values())
+    return total / episodes
+
+
+def parse_overrides(config_cls, items: list[str]) -> dict:
+    """``["update_epochs=10", ...]`` -> typed values of the config's fields."""
+    from dataclasses import fields
+
+    types = {f.name: f.default for f in fields(config_cls)}
+    out = {}
+    for item in items:
+        k, _, v = item.partition("=")
+        if k not in types:
+            raise SystemExit(f"--set {item}: {config_cls.__name__} has no field {k!r}; fields: {sorted(types)}")
+        d = types[k]
+        out[k] = (v.lower() in ("1", "true", "yes")) if isinstance(d, bool) else \
+            tuple(int(x) for x in v.split(",")) if isinstance(d, tuple) else type(d)(v)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="On-policy training through the event log; writes a learning curve.")
+    p.add_argument("--env", default="simple_spread_v3")
+    p.add_argument("--algo", default="mappo", choices=["mappo", "ippo", "dqn"])
+    p.add_argument("--continuous", action="store_true")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--minutes", type=float, default=30.0)
+    p.add_argument("--iterations", type=int, default=10**9)
+    p.add_argument("--bootstrap", default=None, help="Kafka bootstrap; without it events stay in memory")
+    p.add_argument("--prefix", default="")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field, e.g. --set update_epochs=10")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    a = algorithm(args.algo)
+    config = a.config_cls(seed=args.seed, **parse_overrides(a.config_cls, args.set))
+    env, env_id, ver = make_env(args.env, continuous=args.continuous)
+    transport = KafkaTransport(args.bootstrap, args.prefix) if args.bootstrap else MemoryTransport()
+    from producers.policies import RandomPolicy
+
+    random_return = evaluate(env, RandomPolicy(env, seed=args.seed), 100, seed=10_000)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+
+    def dump(row: dict) -> None:
+        rows.append(row)
+        if isinstance(transport, MemoryTransport):
+            transport.sink.sent.clear()  # the reader keeps what it needs; free the bytes already read
+        args.out.write_text(json.dumps({"env": args.env, "algo": args.algo, "seed": args.seed,
+                                        "transport": "kafka" if args.bootstrap else "memory",
+                                        "random_return": random_return, "curve": rows}, indent=1))
+        print(json.dumps(row), flush=True)
+
+    res = train_online(env, env_id, ver, args.algo, transport=_ClearingTransport(transport), iterations=args.iterations,
+                       seed=args.seed, config=config, time_budget_s=args.minutes * 60, on_update=dump)
+    final = evaluate(env, res.learner, 100, seed=10_000)
+    args.out.write_text(json.dumps({"env": args.env, "algo": args.algo, "seed": args.seed,
+                                    "transport": "kafka" if args.bootstrap else "memory",
+                                    "config": asdict(config), "random_return": random_return,
+                                    "final_eval_return": final, "curve": rows},
+                                   indent=1))
+    print(f"random {random_return:.2f} -> trained {final:.2f} (mean team return over 100 episodes)")
+
+
+class _ClearingTransport:
+    """Memory transport whose offsets keep growing while read bytes are dropped (long runs)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.sink = inner.sink
+        self._base = 0
+        self._offsets: dict[str, int] = {}
+
+    def mark(self):
+        if not isinstance(self.inner, MemoryTransport):
+            return self.inner.mark()
+        return len(self.sink.sent)
+
+    def flush(self):
+        self.inner.flush()
+
+    def read(self, start, end):
+        if not isinstance(self.inner, MemoryTransport):
+            return self.inner.read(start, end)
+        out = []
+        for r in records_from_memory(self.sink.sent[start:end]):
+            o = self._offsets.get(r.topic, 0)
+            self._offsets[r.topic] = o + 1
+            out.append(r._replace(offset=o))
+        return out
+
+
+if __name__ == "__main__":
+    main()

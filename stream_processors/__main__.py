@@ -1,0 +1,26 @@
+"""``python -m stream_processors --bootstrap HOST:PORT [--prefix P] [--name N] [--metrics-port PORT]``:
+the live worker, for supervisors and tests (``marlgrc process`` is the same with the CLI's settings)."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from .worker import WorkerConfig, serve
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m stream_processors")
+    ap.add_argument("--bootstrap", required=True)
+    ap.add_argument("--prefix", default="")
+    ap.add_argument("--name", default="di")
+    ap.add_argument("--batch", type=int, default=2000)
+    ap.add_argument("--default-env", default="passthrough")
+    ap.add_argument("--metrics-port", type=int, default=None)
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    serve(WorkerConfig(a.bootstrap, a.prefix, a.name, a.batch, default_env=a.default_env,
+                       metrics_port=a.metrics_port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""The processor's state machine: input records in, sealed output events out, deterministically.
+
+It joins each ``joint.action`` with the ``env.state`` it names, picks the run's rule set from
+``run.started``, applies the pure rules (``rules.py``) and fairness metrics (``fairness.py``), and
+seals the results onto the run's ``{run}:credit`` and ``{run}:fairness`` chains. Bad input becomes a
+``dead.letter`` event on ``dlq:{consumer}``. All rolling state (chain heads, the normalizer, pending
+joins, fairness tallies) snapshots to bytes per run, so a worker can commit it in the same Kafka
+transaction as its outputs and input offsets (DESIGN.md "hash contract").
+
+Determinism: for one run, credit events come out in the order of the run's joint.action chain,
+whatever the interleaving of the input topics, because a joint action waits (in ``pending``) until
+its state and the run's ``run.started`` have been seen. The live worker and ``marlgrc reprocess``
+both drive this class, so the same input and rule version give the same payloads.
+"""
+from __future__ import annotations
+
+import base64
+import json
+from collections import deque
+from dataclasses import dataclass, field
+from hashlib import sha256
+from typing import Callable, Iterable
+
+from eventlog.chain import ChainHead, ChainWriter, Event, now_micros
+from eventlog.codec import Codec, DecodeError, default_codec
+
+from . import fairness as fair
+from .rules import InvalidDecision, Normalizer, RuleSet, decision_from_records, rules_for
+
+INPUT_TOPICS = ("marl.run.lifecycle", "marl.env.state", "marl.joint.action")
+EXPECTED = {"marl.run.lifecycle": ("run_started", "run_finished"), "marl.env.state": ("env_state",),
+            "marl.joint.action": ("joint_action",)}
+DLQ_TOPIC = "marl.dlq"
+
+
+@dataclass
+class RunState:
+    run_id: str
+    env_id: str | None = None
+    config_json: str = ""
+    rules_env: str | None = None          # fixed at the run's first credit
+    norm: Normalizer = field(default_factory=Normalizer)
+    credit_head: ChainHead = field(default_factory=ChainHead)
+    fairness_head: ChainHead = field(default_factory=ChainHead)
+    pending: deque = field(default_factory=deque)       # joint actions waiting for a state / run.started
+    states: dict = field(default_factory=dict)          # state hash hex -> [state, flags], insertion order
+    episode: int | None = None
+    ep_tally: fair.Tally = field(default_factory=fair.Tally)
+    ep_hashes: list = field(default_factory=list)       # [first, last] credit hash hex of the episode
+    window: deque = field(default_factory=deque)        # [outcome json, credit hash hex]
+    credits: int = 0
+
+    def to_json(self) -> dict:
+        return {
+            "run_id": self.run_id, "env_id": self.env_id, "config_json": self.config_json,
+            "rules_env": self.rules_env, "norm": [self.norm.count, self.norm.mean, self.norm.m2],
+            "credit_head": [self.credit_head.seq, self.credit_head.event_hash.hex()],
+            "fairness_head": [self.fairness_head.seq, self.fairness_head.event_hash.hex()],
+            "pending": list(self.pending), "states": self.states, "episode": self.episode,
+            "ep_tally": self.ep_tally.to_json(), "ep_hashes": self.ep_hashes, "window": list(self.window),
+            "credits": self.credits,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RunState":
+        return cls(
+            d["run_id"], d["env_id"], d["config_json"], d["rules_env"], Normalizer(*d["norm"]),
+            ChainHead(d["credit_head"][0], bytes.fromhex(d["credit_head"][1])),
+            ChainHead(d["fairness_head"][0], bytes.fromhex(d["fairness_head"][1])),
+            deque(d["pending"]), dict(d["states"]), d["episode"], fair.Tally.from_json(d["ep_tally"]),
+            list(d["ep_hashes"]), deque(d["window"]), d["credits"])
+
+
+def _outcome_json(credit_payload: dict, acted: list[str]) -> list:
+    return [[[s["agent_id"], s["credit"]] for s in credit_payload["shares"]], acted,
+            sorted({p["agent_id"] for p in credit_payload["penalties"]}), credit_payload["global_reward"]]
+
+
+def _outcome(j: list) -> fair.StepOutcome:
+    return fair.StepOutcome(tuple((a, c) for a, c in j[0]), tuple(j[1]), tuple(j[2]), j[3])
+
+
+class Processor:
+    """Feed it input records; it returns the events to produce (already sealed, in order).
+
+    ``rules_override`` applies one rule set to every run (reprocessing with new rules) instead of
+    choosing by the run's env id; ``default_env`` is the rule set for envs without their own and
+    for runs whose run.started has not arrived after ``max_pending`` joint actions.
+    """
+
+    def __init__(self, *, consumer: str = "marlgrc-di", producer_id: str = "marlgrc-di",
+                 default_env: str = "passthrough", rules_override: str | None = None,
+                 window: int = 100, hop: int = 25, max_pending: int = 1000, max_states: int = 4096,
+                 credit_stream: str = "credit", fairness_stream: str = "fairness",
+                 codec: Codec | None = None, clock: Callable[[], int] = now_micros):
+        self.consumer = consumer
+        self.producer_id = producer_id
+        self.default_env = default_env
+        self.rules_override = rules_override
+        self.window, self.hop = window, hop
+        self.max_pending, self.max_states = max_pending, max_states
+        self.credit_stream, self.fairness_stream = credit_stream, fairness_stream
+        self.codec = codec or default_codec()
+        self.clock = clock
+        self.runs: dict[str, RunState] = {}
+        self.dlq_head = ChainHead()
+        self.dirty: set[str] = set()
+        self._writers: dict[tuple[str, str], ChainWriter] = {}
+        self._rules: dict[str, RuleSet] = {}
+        rules_for(rules_override or default_env)  # fail fast on an unknown name
+
+    # -- state -----------------------------------------------------------------------------
+
+    def snapshot(self, run_id: str) -> bytes:
+        return json.dumps(self.runs[run_id].to_json(), separators=(",", ":")).encode()
+
+    def restore(self, run_id: str, data: bytes) -> None:
+        self.runs[run_id] = RunState.from_json(json.loads(data))
+        self._writers = {k: w for k, w in self._writers.items() if not k[1].startswith(f"{run_id}:")}
+
+    def snapshot_dlq(self) -> bytes:
+        return json.dumps([self.dlq_head.seq, self.dlq_head.event_hash.hex()]).encode()
+
+    def restore_dlq(self, data: bytes) -> None:
+        seq, h = json.loads(data)
+        self.dlq_head = ChainHead(seq, bytes.fromhex(h))
+        self._writers.pop((DLQ_TOPIC, self.dlq_chain), None)
+
+    def take_dirty(self) -> set[str]:
+        d, self.dirty = self.dirty, set()
+        return d
+
+    @property
+    def dlq_chain(self) -> str:
+        return f"dlq:{self.consumer}"
+
+    def _run(self, run_id: str) -> RunState:
+        r = self.runs.get(run_id)
+        if r is None:
+            r = self.runs[run_id] = RunState(run_id)
+        self.dirty.add(run_id)
+        return r
+
+    def _writer(self, topic: str, chain_id: str, run_id: str, head: ChainHead) -> ChainWriter:
+        w = self._writers.get((topic, chain_id))
+        if w is None or w.head != head:
+            w = ChainWriter(topic, chain_id, run_id, self.producer_id, head=head, codec=self.codec, clock=self.clock)
+            self._writers[(topic, chain_id)] = w
+        return w
+
+    # -- input -----------------------------------------------------------------------------
+
+    def feed(self, topic: str, partition: int, offset: int, key: bytes | str | None, value: bytes | None
+             ) -> list[Event]:
+        """Process one input record (logical topic name). Never raises on bad input: it becomes a
+        dead letter."""
+        raw_key = key.encode() if isinstance(key, str) else (key or b"")
+        if value is None:
+            return [self._dead(topic, partition, offset, raw_key, b"", "empty", "record has no value (tombstone?)")]
+        try:
+            name, rec = self.codec.decode(value)
+        except DecodeError as exc:
+            return [self._dead(topic, partition, offset, raw_key, value, exc.kind, str(exc))]
+        if sha256(memoryview(value)[:-32]).digest() != value[-32:]:
+            return [self._dead(topic, partition, offset, raw_key, value, "integrity",
+                               f"{name} event_hash does not match SHA-256 of its bytes: edited in transit")]
+        if name not in EXPECTED.get(topic, ()):
+            return [self._dead(topic, partition, offset, raw_key, value, "wrong_schema",
+                               f"a {name} event on {topic}, which carries {EXPECTED.get(topic)}")]
+        try:
+            if name == "run_started":
+                r = self._run(rec["run_id"])
+                r.env_id, r.config_json = rec["env_id"], rec["config_json"]
+                return self._drain(r)
+            if name == "env_state":
+                r = self._run(rec["run_id"])
+                r.states[bytes(value[-32:]).hex()] = [list(rec["state"]), list(rec["flags"])]
+                while len(r.states) > self.max_states:  # a state no joint action named
+                    r.states.pop(next(iter(r.states)))
+                return self._drain(r)
+            if name == "joint_action":
+                decision_from_records(rec, None)  # validate now, so a bad action never blocks the run
+                if not rec["source_event_hashes"]:
+                    raise InvalidDecision("joint.action names no source events (it must name its env.state)")
+                r = self._run(rec["run_id"])
+                r.pending.append({
+                    "hash": bytes(value[-32:]).hex(), "sources": [bytes(h).hex() for h in rec["source_event_hashes"]],
+                    "policy_version": rec["policy_version"], "episode": rec["episode"], "step": rec["step"],
+                    "actions": [{k: (list(v) if k == "continuous" else v) for k, v in a.items()} for a in rec["actions"]],
+                    "where": [topic, partition, offset], "key": raw_key.decode("utf-8", "replace"),
+                    "value": base64.b64encode(value).decode()})
+                return self._drain(r)
+            return []  # run.finished: nothing to derive
+        except (InvalidDecision, KeyError, TypeError, ValueError) as exc:
+            return [self._dead(topic, partition, offset, raw_key, value, "invalid", f"{name}: {exc}")]
+
+    def _rules_for(self, r: RunState) -> RuleSet:
+        env = r.rules_env
+        rs = self._rules.get(r.run_id)
+        if rs is None:
+            rs = self._rules[r.run_id] = rules_for(env, r.config_json, self.default_env)
+        return rs
+
+    def _drain(self, r: RunState) -> list[Event]:
+        out: list[Event] = []
+        while r.pending:
+            ja = r.pending[0]
+            over = len(r.pending) > self.max_pending
+            if r.rules_env is None:
+                if self.rules_override:
+                    r.rules_env = self.rules_override
+                elif r.env_id is not None:
+                    r.rules_env = r.env_id
+                elif over:
+                    r.rules_env = self.default_env
+                else:
+                    break
+            state_hash = next((h for h in ja["sources"] if h in r.states), None)
+            if state_hash is None:
+                if not over:
+                    break
+                r.pending.popleft()
+                t, p, o = ja["where"]
+                out.append(self._dead(t, p, o, ja["key"].encode(), base64.b64decode(ja["value"]), "unjoinable",
+                                      f"joint.action {ja['hash']} (episode {ja['episode']} step {ja['step']}): none of "
+                                      f"its source events is an env.state seen within {self.max_pending} later "
+                                      f"joint actions; check the producer wrote marl.env.state"))
+                continue
+            r.pending.popleft()
+            st, flags = r.states.pop(state_hash)
+            try:
+                out.extend(self._credit(r, ja, state_hash, {"state": st, "flags": flags}))
+            except InvalidDecision as exc:
+                t, p, o = ja["where"]
+                out.append(self._dead(t, p, o, ja["key"].encode(), base64.b64decode(ja["value"]), "invalid",
+                                      f"joint.action {ja['hash']}: {exc}"))
+        return out
+
+    def _credit(self, r: RunState, ja: dict, state_hash: str, state: dict) -> list[Event]:
+        rules = self._rules_for(r)
+        decision = decision_from_records(ja, state)
+        credit, norm = rules.interpret(decision, r.norm)
+        r.norm = norm
+        jah = bytes.fromhex(ja["hash"])
+        payload = credit.payload(decision.episode, decision.step, jah)
+        w = self._writer("marl.di.credit", f"{r.run_id}:{self.credit_stream}", r.run_id, r.credit_head)
+        ev = w.append("di.credit", payload, policy_version=ja["policy_version"], rule_version=rules.version,
+                      source_event_hashes=[jah, bytes.fromhex(state_hash)])
+        r.credit_head = w.head
+        r.credits += 1
+        out = [ev]
+        acted = [a.agent_id for a in decision.actions if a.discrete > 0 or any(a.continuous)]
+        oj = _outcome_json(payload, acted)
+        # fairness: an episode closes on all-done, or when the next episode's first action arrives
+        if r.episode is not None and decision.episode != r.episode and r.ep_tally.steps:
+            out.append(self._episode_metrics(r, rules.version))
+        r.episode = decision.episode
+        r.ep_tally.add(_outcome(oj))
+        h = ev.event_hash.hex()
+        r.ep_hashes = [r.ep_hashes[0] if r.ep_hashes else h, h]
+        r.window.append([oj, h])
+        while len(r.window) > self.window:
+            r.window.popleft()
+        if r.credits % self.hop == 0 and len(r.window) == self.window:
+            out.append(self._window_metrics(r, rules.version))
+        if decision.episode_over:
+            out.append(self._episode_metrics(r, rules.version))
+        return out
+
+    def _fairness_event(self, r: RunState, rule_version: str, payload: dict, sources: Iterable[str]) -> Event:
+        w = self._writer("marl.fairness.metrics", f"{r.run_id}:{self.fairness_stream}", r.run_id, r.fairness_head)
+        ev = w.append("fairness.metrics", payload, rule_version=f"{rule_version};{fair.VERSION}",
+                      source_event_hashes=[bytes.fromhex(h) for h in sources])
+        r.fairness_head = w.head
+        return ev
+
+    def _episode_metrics(self, r: RunState, rule_version: str) -> Event:
+        metrics, agent_metrics = r.ep_tally.metrics()
+        end = r.credits - 1
+        payload = {"episode": r.episode, "window": "episode", "window_start": end - r.ep_tally.steps + 1,
+                   "window_end": end, "metrics": metrics, "agent_metrics": agent_metrics}
+        ev = self._fairness_event(r, rule_version, payload, r.ep_hashes)
+        r.ep_tally, r.ep_hashes = fair.Tally(), []
+        return ev
+
+    def _window_metrics(self, r: RunState, rule_version: str) -> Event:
+        metrics, agent_metrics = fair.window_metrics([_outcome(o) for o, _ in r.window])
+        payload = {"episode": r.episode, "window": "sliding", "window_start": r.credits - len(r.window),
+                   "window_end": r.credits - 1, "metrics": metrics, "agent_metrics": agent_metrics}
+        return self._fairness_event(r, rule_version, payload, [r.window[0][1], r.window[-1][1]])
+
+    def _dead(self, topic: str, partition: int, offset: int, key: bytes, value: bytes, kind: str, reason: str
+              ) -> Event:
+        w = self._writer(DLQ_TOPIC, self.dlq_chain, "", self.dlq_head)
+        ev = w.append("dead.letter", {
+            "source_topic": topic, "source_partition": partition, "source_offset": offset, "source_key": key,
+            "error_kind": kind, "reason": reason, "consumer": self.consumer, "payload": value,
+            "payload_sha256": sha256(value).digest()})
+        self.dlq_head = w.head
+        self.dirty.add("")
+        return ev

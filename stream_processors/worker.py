@@ -1,0 +1,252 @@
+"""The live processor: a transactional consume -> transform -> produce loop (confluent-kafka).
+
+Per batch, in ONE Kafka transaction: the sealed output events (di.credit, fairness.metrics,
+dead letters), the processor's rolling state for every run the batch touched (chain heads,
+normalizer, pending joins, fairness tallies) on the compacted ``marl.processor.state`` topic,
+the input offsets (in the state and, for lag monitoring, as the group's committed offsets).
+A crash or SIGKILL aborts the open transaction (the restarted worker's ``init_transactions``
+fences and aborts it); the restarted worker restores state and offsets from the state topic,
+read_committed, and redoes the batch: no hole, no fork, no duplicate (DESIGN.md "hash contract").
+
+Why not faust's ``exactly_once`` (docs/PROCESSORS.md): faust-streaming 0.15.3 puts each output
+into the transaction of its *destination* partition (``TransactionManager.send``) but commits
+offsets in the transaction of their *source* partition (``TransactionManager.commit``), and
+commits between an agent's sends; a join of two topics keyed differently (``{run}:actions`` and
+``{run}:env``) therefore cannot be atomic there.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from eventlog.kafka import partitions_of, read_records
+from eventlog.topics import physical
+
+from .processor import INPUT_TOPICS, Processor
+
+log = logging.getLogger("marlgrc.processor")
+
+STATE_TOPIC = "marl.processor.state"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    bootstrap: str
+    prefix: str = ""
+    name: str = "di"
+    """Worker identity: transactional id, consumer group, dlq chain and state keys derive from it."""
+    batch: int = 2000
+    """At most this many input records per transaction."""
+    poll_timeout: float = 0.1
+    default_env: str = "passthrough"
+    metrics_port: int | None = None
+    """Prometheus HTTP port; None for no endpoint."""
+
+    @property
+    def transactional_id(self) -> str:
+        return f"marlgrc-{self.prefix}{self.name}"
+
+    @property
+    def group_id(self) -> str:
+        return f"{self.prefix}marlgrc-{self.name}"
+
+
+class Metrics:
+    """Prometheus metrics of one worker, in a registry of its own."""
+
+    def __init__(self, port: int | None):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+        self.registry = CollectorRegistry()
+        self.events_in = Counter("marlgrc_processor_events_in", "input records", ["topic"], registry=self.registry)
+        self.events_out = Counter("marlgrc_processor_events_out", "events produced", ["topic"], registry=self.registry)
+        self.dead = Counter("marlgrc_processor_dead_letters", "dead letters", ["error_kind"], registry=self.registry)
+        self.lag = Gauge("marlgrc_processor_consumer_lag", "high watermark - position", ["topic", "partition"],
+                         registry=self.registry)
+        self.latency = Histogram("marlgrc_processor_latency_seconds", "per-record processing time within a batch",
+                                 registry=self.registry, buckets=(1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 1))
+        self.commit = Histogram("marlgrc_processor_commit_seconds", "transaction commit time",
+                                registry=self.registry)
+        self.age = Histogram("marlgrc_processor_event_age_seconds", "now - input record timestamp at output",
+                             registry=self.registry, buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 300))
+        if port is not None:
+            start_http_server(port, addr="127.0.0.1", registry=self.registry)
+
+
+def ensure_state_topic(bootstrap: str, prefix: str) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    name = physical(prefix, STATE_TOPIC)
+    if name in admin.list_topics(timeout=30).topics:
+        return
+    fut = admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1,
+                                        config={"cleanup.policy": "compact", "min.insync.replicas": "1"})])[name]
+    try:
+        fut.result()
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            raise RuntimeError(f"could not create the processor state topic {name}: {exc}") from None
+
+
+class Worker:
+    """One processor instance; one writer for its output chains (a second one with the same name
+    fences the first)."""
+
+    def __init__(self, config: WorkerConfig, processor: Processor | None = None, metrics: Metrics | None = None):
+        self.config = config
+        self.processor = processor or Processor(consumer=config.name, producer_id=f"marlgrc-{config.name}",
+                                                default_env=config.default_env)
+        self.metrics = metrics or Metrics(config.metrics_port)
+        self.offsets: dict[tuple[str, int], int] = {}  # (logical topic, partition) -> next offset
+        self._stop = False
+        self.committed_batches = 0
+        self.produced = 0
+
+    def stop(self, *_: object) -> None:
+        self._stop = True
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _key(self, what: str) -> str:
+        return f"{self.config.name}:{what}"
+
+    def restore(self) -> None:
+        """Rebuild the processor state and input offsets from the committed state topic."""
+        c = self.config
+        ensure_state_topic(c.bootstrap, c.prefix)
+        latest: dict[str, bytes] = {}
+        for r in read_records(c.bootstrap, [STATE_TOPIC], prefix=c.prefix):
+            if r.key.startswith(self._key("")):
+                latest[r.key] = r.value
+        for k, v in latest.items():
+            what = k[len(self._key("")):]
+            if what == "offsets":
+                self.offsets = {(t, int(p)): o for t, p, o in json.loads(v)}
+            elif what == "dlq":
+                self.processor.restore_dlq(v)
+            elif what.startswith("run:"):
+                self.processor.restore(what[4:], v)
+        log.info("restored %d runs and %d offsets", len(self.processor.runs), len(self.offsets))
+
+    # -- loop -------------------------------------------------------------------------------
+
+    def run(self, *, until: Callable[["Worker"], bool] | None = None) -> None:
+        c = self.config
+        self.restore()
+        producer = Producer({
+            "bootstrap.servers": c.bootstrap, "transactional.id": c.transactional_id, "enable.idempotence": True,
+            "acks": "all", "linger.ms": 5, "batch.num.messages": 10000, "queue.buffering.max.messages": 1_000_000,
+            "transaction.timeout.ms": 60000,
+        })
+        producer.init_transactions(60)  # fences a previous instance and aborts its open transaction
+        consumer = Consumer({
+            "bootstrap.servers": c.bootstrap, "group.id": c.group_id, "enable.auto.commit": False,
+            "isolation.level": "read_committed", "auto.offset.reset": "earliest",
+            "fetch.max.bytes": 52428800, "queued.min.messages": 100000,
+        })
+        tps = partitions_of(c.bootstrap, INPUT_TOPICS, c.prefix)
+        plen = len(c.prefix)
+        consumer.assign([TopicPartition(tp.topic, tp.partition,
+                                        self.offsets.get((tp.topic[plen:], tp.partition), OFFSET_BEGINNING))
+                         for tp in tps])
+        m = self.metrics
+        last_lag = 0.0
+        try:
+            while not self._stop and not (until and until(self)):
+                msgs = consumer.consume(c.batch, c.poll_timeout)
+                now = time.monotonic()
+                if now - last_lag > 5:
+                    self._update_lag(consumer, tps)
+                    last_lag = now
+                msgs = [x for x in msgs if x.error() is None or self._check(x)]
+                if not msgs:
+                    continue
+                self._transaction(producer, consumer, msgs)
+        finally:
+            consumer.close()
+            producer.flush(10)
+
+    @staticmethod
+    def _check(msg) -> bool:
+        if msg.error().code() == KafkaError._PARTITION_EOF:
+            return False
+        raise KafkaException(msg.error())
+
+    def _transaction(self, producer: Producer, consumer: Consumer, msgs: list) -> None:
+        c, p, m = self.config, self.processor, self.metrics
+        plen, prefix = len(c.prefix), c.prefix
+        producer.begin_transaction()
+        t0 = time.perf_counter()
+        n_out = 0
+        for msg in msgs:
+            topic = msg.topic()[plen:]
+            outs = p.feed(topic, msg.partition(), msg.offset(), msg.key(), msg.value())
+            self.offsets[(topic, msg.partition())] = msg.offset() + 1
+            m.events_in.labels(topic).inc()
+            for ev in outs:
+                self._produce(producer, prefix + ev.topic, ev.chain_id, ev.value)
+                m.events_out.labels(ev.topic).inc()
+                if ev.topic == "marl.dlq":
+                    m.dead.labels(p.codec.decode(ev.value)[1]["error_kind"]).inc()
+            n_out += len(outs)
+        state_topic = prefix + STATE_TOPIC
+        for run_id in p.take_dirty():
+            if run_id == "":
+                self._produce(producer, state_topic, self._key("dlq"), p.snapshot_dlq())
+            else:
+                self._produce(producer, state_topic, self._key(f"run:{run_id}"), p.snapshot(run_id))
+        self._produce(producer, state_topic, self._key("offsets"),
+                      json.dumps([[t, pt, o] for (t, pt), o in sorted(self.offsets.items())]).encode())
+        elapsed = time.perf_counter() - t0
+        m.latency.observe(elapsed / len(msgs))
+        t1 = time.perf_counter()
+        producer.send_offsets_to_transaction(
+            [TopicPartition(prefix + t, pt, o) for (t, pt), o in self.offsets.items()],
+            consumer.consumer_group_metadata(), 30)
+        producer.commit_transaction(60)
+        m.commit.observe(time.perf_counter() - t1)
+        now_ms = time.time() * 1000
+        m.age.observe(max(0.0, (now_ms - msgs[-1].timestamp()[1]) / 1000))
+        self.committed_batches += 1
+        self.produced += n_out
+
+    @staticmethod
+    def _produce(producer: Producer, topic: str, key: str, value: bytes) -> None:
+        while True:
+            try:
+                producer.produce(topic, value, key)
+                return
+            except BufferError:
+                producer.poll(0.05)
+
+    def _update_lag(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
+        plen = len(self.config.prefix)
+        try:
+            for tp in tps:
+                _, hi = consumer.get_watermark_offsets(tp, timeout=2)
+                pos = self.offsets.get((tp.topic[plen:], tp.partition), 0)
+                self.metrics.lag.labels(tp.topic[plen:], str(tp.partition)).set(max(0, hi - pos))
+        except KafkaException as exc:  # lag is advisory; the loop goes on
+            log.warning("could not read watermarks for lag: %s", exc)
+
+
+def serve(config: WorkerConfig) -> None:
+    """Run a worker until SIGTERM/SIGINT; after a failed transaction, restore from the committed
+    state and go on (the failed batch is redone, never half-applied)."""
+    metrics = Metrics(config.metrics_port)
+    while True:
+        w = Worker(config, metrics=metrics)
+        signal.signal(signal.SIGTERM, w.stop)
+        signal.signal(signal.SIGINT, w.stop)
+        try:
+            w.run()
+            return
+        except KafkaException as exc:
+            log.error("transaction failed (%s); restoring from committed state and retrying", exc)
+            time.sleep(1)
