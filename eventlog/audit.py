@@ -14,7 +14,7 @@ from .bundle import read_bundle
 from .checkpoint import CheckpointStatement, signature_valid
 from .codec import default_codec
 from .hashing import seq_and_chain
-from .kafka import Record, read_records
+from .kafka import Record, message_batches, read_records
 from .merkle import inclusion_proof, verify_inclusion
 from .verify import CHECKPOINT_TOPIC, Report, TrustedState, Verifier
 
@@ -47,7 +47,14 @@ def verify_kafka(bootstrap: str, *, prefix: str = "", run_id: str | None = None,
     against the signed checkpoints on marl.audit.checkpoints."""
     v = Verifier(public_key, trusted)
     v.add_checkpoints(_of_run(read_records(bootstrap, [CHECKPOINT_TOPIC], prefix=prefix), run_id))
-    v.feed(_counted(_of_run(read_records(bootstrap, list(topics), prefix=prefix), run_id), progress))
+    if run_id is not None:
+        v.feed(_counted(_of_run(read_records(bootstrap, list(topics), prefix=prefix), run_id), progress))
+    else:  # whole topics: the Kafka fast path, no Record per message
+        for msgs in message_batches(bootstrap, list(topics), prefix=prefix):
+            v.feed_messages(msgs, prefix)
+            if progress is not None:
+                progress(len(msgs))
+        v.flush_messages(prefix)
     return v.finish(), v
 
 

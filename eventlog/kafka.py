@@ -184,16 +184,16 @@ def partitions_of(bootstrap: str, topics: Iterable[str], prefix: str = "", timeo
     return out
 
 
-def read_records(bootstrap: str, topics: Iterable[str], *, prefix: str = "",
-                 start_offsets: dict[tuple[str, int], int] | None = None,
-                 start_timestamp_ms: int | None = None,
-                 end_offsets: dict[tuple[str, int], int] | None = None,
-                 batch: int = 10000, timeout: float = 30.0) -> Iterator[Record]:
-    """Replay topics from the beginning (default), from given offsets, or from a timestamp, up to
-    the end offsets seen when reading starts (or the given ``end_offsets``, exclusive).
-
-    Records come per partition in offset order; partitions are interleaved. Keys are chain ids.
-    """
+def message_batches(bootstrap: str, topics: Iterable[str], *, prefix: str = "",
+                    start_offsets: dict[tuple[str, int], int] | None = None,
+                    start_timestamp_ms: int | None = None,
+                    end_offsets: dict[tuple[str, int], int] | None = None,
+                    batch: int = 10000, timeout: float = 30.0,
+                    ends_out: dict | None = None) -> Iterator[list]:
+    """Batches of confluent-kafka Messages from the start (beginning, offsets or a timestamp) until
+    every partition's position reaches the end offset seen at the start (or ``end_offsets``).
+    A batch may hold messages past a partition's end (written since); ``read_records`` drops them.
+    ``ends_out``, if given, receives {(physical topic, partition): end offset}."""
     consumer = _consumer(bootstrap)
     try:
         tps = partitions_of(bootstrap, topics, prefix)
@@ -216,39 +216,55 @@ def read_records(bootstrap: str, topics: Iterable[str], *, prefix: str = "",
             if start < end:
                 ends[(tp.topic, tp.partition)] = end
                 assign.append(TopicPartition(tp.topic, tp.partition, off))
+        if ends_out is not None:
+            ends_out.update(ends)
         if not assign:
             return
         consumer.assign(assign)
         open_parts = dict(ends)
-        plen = len(prefix)
         idle_since = time.monotonic()
         while open_parts:
             msgs = consumer.consume(batch, 1.0)
-            if not msgs:
-                # read_committed: control markers and aborted records take offsets we never see
-                for tp in consumer.position([TopicPartition(t, p) for (t, p) in open_parts]):
-                    if tp.offset >= open_parts[(tp.topic, tp.partition)]:
-                        del open_parts[(tp.topic, tp.partition)]
-                if time.monotonic() - idle_since > timeout and open_parts:
-                    raise BrokerUnavailable(f"no data from {bootstrap} for {timeout:.0f}s while reading "
-                                            f"{sorted(open_parts)}; is the broker up (`marlgrc status`)?")
-                continue
-            idle_since = time.monotonic()
-            for m in msgs:
-                if m.error() is not None:
-                    if m.error().code() == KafkaError._PARTITION_EOF:
-                        continue
-                    raise KafkaException(m.error())
-                t, p, o = m.topic(), m.partition(), m.offset()
-                end = open_parts.get((t, p))
-                if end is None or o >= end:
-                    continue
-                k = m.key()
-                yield Record(t[plen:], p, o, k.decode() if k is not None else "", m.value(), m.timestamp()[1])
-                if o + 1 >= end:
-                    del open_parts[(t, p)]
+            if msgs:
+                idle_since = time.monotonic()
+                yield msgs
+            elif time.monotonic() - idle_since > timeout:
+                raise BrokerUnavailable(f"no data from {bootstrap} for {timeout:.0f}s while reading "
+                                        f"{sorted(open_parts)}; is the broker up (`marlgrc status`)?")
+            # read_committed: control markers and aborted records take offsets we never see, so the
+            # consumer's position, not the last offset received, says when a partition is done
+            for tp in consumer.position([TopicPartition(t, p) for (t, p) in open_parts]):
+                if tp.offset >= open_parts[(tp.topic, tp.partition)]:
+                    del open_parts[(tp.topic, tp.partition)]
     finally:
         consumer.close()
+
+
+def read_records(bootstrap: str, topics: Iterable[str], *, prefix: str = "",
+                 start_offsets: dict[tuple[str, int], int] | None = None,
+                 start_timestamp_ms: int | None = None,
+                 end_offsets: dict[tuple[str, int], int] | None = None,
+                 batch: int = 10000, timeout: float = 30.0) -> Iterator[Record]:
+    """Replay topics from the beginning (default), from given offsets, or from a timestamp, up to
+    the end offsets seen when reading starts (or the given ``end_offsets``, exclusive).
+
+    Records come per partition in offset order; partitions are interleaved. Keys are chain ids.
+    """
+    ends: dict[tuple[str, int], int] = {}
+    plen = len(prefix)
+    for msgs in message_batches(bootstrap, topics, prefix=prefix, start_offsets=start_offsets,
+                                start_timestamp_ms=start_timestamp_ms, end_offsets=end_offsets, batch=batch,
+                                timeout=timeout, ends_out=ends):
+        for m in msgs:
+            if m.error() is not None:
+                if m.error().code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise KafkaException(m.error())
+            t, p, o = m.topic(), m.partition(), m.offset()
+            if o >= ends.get((t, p), -1):
+                continue
+            k = m.key()
+            yield Record(t[plen:], p, o, k.decode() if k is not None else "", m.value(), m.timestamp()[1])
 
 
 def chain_head_from_topic(bootstrap: str, topic: str, chain_id: str, prefix: str = "") -> tuple[int, bytes]:

@@ -262,14 +262,15 @@ class FieldProtector:
 
     def __init__(self, keys: KeyProvider):
         self.keys = keys
-        self._cache: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+        self._cache: dict[tuple[str, str], tuple[AESGCM, bytes]] = {}
 
-    def _key(self, namespace: str, raw_id: str) -> tuple[bytes, bytes]:
+    def _key(self, namespace: str, raw_id: str) -> tuple[AESGCM, bytes]:
         hit = self._cache.get((namespace, raw_id))
         if hit is None:
             key = self.keys.subject_key(namespace, raw_id, create=True)
-            assert key is not None
-            hit = self._cache[(namespace, raw_id)] = (key, pseudonym(key, namespace, raw_id))
+            if key is None:
+                raise PrivacyError(f"the key provider gave no key for a subject in namespace {namespace!r}")
+            hit = self._cache[(namespace, raw_id)] = (AESGCM(key), pseudonym(key, namespace, raw_id))
         return hit
 
     def subject_ref(self, namespace: str, raw_id: str) -> bytes:
@@ -277,10 +278,12 @@ class FieldProtector:
 
     def protect(self, chain_id: str, seq: int, values: Iterable[ProtectedValue]) -> list[dict]:
         out = []
+        prefix = chain_id.encode() + b"\x00" + struct.pack(">Q", seq)
         for v in values:
-            key, ref = self._key(v.namespace, v.raw_id)
+            aead, ref = self._key(v.namespace, v.raw_id)
+            nonce = os.urandom(NONCE_LEN)
             out.append({"namespace": v.namespace, "field": v.field, "subject_ref": ref,
-                        "ciphertext": encrypt_field(key, chain_id, seq, v.field, v.plaintext)})
+                        "ciphertext": nonce + aead.encrypt(nonce, v.plaintext, prefix + v.field.encode())})
         return out
 
     def reveal(self, chain_id: str, seq: int, record: dict) -> bytes:

@@ -19,11 +19,11 @@ from .checkpoint import CheckpointStatement, key_id, signature_valid
 from .codec import DecodeError, ZERO_HASH, Codec, default_codec
 from .hashing import MIN_EVENT_LEN, PREV_END, PREV_START, seq_and_chain
 from .kafka import Record
-from .merkle import merkle_root
+from .fastpath import check_chain, merkle_root_from_leaves
 
 CHECKPOINT_TOPIC = "marl.audit.checkpoints"
 _LOOKAHEAD = 64      # records kept after a break to classify it
-_RECENT = 4096       # recent hashes kept per chain to recognise duplicates and forks
+_CHUNK = 2048        # records accepted per call of the fast path; the last two chunks classify a break
 
 
 class BreakKind(str, Enum):
@@ -121,13 +121,15 @@ class _Chain:
     last_partition: int = -1
     last_offset: int = -1
     count: int = 0
-    recent: list = field(default_factory=list)   # (hash, partition, offset) of seqs recent_base..
-    recent_base: int = 0
-    # checkpoint ranges still ahead, sorted; leaves of the one being built
+    # the last accepted chunks (first seq, records), to classify a break against recent events
+    tails: list = field(default_factory=list)
+    # checkpoint ranges, sorted; Merkle leaves of accepted events from seq leaves_base on
     checkpoints: list = field(default_factory=list)
     cp_index: int = 0
-    leaves: list = field(default_factory=list)
-    range_start: tuple = (0, 0, 0)
+    loc_index: int = 0
+    range_starts: dict = field(default_factory=dict)
+    leaves: bytearray = field(default_factory=bytearray)
+    leaves_base: int = 0
     checkpoints_verified: int = 0
     signed_through: int = -1
     trusted: tuple | None = None
@@ -152,6 +154,8 @@ class Verifier:
         self.codec = codec or default_codec()
         self._chains: dict[tuple[str, str], _Chain] = {}
         self._pending_cps: dict[tuple[str, str], list[tuple[CheckpointStatement, Record]]] = {}
+        self._mbufs: dict[tuple[str, bytes], list] = {}
+        self._mchain: dict[tuple[str, bytes], _Chain] = {}
         self.notes: list[str] = []
 
     # --- checkpoints -------------------------------------------------------------------------
@@ -214,64 +218,148 @@ class Verifier:
         self._install_checkpoints(st)
         return st
 
+    def resume(self, topic: str, chain_id: str, next_seq: int, last_hash: bytes) -> int:
+        """Continue a chain at ``next_seq`` linked to ``last_hash``, past a range removed with
+        evidence (the ledger's purge and erasure). Checkpoints overlapping the skipped seqs cannot be
+        recomputed; they are skipped, and their number returned. Requires next_seq >= the chain's."""
+        st = self._chains.get((topic, chain_id)) or self._new_chain(topic, chain_id)
+        if next_seq < st.next_seq:
+            raise ValueError(f"cannot resume {topic} {chain_id} at seq {next_seq}: already at {st.next_seq}")
+        st.next_seq, st.last_hash = next_seq, last_hash
+        skipped = 0
+        while st.cp_index < len(st.checkpoints) and st.checkpoints[st.cp_index].first_seq < next_seq:
+            st.cp_index += 1
+            skipped += 1
+        st.loc_index = max(st.loc_index, st.cp_index)
+        st.leaves = bytearray()
+        st.leaves_base = next_seq
+        st.tails = []
+        return skipped
+
+    def expects(self, topic: str, chain_id: str) -> tuple[int, bytes, bool]:
+        """(next seq, last hash, already broken) of a chain."""
+        st = self._chains.get((topic, chain_id))
+        if st is None:
+            return 0, ZERO_HASH, False
+        return st.next_seq, st.last_hash, st.broken is not None
+
     def feed(self, records: Iterable[Record]) -> None:
-        chains = self._chains
+        """Buffer records per chain and accept them in chunks through the fast path."""
+        bufs: dict[tuple[str, str], list[Record]] = {}
         for r in records:
             key = (r.topic, r.key)
-            st = chains.get(key)
-            if st is None:
-                st = self._new_chain(r.topic, r.key)
-            if st.broken is not None:
-                if st.suspect is not None and len(st.lookahead) < _LOOKAHEAD:
-                    st.lookahead.append(r)
-                continue
+            b = bufs.get(key)
+            if b is None:
+                b = bufs[key] = []
+                if key not in self._chains:
+                    self._new_chain(r.topic, r.key)
+            b.append(r)
+            if len(b) >= _CHUNK:
+                self._flush(self._chains[key], b)
+                bufs[key] = []
+        for key, b in bufs.items():
+            if b:
+                self._flush(self._chains[key], b)
+
+    def feed_messages(self, msgs: list, prefix: str = "") -> None:
+        """Like ``feed``, for a batch of confluent-kafka Messages: the Kafka reader's hot path, which
+        turns into a Record only the few messages a report or a break needs."""
+        bufs = self._mbufs
+        for m in msgs:
+            if m.error() is not None:
+                raise RuntimeError(f"Kafka error while reading: {m.error()}")
+            key = (m.topic(), m.key())
+            b = bufs.get(key)
+            if b is None:
+                b = bufs[key] = []
+                topic, chain = key[0][len(prefix):], (key[1] or b"").decode()
+                self._mchain[key] = self._chains.get((topic, chain)) or self._new_chain(topic, chain)
+            b.append(m)
+            if len(b) >= _CHUNK:
+                self._flush(self._mchain[key], b, self._conv(prefix))
+                bufs[key] = []
+
+    def flush_messages(self, prefix: str = "") -> None:
+        for key, b in self._mbufs.items():
+            if b:
+                self._flush(self._mchain[key], b, self._conv(prefix))
+        self._mbufs.clear()
+
+    @staticmethod
+    def _conv(prefix: str):
+        n = len(prefix)
+        return lambda m: Record(m.topic()[n:], m.partition(), m.offset(), (m.key() or b"").decode(), m.value(),
+                                m.timestamp()[1])
+
+    def _flush(self, st: _Chain, items: list, conv=None) -> None:
+        """Accept the longest valid prefix of a chain's next ``items`` (Records, or Messages with
+        ``conv`` to turn one into a Record) in one call of the fast path; a break stops the chain."""
+        rec = conv or (lambda x: x)
+        if st.broken is not None:
+            if st.suspect is not None and len(st.lookahead) < _LOOKAHEAD:
+                st.lookahead.extend(rec(x) for x in items[:_LOOKAHEAD - len(st.lookahead)])
+            return
+        first = st.next_seq
+        want_leaves = st.cp_index < len(st.checkpoints)
+        values = [x.value for x in items] if conv is None else [x.value() for x in items]
+        try:
+            n, last = check_chain(values, st.last_hash, st.leaves if want_leaves else None)
+        except TypeError:  # a value that is not bytes (a tombstone): accept nothing, classify below
+            n, last = 0, st.last_hash
+        if n:
+            st.next_seq = first + n
+            st.count += n
+            st.last_hash = last
+            lr = rec(items[n - 1])
+            st.last_partition, st.last_offset = lr.partition, lr.offset
+            st.tails = st.tails[-1:] + [(first, items[:n], rec)]
+            if want_leaves:
+                self._settle_checkpoints(st, first, items, values, rec)
+            t = st.trusted
+            if t is not None and first <= t[0] < first + n and values[t[0] - first][-32:] != t[1]:
+                self._break_at(st, BreakKind.INCONSISTENT, rec(items[t[0] - first]), t[0],
+                               "event at the trusted head's seq differs from the trusted head hash")
+        if n < len(items) and st.broken is None:
+            r = rec(items[n])
             v = r.value
-            h = v[-32:]
-            if len(v) < MIN_EVENT_LEN or sha256(v[:-32]).digest() != h:
-                self._break_at(st, BreakKind.EDITED, r, _seq_or(v, st.next_seq),
+            if v is None or len(v) < MIN_EVENT_LEN or sha256(v[:-32]).digest() != v[-32:]:
+                self._break_at(st, BreakKind.EDITED, r, _seq_or(v or b"", st.next_seq),
                                "event_hash does not match SHA-256 of the event's bytes")
-                continue
-            if v[PREV_START:PREV_END] != st.last_hash:
+            else:
                 st.broken = Break(BreakKind.EDITED, st.topic, st.chain_id, r.partition, r.offset, -1, "pending")
                 st.suspect = r
-                continue
-            seq = st.next_seq
-            rec = st.recent
-            rec.append((h, r.partition, r.offset))
-            if len(rec) > 2 * _RECENT:
-                del rec[:_RECENT]
-                st.recent_base += _RECENT
-            st.last_hash = h
-            st.last_partition = r.partition
-            st.last_offset = r.offset
-            st.next_seq = seq + 1
-            st.count += 1
-            if st.cp_index < len(st.checkpoints):
-                self._checkpoint_step(st, seq, h, r)
-            if st.trusted is not None and seq == st.trusted[0] and h != st.trusted[1]:
-                self._break_at(st, BreakKind.INCONSISTENT, r, seq,
-                               "event at the trusted head's seq differs from the trusted head hash")
+                st.lookahead = [rec(x) for x in items[n + 1:n + 1 + _LOOKAHEAD]]
 
-    def _checkpoint_step(self, st: _Chain, seq: int, h: bytes, r: Record) -> None:
-        cp = st.checkpoints[st.cp_index]
-        if seq < cp.first_seq:
-            return
-        if seq == cp.first_seq:
-            st.leaves = []
-            st.range_start = (r.partition, r.offset, seq)
-        st.leaves.append(h)
-        if seq == cp.last_seq:
-            root = merkle_root(st.leaves)
-            st.leaves = []
+    def _settle_checkpoints(self, st: _Chain, first: int, items: list, values: list[bytes], rec) -> None:
+        """Compare every checkpoint range completed by the accepted events with its signed root."""
+        end = st.next_seq
+        cps = st.checkpoints
+        while st.loc_index < len(cps) and cps[st.loc_index].first_seq < end:
+            cp = cps[st.loc_index]
+            if cp.first_seq >= first:
+                r = rec(items[cp.first_seq - first])
+                st.range_starts[cp.first_seq] = (r.partition, r.offset)
+            st.loc_index += 1
+        while st.cp_index < len(cps) and cps[st.cp_index].last_seq < end:
+            cp = cps[st.cp_index]
             st.cp_index += 1
-            p, o, s = st.range_start
-            if root != cp.merkle_root or h != cp.head_event_hash:
-                st.broken = Break(BreakKind.CHECKPOINT_MISMATCH, st.topic, st.chain_id, p, o, s,
+            if cp.first_seq < st.leaves_base:
+                continue  # range began before the events we read (a partial replay): cannot check it
+            root = merkle_root_from_leaves(st.leaves, cp.first_seq - st.leaves_base, cp.last_seq - cp.first_seq + 1)
+            head = values[cp.last_seq - first][-32:] if cp.last_seq >= first else None
+            if root != cp.merkle_root or (head is not None and head != cp.head_event_hash):
+                p, o = st.range_starts.get(cp.first_seq, (st.last_partition, st.last_offset))
+                st.broken = Break(BreakKind.CHECKPOINT_MISMATCH, st.topic, st.chain_id, p, o, cp.first_seq,
                                   f"events seq {cp.first_seq}..{cp.last_seq} have Merkle root {root.hex()[:16]}…; "
                                   f"the signed checkpoint says {cp.merkle_root.hex()[:16]}… (chain rewritten)")
                 return
             st.checkpoints_verified += 1
             st.signed_through = cp.last_seq
+        keep_from = cps[st.cp_index].first_seq if st.cp_index < len(cps) else end
+        drop = max(0, min(keep_from, end) - st.leaves_base)
+        if drop:
+            del st.leaves[:drop * 32]
+            st.leaves_base += drop
 
     def _break_at(self, st: _Chain, kind: BreakKind, r: Record, seq: int, detail: str) -> None:
         if st.broken is None or st.suspect is not None:
@@ -294,8 +382,9 @@ class Verifier:
         def at(kind, rec, seq, detail):
             return Break(kind, st.topic, st.chain_id, rec.partition, rec.offset, seq, detail)
 
-        recent = {e[0]: i for i, e in enumerate(st.recent)}
-        if xh in recent:
+        recent_base = st.tails[0][0] if st.tails else 0
+        recent = [(r.value[-32:], r.partition, r.offset) for _, chunk, rec in st.tails for r in map(rec, chunk)]
+        if xh in {e[0] for e in recent}:
             return at(BreakKind.DUPLICATED, x, xs, f"the event with seq {xs} appears again after seq {g}")
         y = st.lookahead[0] if st.lookahead else None
         x_is_linked = any(r.value[PREV_START:PREV_END] == xh for r in st.lookahead)
@@ -306,8 +395,8 @@ class Verifier:
                                                  f"stands between seq {g} and seq {g + 1}")
         y_links_x = y is not None and y.value[PREV_START:PREV_END] == xh
         if xs == g + 1:
-            if y_links_x and st.recent:
-                _, p, o = st.recent[-1]
+            if y_links_x and recent:
+                _, p, o = recent[-1]
                 return Break(BreakKind.EDITED, st.topic, st.chain_id, p, o, g,
                              f"seq {g} was changed and re-hashed: seq {g + 1} links to a different hash")
             return at(BreakKind.EDITED, x, xs, f"link to seq {g} does not match")
@@ -317,17 +406,16 @@ class Verifier:
                 return at(BreakKind.REORDERED, x, xs, f"seq {xs} arrives before seq {g + 1}")
             return at(BreakKind.MISSING, x, g + 1, f"seq {g + 1}..{xs - 1} missing before seq {xs}")
         # xs <= g: a second event for a seq already accepted: a fork
-        i = xs - 1 - st.recent_base
-        if y_links_x and 0 <= i < len(st.recent) and st.recent[i][0] == xp:
-            _, p, o = st.recent[i + 1] if i + 1 < len(st.recent) else (None, x.partition, x.offset)
+        i = xs - 1 - recent_base
+        if y_links_x and 0 <= i < len(recent) and recent[i][0] == xp:
+            _, p, o = recent[i + 1] if i + 1 < len(recent) else (None, x.partition, x.offset)
             return Break(BreakKind.INSERTED, st.topic, st.chain_id, p, o, xs,
                          f"seq {xs} was accepted, but the chain continues from another event with seq {xs}")
         return at(BreakKind.REORDERED, x, xs, f"seq {xs} arrives after seq {g}")
 
     def finish(self) -> Report:
-        for (topic, chain_id), cps in list(self._pending_cps.items()):
-            # checkpoints for chains of which not a single event was read
-            st = self._new_chain(topic, chain_id)
+        for topic, chain_id in list(self._pending_cps):
+            self._new_chain(topic, chain_id)  # checkpoints of chains of which no event was read
         reports = []
         for st in self._chains.values():
             if st.broken is not None and st.suspect is not None:

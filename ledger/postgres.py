@@ -176,7 +176,7 @@ def _roles_and_grants(schema: str) -> list[str]:
         f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA {s} TO {WRITER}",
         f"GRANT EXECUTE ON FUNCTION ledger_purge(bigint), "
         f"ledger_erase_subject(bytea, text, text, text) TO {WRITER}",
-        f"GRANT SELECT ON {views} TO {ANALYST}",
+        f"GRANT SELECT ON {views} TO {ANALYST}, {WRITER}",
     ]
     return out
 

@@ -116,14 +116,13 @@ SCHEMA_TABLE = {
 }
 
 
-def _json(value) -> str:
-    return json.dumps(value, separators=(",", ":"), default=_hex)
-
-
 def _hex(value):
     if isinstance(value, (bytes, bytearray)):
         return bytes(value).hex()
     raise TypeError(f"cannot store {type(value).__name__} as JSON")
+
+
+_json = json.JSONEncoder(separators=(",", ":"), default=_hex).encode  # one encoder: the hot path
 
 
 def _protected(rec: dict) -> tuple[str, str]:

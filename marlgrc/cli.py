@@ -272,6 +272,13 @@ def public_key_cmd(home: Optional[Path] = HomeOpt) -> None:
     sys.stdout.write(public_key_pem(Signer.load_or_create(s.signing_key).public_key).decode())
 
 
+# ---------------------------------------------------------------- the other parts' commands
+from . import commands_ledger, commands_producers  # noqa: E402
+
+commands_producers.register(app)
+commands_ledger.register(app)
+
+
 def main() -> None:
     app()
 

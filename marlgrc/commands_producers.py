@@ -6,7 +6,6 @@ import importlib
 import json
 import os
 import re
-import sys
 import time
 import uuid
 from dataclasses import dataclass

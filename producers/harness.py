@@ -32,6 +32,7 @@ from .spaces import action_encoder, flat_floats, space_record
 
 STATE_TOPIC = "marl.env.state"
 OBS_TOPIC = "marl.agent.observation"
+_EMPTY: dict = {}
 
 
 class HarnessError(RuntimeError):
@@ -119,8 +120,11 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
             observations, infos = env.reset(seed=seed + ep)
             has_state = state_space is not None or _has_state(env)
             ep_return, step = 0.0, 0
-            while env.agents:
-                live = [a for a in env.agents if a in observations]
+            while True:
+                agents = env.agents  # one attribute read per step: wrappers forward it through __getattr__
+                if not agents:
+                    break
+                live = [a for a in agents if a in observations]
                 state = env.state() if has_state else None
                 state_list = flat_floats(state) if state is not None else []
                 collapsed = flat_floats(collapsed_fn()) if collapsed_fn is not None else state_list
@@ -132,7 +136,7 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                 sources = [st_hash]
                 for a in live:
                     payload = {"episode": ep, "step": step, "agent_id": a, "observation": flat_floats(observations[a])}
-                    mask = infos.get(a, {}).get("action_mask") if infos else None
+                    mask = infos.get(a, _EMPTY).get("action_mask") if infos else None
                     if mask is not None:
                         payload["action_mask"] = [bool(m) for m in np.asarray(mask).ravel()]
                     if has_subjects:
@@ -140,7 +144,8 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                             obs_chain[a], obs_writer[a].head.seq + 1, env.subject_fields(a))
                     sources.append(append(obs_chain[a], "agent.observation", payload,
                                           source_event_hashes=[st_hash]).event_hash)
-                chosen = policy.act({a: observations[a] for a in live}, state)
+                chosen = policy.act(observations if len(live) == len(observations) else
+                                    {a: observations[a] for a in live}, state)
                 try:
                     actions = {a: chosen[a][0] for a in live}
                 except KeyError as exc:

@@ -1,0 +1,121 @@
+"""Ledger materialization throughput: Kafka -> SQLCipher, against plain sqlite3 in the same run.
+
+    PYTHONPATH=. python bench/bench_ledger.py [--events 200000] [--batch 5000] [--bootstrap HOST:PORT]
+
+Writes a synthetic run to Kafka (a broker from --bootstrap / $MARLGRC_BOOTSTRAP, else one started
+by the launcher in a temporary home), then measures, each on a fresh ledger:
+
+  A  ledger sync: read from Kafka, decode, check chains, insert into SQLCipher (the real path)
+  B  plain sqlite3 inserting the same rows (decoded beforehand) with the same commit size
+  C  ledger sync into plain SQLite (the same pipeline as A without encryption)
+
+and reports A/B (target >= 0.8), A/C (the cost of encryption alone) and A in events/s (target
+>= 30,000). Exit status 1 when a target is missed; the numbers are printed either way.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+from eventlog.codec import default_codec
+from eventlog.kafka import EventProducer, ensure_topics, read_records
+from eventlog.log import EventLog
+from ledger import Materializer, SqliteLedger, StaticKey, sync
+from ledger.tables import rows_for_event
+from marlgrc.demo import synthetic_run
+
+RATIO_TARGET = 0.8
+RATE_TARGET = 30_000
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--batch", type=int, default=5000, help="events per transaction (all three)")
+    ap.add_argument("--bootstrap", default=os.environ.get("MARLGRC_BOOTSTRAP"))
+    args = ap.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="bench-ledger-"))
+    started = False
+    boot = args.bootstrap
+    if not boot:
+        from compose import start_kafka
+
+        boot = start_kafka(home).bootstrap
+        started = True
+    try:
+        return run(boot, args.events, args.batch, home)
+    finally:
+        if started:
+            from compose import stop_kafka
+
+            stop_kafka(home, remove_data=True)
+
+
+def run(boot: str, events: int, batch: int, home: Path) -> int:
+    prefix = f"bench{uuid.uuid4().hex[:8]}."
+    ensure_topics(boot, prefix)
+    agents, steps = 3, 50
+    episodes = max(1, events // (steps * (2 + agents)))
+    producer = EventProducer(boot, prefix=prefix)
+    log = EventLog(producer, run_id="bench", producer_id="bench")
+    counts = synthetic_run(log, episodes=episodes, steps=steps, agents=agents, obs_dim=6)
+    log.close()
+    n = counts["events"]
+    print(f"{n} events in Kafka (prefix {prefix}); commit size {batch}")
+
+    # B's rows: decoded once, outside the timing
+    codec = default_codec()
+    rows_batches = []
+    cur: dict[str, list[dict]] = defaultdict(list)
+    k = 0
+    for r in read_records(boot, ["marl.run.lifecycle", "marl.env.state", "marl.agent.observation",
+                                 "marl.joint.action"], prefix=prefix):
+        name, rec = codec.decode(r.value)
+        for table, row in rows_for_event(name, rec, r.topic, r.partition, r.offset, r.value):
+            cur[table].append(row)
+        k += 1
+        if k % batch == 0:
+            rows_batches.append(cur)
+            cur = defaultdict(list)
+    if cur:
+        rows_batches.append(cur)
+
+    key = StaticKey(os.urandom(32))
+    a_led = SqliteLedger(home / "a.db", key)
+    t0 = time.perf_counter()
+    a = sync(a_led, boot, prefix=prefix, commit_every=batch)
+    a_s = time.perf_counter() - t0
+    assert a.records == n and not a.findings, (a.records, a.findings[:3])
+
+    b_led = SqliteLedger(home / "b.db", None, encrypted=False)
+    t0 = time.perf_counter()
+    for rows in rows_batches:
+        b_led.write(rows, {})
+    b_s = time.perf_counter() - t0
+
+    c_led = SqliteLedger(home / "c.db", None, encrypted=False)
+    t0 = time.perf_counter()
+    c = sync(c_led, boot, prefix=prefix, commit_every=batch)
+    c_s = time.perf_counter() - t0
+    assert a_led.content_hash() == c_led.content_hash()
+
+    a_rate, b_rate, c_rate = n / a_s, n / b_s, n / c_s
+    print(f"A  Kafka -> SQLCipher ledger sync : {a_rate:10,.0f} events/s ({a_s:.2f} s)")
+    print(f"B  plain sqlite3 insert, same rows: {b_rate:10,.0f} events/s ({b_s:.2f} s)")
+    print(f"C  Kafka -> plain SQLite ledger   : {c_rate:10,.0f} events/s ({c_s:.2f} s)")
+    ratio_ab, ratio_ac = a_rate / b_rate, a_rate / c_rate
+    print(f"A/B = {ratio_ab:.3f} (target >= {RATIO_TARGET}); A/C = {ratio_ac:.3f} (encryption alone); "
+          f"A = {a_rate:,.0f} events/s (target >= {RATE_TARGET:,})")
+    ok = ratio_ab >= RATIO_TARGET and a_rate >= RATE_TARGET
+    print("PASS" if ok else "MISS: targets not met (see docs/LEDGER.md, Benchmark)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
