@@ -164,8 +164,13 @@ def verify(run: Optional[str] = typer.Option(None, "--run", help="only the chain
            public_key: Optional[Path] = typer.Option(None, "--public-key", help="trusted Ed25519 public key (PEM)"),
            trusted: Optional[Path] = typer.Option(None, "--trusted", help="trusted-state file: checked, then extended"),
            as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+           ledger: bool = typer.Option(False, "--ledger", help="verify the ledger's stored events instead "
+                                       "(purged and erased ranges bridged by their evidence)"),
+           ledger_file: Optional[Path] = typer.Option(None, "--ledger-file", help="SQLCipher ledger (default HOME/ledger/ledger.db)"),
+           ledger_key_file: Optional[Path] = typer.Option(None, "--ledger-key-file"),
+           ledger_pg: Optional[str] = typer.Option(None, "--ledger-postgres", envvar="MARLGRC_LEDGER_PG_DSN"),
            home: Optional[Path] = HomeOpt, bootstrap: Optional[str] = BootOpt, prefix: Optional[str] = PrefixOpt) -> None:
-    """Verify hash chains and signed checkpoints, of Kafka topics or of a bundle. Exit 1 on any break."""
+    """Verify hash chains and signed checkpoints, of Kafka topics, a bundle or the ledger. Exit 1 on any break."""
     from eventlog.audit import verify_bundle, verify_kafka
     from eventlog.bundle import BundleError
     from eventlog.kafka import BrokerUnavailable
@@ -173,6 +178,18 @@ def verify(run: Optional[str] = typer.Option(None, "--run", help="only the chain
 
     s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
     key = _public_key(public_key, s, bundle)
+    if ledger:
+        from ledger.verify import verify_ledger
+
+        from .commands_ledger import _open
+
+        store = _open(s, ledger_file, ledger_key_file, ledger_pg, "ledger")
+        lrep = verify_ledger(store, key)
+        for line in lrep.lines():
+            out.print(line, highlight=False)
+        if not lrep.ok:
+            raise typer.Exit(1)
+        return
     state = TrustedState.load(trusted) if trusted else None
     try:
         with progress_bar(None, "verifying") as bar:

@@ -87,6 +87,29 @@ def parse_env_args(pairs: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+def _erase_from_ledger(subject_ref: bytes, home: Path, ledger: Optional[Path], key_file: Optional[Path],
+                       pg: Optional[str], request_id: str, requester: str, legal_basis: str) -> list[tuple[str, int]]:
+    """The ledger's part of an erasure (when a ledger is configured): rows deleted in one transaction
+    with a tombstone. Returns (target, count) pairs for the compliance.deletion event."""
+    from ledger.lifecycle import erase_subject
+
+    from .commands_ledger import _open
+    from .config import Settings
+
+    s = Settings.load(home=home)
+    path = ledger or s.home / "ledger" / "ledger.db"
+    if not pg and not path.exists():
+        return []
+    store = _open(s, path, key_file, pg, "ledger")
+    try:
+        summary = erase_subject(store, subject_ref, request_id, requester, legal_basis)
+    finally:
+        close = getattr(store, "close", None)
+        if close:
+            close()
+    return [(f"ledger.{table}", n) for table, n in sorted(summary.counts.items())]
+
+
 def publish_deletion(shredded: Shredded, *, bootstrap: str, prefix: str, home: Path, request_id: str,
                      legal_basis: str, requester: str, extra_actions: Iterable[tuple[str, int]] = ()):
     """Append one ``compliance.deletion`` event to the deletions chain, resuming from its head on Kafka."""
@@ -181,8 +204,14 @@ def register(app: typer.Typer) -> None:
         bootstrap: str = typer.Option(default_bootstrap, "--bootstrap"),
         prefix: str = typer.Option(default_prefix, "--prefix"),
         home: Path = typer.Option(default_home, "--home"),
+        ledger: Optional[Path] = typer.Option(None, "--ledger", help="SQLCipher ledger to erase from too "
+                                              "(default HOME/ledger/ledger.db when it exists)"),
+        ledger_key_file: Optional[Path] = typer.Option(None, "--ledger-key-file"),
+        ledger_pg: Optional[str] = typer.Option(None, "--ledger-postgres", envvar="MARLGRC_LEDGER_PG_DSN",
+                                                help="PostgreSQL ledger to erase from too"),
     ) -> None:
-        """Erase one data subject: shred its key and blind-index row, publish a compliance.deletion event."""
+        """Erase one data subject: shred its key and blind-index row, delete its ledger rows (with a
+        tombstone), publish a compliance.deletion event."""
         from eventlog.kafka import BrokerUnavailable, DeliveryError
 
         path = keystore_path(home)
@@ -196,10 +225,13 @@ def register(app: typer.Typer) -> None:
         if shredded is None:
             raise _fail(f"no key for this subject in namespace {namespace!r} (already erased, never seen, or "
                         f"another namespace); nothing was deleted", 2)
+        who = requester or os.environ.get("USER", "")
+        ledger_counts = _erase_from_ledger(shredded.subject_ref, home, ledger, ledger_key_file, ledger_pg,
+                                           request_id, who, legal_basis)
         try:
             event = publish_deletion(shredded, bootstrap=bootstrap, prefix=prefix, home=home,
-                                     request_id=request_id, legal_basis=legal_basis,
-                                     requester=requester or os.environ.get("USER", ""))
+                                     request_id=request_id, legal_basis=legal_basis, requester=who,
+                                     extra_actions=ledger_counts)
         except (BrokerUnavailable, DeliveryError, KeyFileError) as exc:
             raise _fail(f"the key of subject {shredded.subject_ref.hex()} was shredded but the deletion event for "
                         f"request {request_id} was not published ({exc}); publish it again once Kafka is up") from None
