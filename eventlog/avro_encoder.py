@@ -39,7 +39,11 @@ def long_bytes(n: int) -> bytes:
         return _SMALL_LONGS[n + _SMALL]
     if not _MIN_LONG <= n <= _MAX_LONG:
         raise EncodeError(f"{n} does not fit an Avro long")
-    return _uvarint(((n << 1) ^ (n >> 63)) & 0xFFFFFFFFFFFFFFFF)
+    z = ((n << 1) ^ (n >> 63)) & 0xFFFFFFFFFFFFFFFF
+    if (1 << 49) <= z < (1 << 56):  # microsecond timestamps: 8 bytes, unrolled
+        return bytes(((z & 0x7F) | 0x80, (z >> 7 & 0x7F) | 0x80, (z >> 14 & 0x7F) | 0x80, (z >> 21 & 0x7F) | 0x80,
+                      (z >> 28 & 0x7F) | 0x80, (z >> 35 & 0x7F) | 0x80, (z >> 42 & 0x7F) | 0x80, z >> 49))
+    return _uvarint(z)
 
 
 def int_bytes(n: int) -> bytes:

@@ -5,7 +5,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from hashlib import sha256
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import schemas as schema_files
 
@@ -27,8 +27,7 @@ def _string(s: str) -> bytes:
     return long_bytes(len(b)) + b
 
 
-@dataclass(frozen=True)
-class ChainHead:
+class ChainHead(NamedTuple):
     """The last event written to a chain; ``seq == -1`` for an empty chain."""
 
     seq: int = -1
@@ -38,8 +37,7 @@ class ChainHead:
 GENESIS = ChainHead()
 
 
-@dataclass(frozen=True)
-class Event:
+class Event(NamedTuple):
     """One sealed event: its exact bytes and where it belongs."""
 
     topic: str
@@ -105,13 +103,17 @@ class ChainWriter:
             producer_class, retention = self._classes[data_classification or self.data_classification]
         except KeyError:
             raise ValueError(f"data_classification {data_classification!r} is not one of {CLASSIFICATIONS}") from None
-        seq = self.head.seq + 1
+        head_seq, head_hash = self.head
+        seq = head_seq + 1
         produced_at = self.clock()
-        sources = list(source_event_hashes)
-        if any(len(h) != 32 for h in sources):
-            raise ValueError("source_event_hashes must be 32-byte SHA-256 digests")
+        if source_event_hashes:
+            sources = list(source_event_hashes)
+            if any(len(h) != 32 for h in sources):
+                raise ValueError("source_event_hashes must be 32-byte SHA-256 digests")
+        else:
+            sources = ()
         body = b"".join((
-            prefix, self.head.event_hash, long_bytes(seq), self._chain,
+            prefix, head_hash, long_bytes(seq), self._chain,
             b"\x48", self.id_prefix.encode(), b"%012x" % seq,  # event_id: 36 chars, length 36 -> 0x48
             type_run, long_bytes(produced_at), producer_class, long_bytes(produced_at + retention),
             self._tail_const, _string(policy_version) if policy_version else b"\x00",
