@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 import schemas as schema_files
 
-from .bundle import read_bundle
+from .bundle import read_bundle, read_manifest
 from .checkpoint import CheckpointStatement, signature_valid
 from .codec import default_codec
 from .hashing import seq_and_chain
@@ -62,6 +62,7 @@ def verify_bundle(bundle_dir: Path, *, public_key: Ed25519PublicKey | None = Non
                   trusted: TrustedState | None = None, run_id: str | None = None,
                   progress: Callable[[int], None] | None = None) -> tuple[Report, Verifier]:
     """Verify a bundle written by ``write_bundle`` (checkpoints are stored first)."""
+    read_manifest(bundle_dir)  # a clear error for a folder that is not a bundle
     v = Verifier(public_key, trusted)
     entries = iter(_of_run(read_bundle(bundle_dir), run_id))
     cps: list[Record] = []

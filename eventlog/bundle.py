@@ -80,7 +80,7 @@ def read_bundle(bundle_dir: Path) -> Iterator[Record]:
     (the verifier checks the events themselves); it only catches a damaged copy early."""
     path = Path(bundle_dir) / "events.avro"
     if not path.exists():
-        raise BundleError(f"{bundle_dir}: events.avro is missing")
+        raise BundleError(f"{bundle_dir}: events.avro is missing; the bundle is incomplete, export it again")
     with path.open("rb") as fh:
         for e in fastavro.reader(fh):
             yield Record(e["topic"], e["partition"], e["offset"], e["key"], e["value"], e["timestamp"])
