@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .networks import config_hash, seed_everything, weights_sha256
+from .networks import config_hash, mask_logits, seed_everything, weights_sha256
 from .replay import Replay, ReplayError, RunSpec
 
 
@@ -53,8 +53,11 @@ class DQNConfig:
 
 
 class QNetwork(nn.Module):
-    def __init__(self, in_dim: int, n_actions: int, hidden: tuple[int, ...]):
+    def __init__(self, in_dim: int, n_actions: int, hidden: tuple[int, ...], action_mask=None):
         super().__init__()
+        self.masked = action_mask is not None
+        if self.masked:  # agents with fewer actions: their missing actions get Q = -1e9
+            self.register_buffer("action_mask", torch.as_tensor(action_mask, dtype=torch.float32))
         layers: list[nn.Module] = []
         d = in_dim
         for h in hidden:
@@ -67,7 +70,8 @@ class QNetwork(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        q = self.net(x)
+        return mask_logits(q, x, self.action_mask) if self.masked else q
 
 
 class ReplayBuffer:
@@ -126,8 +130,10 @@ class DQN:
         seed_everything(c.seed)
         self.n_agents = len(spec.agents)
         self.in_dim = spec.obs_dim + self.n_agents
-        self.q_network = QNetwork(self.in_dim, spec.n_actions, tuple(c.hidden_layers))
-        self.target_network = QNetwork(self.in_dim, spec.n_actions, tuple(c.hidden_layers))
+        mask = spec.action_mask()
+        self.n_own = [spec.action_spaces[a].n for a in spec.agents]  # each agent's own action count
+        self.q_network = QNetwork(self.in_dim, spec.n_actions, tuple(c.hidden_layers), mask)
+        self.target_network = QNetwork(self.in_dim, spec.n_actions, tuple(c.hidden_layers), mask)
         self.target_network.load_state_dict(self.q_network.state_dict())
         self.optimizer = torch.optim.Adam(self.q_network.parameters(), lr=c.learning_rate)
         self.buffer = ReplayBuffer(c.buffer_size, self.in_dim, c.seed)
@@ -169,6 +175,7 @@ class DQN:
         greedy = self.q_network(torch.as_tensor(x)).argmax(-1).numpy()
         out = {}
         for j, a in enumerate(live):
+            n = self.n_own[spec.agents.index(a)]
             explore = self.explorer.random() < eps
             act = int(self.explorer.integers(n)) if explore else int(greedy[j])
             p = eps / n + (1.0 - eps) * (act == greedy[j])
@@ -209,8 +216,8 @@ class DQN:
             self.optimizer.step()
             self.optimizer_steps += 1
             n += 1
-            losses["losses/td"] += float(loss)
-            losses["losses/q_values"] += float(q.mean())
+            losses["losses/td"] += float(loss.detach())
+            losses["losses/q_values"] += float(q.detach().mean())
             if self.optimizer_steps % c.target_network_frequency == 0:
                 self.target_network.load_state_dict(self.q_network.state_dict())
         if n:

@@ -6,6 +6,7 @@ the Gaussian mean clipped to the action bounds (continuous).
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +43,11 @@ def export_onnx(learner, path: Path, opset: int = 17) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     model = greedy_module(learner)
     dummy = torch.zeros(2, learner.spec.obs_dim + len(learner.spec.agents))
-    torch.onnx.export(model, (dummy,), str(path), input_names=["obs"], output_names=["action"],
-                      dynamic_axes={"obs": {0: "batch"}, "action": {0: "batch"}}, opset_version=opset,
-                      dynamo=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter: no onnxscript needed
+        torch.onnx.export(model, (dummy,), str(path), input_names=["obs"], output_names=["action"],
+                          dynamic_axes={"obs": {0: "batch"}, "action": {0: "batch"}}, opset_version=opset,
+                          dynamo=False)
     return path
 
 

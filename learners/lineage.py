@@ -1,7 +1,7 @@
 """The ``policy.update`` event: what an update changed and exactly which events it learned from."""
 from __future__ import annotations
 
-from eventlog.chain import Event
+from eventlog.chain import ChainHead, Event
 from eventlog.log import EventLog
 
 from .replay import Replay
@@ -32,3 +32,14 @@ def emit_policy_update(log: EventLog, learner, result: dict, replay: Replay, *, 
         "verified": bool(replay.verified),
         "lineage": lineage,
     }, policy_version=learner.version, source_event_hashes=[r.head_event_hash for r in replay.lineage])
+
+
+def continue_policy_chain(log: EventLog, replay: Replay, algorithm: str) -> None:
+    """One writer per chain: a new training session on a run continues ``{run}:policy:{algo}`` and its
+    own checkpoint chain from the heads the replay read and verified, instead of forking them at seq 0."""
+    run = replay.spec.run_id
+    mine = {("marl.policy.update", policy_chain(run, algorithm)),
+            ("marl.audit.checkpoints", f"{run}:checkpoints:{log.producer_id}")}
+    for c in replay.report.chains:
+        if (c.topic, c.chain_id) in mine and c.last_seq >= 0:
+            log.writer(c.topic, c.chain_id, head=ChainHead(c.last_seq, bytes.fromhex(c.head_hash)))

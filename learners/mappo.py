@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .networks import Actor, config_hash, gae, mlp, seed_everything, weights_sha256
+from .networks import Actor, ValueNorm, config_hash, gae, mlp, seed_everything, weights_sha256
 from .replay import Episode, Replay, RunSpec
 
 
@@ -48,6 +48,8 @@ class MAPPOConfig:
     """normalize advantages per minibatch"""
     reward_scale: float = 1.0
     """rewards are multiplied by this before GAE"""
+    value_norm: bool = True
+    """critic learns normalized targets (running mean/std of the returns, MAPPO's ValueNorm)"""
     episodes_per_update: int = 20
     """episodes the producers run with the current policy between updates (online training)"""
 
@@ -67,8 +69,10 @@ class MAPPO:
         seed_everything(c.seed)
         self.n_agents = len(spec.agents)
         self.actor_in = spec.obs_dim + self.n_agents
-        self.actor = Actor(self.actor_in, c.hidden, n_actions=spec.n_actions, action_dim=spec.action_dim)
+        self.actor = Actor(self.actor_in, c.hidden, n_actions=spec.n_actions, action_dim=spec.action_dim,
+                           action_mask=spec.action_mask())
         self.critic = mlp(self.critic_in_dim(), c.hidden, 1, out_std=1.0)
+        self.value_norm = ValueNorm(c.value_norm)
         self.optimizer = torch.optim.Adam([*self.actor.parameters(), *self.critic.parameters()],
                                           lr=c.learning_rate, eps=1e-5)
         self.sampler = torch.Generator().manual_seed(c.seed)       # acting
@@ -139,7 +143,7 @@ class MAPPO:
                 obs = torch.as_tensor(ep.obs)
                 x = self.actor_inputs(obs)
                 cx = self.critic_inputs(obs, torch.as_tensor(ep.state))
-                values = self.critic(cx).squeeze(-1)                     # [T, N]
+                values = self.value_norm.denormalize(self.critic(cx).squeeze(-1))  # [T, N]
                 rewards = torch.as_tensor(ep.rewards) * c.reward_scale
                 dones = torch.zeros(ep.length)
                 dones[-1] = 1.0  # the episode's end is its end: the final observation is not recorded
@@ -163,6 +167,8 @@ class MAPPO:
         losses = {"losses/policy": 0.0, "losses/value": 0.0, "losses/entropy": 0.0, "losses/approx_kl": 0.0}
         if episodes:
             x, cx, a, adv, ret = self._flatten(episodes)
+            self.value_norm.update(ret)
+            ret = self.value_norm.normalize(ret)  # the critic's target scale
             with torch.no_grad():
                 old_logp, _ = self.actor.log_prob_entropy(x, a)
             B = x.shape[0]
@@ -205,7 +211,7 @@ class MAPPO:
 
     # --- state -------------------------------------------------------------------------------
     def modules(self) -> list[nn.Module]:
-        return [self.actor, self.critic]
+        return [self.actor, self.critic, self.value_norm]
 
     def weights_sha256(self) -> bytes:
         return weights_sha256(*self.modules())
@@ -213,6 +219,7 @@ class MAPPO:
     def state_dict(self) -> dict:
         return {"algorithm": self.algorithm, "config": asdict(self.config), "spec": self.spec.to_dict(),
                 "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
+                "value_norm": self.value_norm.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.get_state(),
                 "shuffler": self.shuffler.get_state(),
                 "counters": {"updates": self.updates, "optimizer_steps": self.optimizer_steps,
@@ -221,6 +228,7 @@ class MAPPO:
     def load_state_dict(self, state: dict) -> None:
         self.actor.load_state_dict(state["actor"])
         self.critic.load_state_dict(state["critic"])
+        self.value_norm.load_state_dict(state["value_norm"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.set_state(state["sampler"])
         self.shuffler.set_state(state["shuffler"])

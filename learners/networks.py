@@ -81,18 +81,28 @@ class Actor(nn.Module):
     log-probability is of the recorded (clipped) action, recomputed by the learner before updating.
     """
 
-    def __init__(self, in_dim: int, hidden: int, *, n_actions: int = 0, action_dim: int = 0):
+    def __init__(self, in_dim: int, hidden: int, *, n_actions: int = 0, action_dim: int = 0,
+                 action_mask=None):
         super().__init__()
         self.discrete = n_actions > 0
         out = n_actions if self.discrete else action_dim
         self.body = mlp(in_dim, hidden, out, out_std=0.01)
         if not self.discrete:
             self.log_std = nn.Parameter(torch.full((action_dim,), -0.5))
+        self.masked = action_mask is not None
+        if self.masked:  # agents with fewer actions than the widest: [N, n_actions], chosen by the one-hot id
+            self.register_buffer("action_mask", torch.as_tensor(action_mask, dtype=torch.float32))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        if self.masked:
+            out = mask_logits(out, x, self.action_mask)
+        return out
 
     def dist(self, x: torch.Tensor):
-        out = self.body(x)
         if self.discrete:
-            return Categorical(logits=out)
+            return Categorical(logits=self.logits(x))
+        out = self.body(x)
         return Normal(out, self.log_std.exp().expand_as(out))
 
     def log_prob_entropy(self, x: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,8 +113,51 @@ class Actor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The greedy action (argmax, or the Gaussian mean): what ONNX exports."""
-        out = self.body(x)
-        return out.argmax(-1) if self.discrete else out
+        return self.logits(x).argmax(-1) if self.discrete else self.body(x)
+
+
+def mask_logits(out: torch.Tensor, x: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    """Push the logits (or Q-values) of actions an agent does not have to -1e9. The agent is read from
+    the one-hot id at the end of the input ``x`` (last N columns), so ONNX exports the mask too."""
+    n_agents = action_mask.shape[0]
+    allowed = x[..., -n_agents:] @ action_mask
+    return out - (1.0 - allowed) * 1e9
+
+
+class ValueNorm(nn.Module):
+    """Running mean and variance of the value targets (MAPPO's ValueNorm, here an exact running
+    estimate over every target seen). The critic predicts normalized values; GAE works on
+    ``denormalize(critic(x))``. Kept as buffers, so it is part of the weights hash and checkpoints."""
+
+    def __init__(self, enabled: bool = True):
+        super().__init__()
+        self.enabled = enabled
+        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("var", torch.ones((), dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        if not self.enabled or x.numel() == 0:
+            return
+        x = x.double().reshape(-1)
+        b_mean, b_var, b_n = x.mean(), x.var(unbiased=False), float(x.numel())
+        n = self.count + b_n
+        delta = b_mean - self.mean
+        m2 = self.var * self.count + b_var * b_n + delta.pow(2) * self.count * b_n / n
+        self.mean.copy_(self.mean + delta * b_n / n)
+        self.var.copy_(m2 / n)
+        self.count.copy_(n)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        return ((x.double() - self.mean) / self.var.clamp_min(1e-8).sqrt()).to(x.dtype)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        return (x.double() * self.var.clamp_min(1e-8).sqrt() + self.mean).to(x.dtype)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, last_values: torch.Tensor,

@@ -28,6 +28,9 @@ from eventlog.verify import CHECKPOINT_TOPIC, Report, Verifier
 
 RUN_TOPICS = ("marl.run.lifecycle", "marl.env.state", "marl.agent.observation", "marl.joint.action",
               "marl.di.credit", CHECKPOINT_TOPIC)
+POLICY_TOPIC = "marl.policy.update"
+# read and verified (earlier policy updates and their checkpoints too), but never trained on
+VERIFY_TOPICS = (*RUN_TOPICS, POLICY_TOPIC)
 
 
 class ReplayError(RuntimeError):
@@ -105,8 +108,13 @@ class RunSpec:
 
     @property
     def action_space(self) -> SpaceSpec:
-        """The one action space every agent shares (parameter sharing needs equal action spaces)."""
+        """The one action space every agent shares (parameter sharing needs equal action spaces).
+
+        Discrete spaces of different sizes (same ``start``) share ``Discrete(max n)``; each agent's
+        actions beyond its own n are masked out (``action_mask``)."""
         spaces = set(self.action_spaces.values())
+        if len(spaces) > 1 and {s.kind for s in spaces} == {"Discrete"} and len({s.start for s in spaces}) == 1:
+            return SpaceSpec("Discrete", (), max(s.n for s in spaces), next(iter(spaces)).start)
         if len(spaces) != 1:
             raise ReplayError(f"run {self.run_id}: agents have different action spaces "
                               f"({sorted({s.kind + str(s.shape) + str(s.n) for s in spaces})}); the shared "
@@ -120,6 +128,16 @@ class RunSpec:
     @property
     def n_actions(self) -> int:
         return self.action_space.n if self.discrete else 0
+
+    def action_mask(self) -> np.ndarray | None:
+        """[N, n_actions] 1.0 where agent i may take action j; None when every agent has every action."""
+        if not self.discrete:
+            return None
+        n = self.n_actions
+        own = [self.action_spaces[a].n for a in self.agents]
+        if all(k == n for k in own):
+            return None
+        return (np.arange(n)[None, :] < np.asarray(own)[:, None]).astype(np.float32)
 
     @property
     def action_dim(self) -> int:
@@ -227,6 +245,8 @@ class RunReader:
         self._segment: dict[tuple[str, str], int] = {}
         self._steps: dict[tuple[int, int, int], _Step] = {}        # (segment, episode, step)
         self._credit: dict[bytes, dict] = {}                        # joint_action_hash -> credit record
+        self._batches = 0
+        self.skipped_checkpoints = 0
 
     def _segment_of(self, r: Record, episode: int, step: int) -> int:
         key = (r.topic, r.key)
@@ -239,11 +259,16 @@ class RunReader:
         return seg
 
     def add(self, records: Iterable[Record]) -> Replay:
-        recs = [r for r in records if r.topic in RUN_TOPICS and r.key.startswith(self._prefix)]
+        recs = [r for r in records if r.topic in VERIFY_TOPICS and r.key.startswith(self._prefix)]
         cps = [r for r in recs if r.topic == CHECKPOINT_TOPIC]
         data = [r for r in recs if r.topic != CHECKPOINT_TOPIC]
-        if cps:
+        if cps and not self._batches:
             self.verifier.add_checkpoints(cps)
+        elif cps:
+            # the Verifier installs a chain's checkpoints when it first meets the chain; later batches'
+            # checkpoints are left to `marlgrc verify` (hash chains are still checked here)
+            self.skipped_checkpoints += len(cps)
+        self._batches += 1
         self.verifier.feed(data)
         report = self.verifier.finish()
         breaks = [b for b in report.breaks if b.chain_id.startswith(self._prefix)]
@@ -258,6 +283,8 @@ class RunReader:
 
         lineage: dict[tuple[str, int, str], list] = {}
         for r in data:
+            if r.topic == POLICY_TOPIC:
+                continue
             try:
                 name, rec = self.codec.decode(r.value)
             except DecodeError as exc:
@@ -405,7 +432,7 @@ def read_kafka(bootstrap: str, run_id: str, *, prefix: str = "", public_key=None
     """Replay a run from Kafka: from the beginning of its topics, or over the given offset ranges."""
     from eventlog.kafka import read_records
 
-    return read_records_of_run(read_records(bootstrap, RUN_TOPICS, prefix=prefix, start_offsets=start_offsets,
+    return read_records_of_run(read_records(bootstrap, VERIFY_TOPICS, prefix=prefix, start_offsets=start_offsets,
                                             end_offsets=end_offsets), run_id,
                                public_key=public_key, allow_unverified=allow_unverified)
 
@@ -436,10 +463,23 @@ def watermarks(bootstrap: str, topics: Iterable[str] = RUN_TOPICS, prefix: str =
     from eventlog.kafka import partitions_of
     from eventlog.topics import logical
 
+    import time
+
+    from confluent_kafka import KafkaException
+
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": "marlgrc-watermarks", "enable.auto.commit": False})
     try:
-        return {(logical(prefix, tp.topic), tp.partition): c.get_watermark_offsets(tp, timeout=10)[1]
-                for tp in partitions_of(bootstrap, topics, prefix)}
+        out = {}
+        for tp in partitions_of(bootstrap, topics, prefix):
+            for attempt in range(20):
+                try:
+                    out[(logical(prefix, tp.topic), tp.partition)] = c.get_watermark_offsets(tp, timeout=10)[1]
+                    break
+                except KafkaException:
+                    if attempt == 19:
+                        raise
+                    time.sleep(0.25)  # a just-created topic may have no leader yet
+        return out
     finally:
         c.close()
 

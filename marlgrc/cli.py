@@ -290,10 +290,12 @@ def public_key_cmd(home: Optional[Path] = HomeOpt) -> None:
 
 
 # ---------------------------------------------------------------- the other parts' commands
-from . import commands_ledger, commands_producers  # noqa: E402
+from . import commands_learners, commands_ledger, commands_processors, commands_producers  # noqa: E402
 
 commands_producers.register(app)
 commands_ledger.register(app)
+commands_learners.register(app)
+commands_processors.register(app)
 
 
 def main() -> None:

@@ -143,8 +143,18 @@ def register(app: typer.Typer) -> None:
         prefix: str = typer.Option(default_prefix, "--prefix", help="topic prefix"),
         home: Path = typer.Option(default_home, "--home", help="state directory (keys)"),
         progress_bar: bool = typer.Option(True, "--progress/--no-progress"),
+        algo: Optional[str] = typer.Option(None, "--algo", help="train on-policy through Kafka with this learner "
+                                           "(mappo | ippo | dqn) instead of running a fixed policy"),
+        iterations: int = typer.Option(10, "--iterations", help="with --algo: act/read-back/update rounds"),
     ) -> None:
-        """Run an environment with a policy for N episodes and write every step to Kafka; prints the run id."""
+        """Run an environment with a policy for N episodes and write every step to Kafka; prints the run id.
+        With --algo, the policy is a learner trained from the events it reads back from the broker."""
+        if algo is not None:
+            from .commands_learners import train_online_main
+
+            train_online_main(env=env, algo=algo, iterations=iterations, seed=seed, home=home,
+                              bootstrap=bootstrap, prefix=prefix)
+            return
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -113,8 +113,12 @@ class OnlineResult:
 def train_online(env: Any, env_id: str, env_version: str, algo: str, *, transport, iterations: int,
                  seed: int = 1, run_id: str | None = None, config: Any = None, signer=None, public_key=None,
                  learner: Any = None, episodes_per_update: int | None = None, keep_replays: bool = False,
-                 time_budget_s: float | None = None, on_update: Callable[[dict], None] | None = None) -> OnlineResult:
-    """Run ``iterations`` of {act with the current policy -> events -> read back -> update}."""
+                 time_budget_s: float | None = None, on_update: Callable[[dict], None] | None = None,
+                 protector: Any = None) -> OnlineResult:
+    """Run ``iterations`` of {act with the current policy -> events -> read back -> update}.
+
+    ``protector`` (an ``eventlog.privacy.FieldProtector``) is required for envs with personal data
+    (``subject_fields()``, e.g. mailbox_v0): the harness refuses to write them in the clear."""
     run_id = run_id or f"{env_id}__{algo}__{seed}__{int(time.time())}-{uuid.uuid4().hex[:6]}"
     a = algorithm(algo)
     if learner is None:
@@ -129,7 +133,7 @@ def train_online(env: Any, env_id: str, env_version: str, algo: str, *, transpor
     for it in range(iterations):
         start = transport.mark()
         run_episodes(env, learner, log, episodes=E, seed=seed * 1_000_003 + it * E, env_id=env_id,
-                     env_version=env_version, config={"algorithm": algo, "iteration": it})
+                     env_version=env_version, config={"algorithm": algo, "iteration": it}, protector=protector)
         transport.flush()
         end = transport.mark()
         replay = reader.add(transport.read(start, end))
@@ -167,6 +171,37 @@ def evaluate(env: Any, policy: Any, episodes: int, seed: int) -> float:
     return total / episodes
 
 
+def evaluate_security(env: Any, policy: Any, episodes: int, seed: int) -> dict:
+    """Mean team return and security outcomes per episode of ``policy`` (no events written).
+
+    mailbox_v0: ``breaches`` = plain OPENs of a malicious item (the env's ``breach`` info).
+    sandbox_v0: ``breaches`` = malicious samples never contained before the episode ended (missed
+    detections); ``detections`` and ``false_positives`` from the env's infos.
+    """
+    total = breaches = detections = false_pos = 0.0
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        contained: set[str] = set()
+        while env.agents:
+            acts = policy.act({a: obs[a] for a in env.agents if a in obs})
+            obs, rew, _, _, infos = env.step({a: x[0] for a, x in acts.items()})
+            total += sum(rew.values())
+            if any(i.get("breach") for i in infos.values()):
+                breaches += 1  # one breach per step: every agent's info reports the same item
+            for a, i in infos.items():
+                if i.get("detected"):
+                    detections += 1
+                    contained.add(a)
+                false_pos += bool(i.get("false_positive"))
+        malicious = getattr(env, "_malicious", None)
+        if hasattr(env, "n_sandboxes") and malicious is not None:
+            breaches += sum(1 for i, a in enumerate(env.possible_agents) if malicious[i] and a not in contained)
+    out = {"mean_return": total / episodes, "breaches_per_episode": breaches / episodes}
+    if hasattr(env, "n_sandboxes"):
+        out |= {"detections_per_episode": detections / episodes, "false_positives_per_episode": false_pos / episodes}
+    return out
+
+
 def parse_overrides(config_cls, items: list[str]) -> dict:
     """``["update_epochs=10", ...]`` -> typed values of the config's fields."""
     from dataclasses import fields
@@ -197,7 +232,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field, e.g. --set update_epochs=10")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--eval-episodes", type=int, default=100)
+    p.add_argument("--keystore", type=Path, default=None,
+                   help="subject key store for envs with personal data (default: a temporary one)")
     args = p.parse_args(argv)
+    import tempfile
+
     import torch
 
     torch.set_num_threads(args.threads)
@@ -205,9 +245,19 @@ def main(argv: list[str] | None = None) -> None:
     config = a.config_cls(seed=args.seed, **parse_overrides(a.config_cls, args.set))
     env, env_id, ver = make_env(args.env, continuous=args.continuous)
     transport = KafkaTransport(args.bootstrap, args.prefix) if args.bootstrap else MemoryTransport()
-    from producers.policies import RandomPolicy
+    protector = None
+    if hasattr(env, "subject_fields"):  # mailbox_v0: personal data is written only pseudonymized + encrypted
+        from eventlog.privacy import FieldProtector, LocalKeyStore
 
-    random_return = evaluate(env, RandomPolicy(env, seed=args.seed), 100, seed=10_000)
+        ks = args.keystore or Path(tempfile.mkdtemp(prefix="marlgrc-keys-")) / "subjects.db"
+        protector = FieldProtector(LocalKeyStore(ks))
+    from producers.policies import HeuristicPolicy, RandomPolicy
+
+    n_eval = args.eval_episodes
+    baselines = {"random": evaluate_security(env, RandomPolicy(env, seed=args.seed), n_eval, seed=10_000)}
+    if hasattr(env, "heuristic_action"):
+        baselines["heuristic"] = evaluate_security(env, HeuristicPolicy(env), n_eval, seed=10_000)
+    random_return = baselines["random"]["mean_return"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
 
@@ -221,14 +271,49 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(row), flush=True)
 
     res = train_online(env, env_id, ver, args.algo, transport=_ClearingTransport(transport), iterations=args.iterations,
-                       seed=args.seed, config=config, time_budget_s=args.minutes * 60, on_update=dump)
-    final = evaluate(env, res.learner, 100, seed=10_000)
+                       seed=args.seed, config=config, time_budget_s=args.minutes * 60, on_update=dump,
+                       protector=protector)
+    learner = res.learner
+    if args.algo == "dqn":
+        learner.episodes = 10**9  # evaluate at the final epsilon, not the one of the last batch
+    final = evaluate(env, learner, n_eval, seed=10_000)
+    baselines["learned (sampled)"] = evaluate_security(env, learner, n_eval, seed=10_000)
+    baselines["learned (greedy)"] = evaluate_security(env, GreedyPolicy(learner), n_eval, seed=10_000)
     args.out.write_text(json.dumps({"env": args.env, "algo": args.algo, "seed": args.seed,
                                     "transport": "kafka" if args.bootstrap else "memory",
                                     "config": asdict(config), "random_return": random_return,
-                                    "final_eval_return": final, "curve": rows},
+                                    "final_eval_return": final, "policies": baselines, "curve": rows},
                                    indent=1))
-    print(f"random {random_return:.2f} -> trained {final:.2f} (mean team return over 100 episodes)")
+    print(f"random {random_return:.2f} -> trained {final:.2f} (mean team return over {n_eval} episodes)")
+    for name, row in baselines.items():
+        print(f"{name:18s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
+
+
+class GreedyPolicy:
+    """A learner's deterministic policy (argmax / Gaussian mean: what ONNX exports), as a Policy."""
+
+    def __init__(self, learner: Any):
+        self.learner = learner
+        self.version = learner.version + "-greedy"
+
+    def act(self, observations, state=None) -> dict:
+        import numpy as np
+        import torch
+
+        spec = self.learner.spec
+        live = [a for a in spec.agents if a in observations]
+        x = np.zeros((len(live), spec.obs_dim + len(spec.agents)), np.float32)
+        for j, a in enumerate(live):
+            o = np.asarray(observations[a], np.float32).ravel()
+            x[j, :o.shape[0]] = o
+            x[j, spec.obs_dim + spec.agents.index(a)] = 1.0
+        with torch.no_grad():
+            acts = self.learner.greedy(torch.as_tensor(x)).numpy()
+        if spec.discrete:
+            start = spec.action_space.start
+            return {a: (int(acts[j]) + start, 0.0) for j, a in enumerate(live)}
+        low, high = np.asarray(spec.action_space.low, np.float32), np.asarray(spec.action_space.high, np.float32)
+        return {a: (np.clip(acts[j], low, high), 0.0) for j, a in enumerate(live)}
 
 
 class _ClearingTransport:

@@ -14,7 +14,6 @@ both drive this class, so the same input and rule version give the same payloads
 """
 from __future__ import annotations
 
-import base64
 import json
 from collections import deque
 from dataclasses import dataclass, field
@@ -83,14 +82,17 @@ def _outcome(j: list) -> fair.StepOutcome:
 class Processor:
     """Feed it input records; it returns the events to produce (already sealed, in order).
 
-    ``rules_override`` applies one rule set to every run (reprocessing with new rules) instead of
+    ``max_pending`` / ``max_states`` bound what waits for a join (None: unbounded, for batch mode,
+    where ``finish()`` dead-letters what never joined). ``rules_override`` applies one rule set
+    to every run (reprocessing with new rules) instead of
     choosing by the run's env id; ``default_env`` is the rule set for envs without their own and
     for runs whose run.started has not arrived after ``max_pending`` joint actions.
     """
 
     def __init__(self, *, consumer: str = "marlgrc-di", producer_id: str = "marlgrc-di",
                  default_env: str = "passthrough", rules_override: str | None = None,
-                 window: int = 100, hop: int = 25, max_pending: int = 1000, max_states: int = 4096,
+                 window: int = 100, hop: int = 25, max_pending: int | None = 1000,
+                 max_states: int | None = 1000,
                  credit_stream: str = "credit", fairness_stream: str = "fairness",
                  codec: Codec | None = None, clock: Callable[[], int] = now_micros):
         self.consumer = consumer
@@ -175,7 +177,7 @@ class Processor:
             if name == "env_state":
                 r = self._run(rec["run_id"])
                 r.states[bytes(value[-32:]).hex()] = [list(rec["state"]), list(rec["flags"])]
-                while len(r.states) > self.max_states:  # a state no joint action named
+                while self.max_states is not None and len(r.states) > self.max_states:  # a state no joint action named
                     r.states.pop(next(iter(r.states)))
                 return self._drain(r)
             if name == "joint_action":
@@ -187,12 +189,26 @@ class Processor:
                     "hash": bytes(value[-32:]).hex(), "sources": [bytes(h).hex() for h in rec["source_event_hashes"]],
                     "policy_version": rec["policy_version"], "episode": rec["episode"], "step": rec["step"],
                     "actions": [{k: (list(v) if k == "continuous" else v) for k, v in a.items()} for a in rec["actions"]],
-                    "where": [topic, partition, offset], "key": raw_key.decode("utf-8", "replace"),
-                    "value": base64.b64encode(value).decode()})
+                    "where": [topic, partition, offset], "key": raw_key.decode("utf-8", "replace")})
                 return self._drain(r)
             return []  # run.finished: nothing to derive
         except (InvalidDecision, KeyError, TypeError, ValueError) as exc:
             return [self._dead(topic, partition, offset, raw_key, value, "invalid", f"{name}: {exc}")]
+
+    def backlog(self) -> tuple[int, int]:
+        """(most joint actions waiting in one run, most states waiting in one run): the worker pauses
+        the topic that runs ahead, so that snapshots stay small."""
+        return (max((len(r.pending) for r in self.runs.values()), default=0),
+                max((len(r.states) for r in self.runs.values()), default=0))
+
+    def finish(self) -> list[Event]:
+        """End of a batch: joint actions still waiting can never join; dead-letter them (or score
+        them with the default rule set when only run.started is missing)."""
+        saved, self.max_pending = self.max_pending, -1
+        try:
+            return [ev for r in list(self.runs.values()) for ev in self._drain(r)]
+        finally:
+            self.max_pending = saved
 
     def _rules_for(self, r: RunState) -> RuleSet:
         env = r.rules_env
@@ -205,7 +221,7 @@ class Processor:
         out: list[Event] = []
         while r.pending:
             ja = r.pending[0]
-            over = len(r.pending) > self.max_pending
+            over = self.max_pending is not None and len(r.pending) > self.max_pending
             if r.rules_env is None:
                 if self.rules_override:
                     r.rules_env = self.rules_override
@@ -221,10 +237,10 @@ class Processor:
                     break
                 r.pending.popleft()
                 t, p, o = ja["where"]
-                out.append(self._dead(t, p, o, ja["key"].encode(), base64.b64decode(ja["value"]), "unjoinable",
+                out.append(self._dead(t, p, o, ja["key"].encode(), b"", "unjoinable",
                                       f"joint.action {ja['hash']} (episode {ja['episode']} step {ja['step']}): none of "
-                                      f"its source events is an env.state seen within {self.max_pending} later "
-                                      f"joint actions; check the producer wrote marl.env.state"))
+                                      f"its source events is an env.state that reached this processor "
+                                      f"(gave up waiting); check the producer wrote marl.env.state"))
                 continue
             r.pending.popleft()
             st, flags = r.states.pop(state_hash)
@@ -232,7 +248,7 @@ class Processor:
                 out.extend(self._credit(r, ja, state_hash, {"state": st, "flags": flags}))
             except InvalidDecision as exc:
                 t, p, o = ja["where"]
-                out.append(self._dead(t, p, o, ja["key"].encode(), base64.b64decode(ja["value"]), "invalid",
+                out.append(self._dead(t, p, o, ja["key"].encode(), b"", "invalid",
                                       f"joint.action {ja['hash']}: {exc}"))
         return out
 

@@ -42,8 +42,10 @@ class WorkerConfig:
     prefix: str = ""
     name: str = "di"
     """Worker identity: transactional id, consumer group, dlq chain and state keys derive from it."""
-    batch: int = 2000
+    batch: int = 500
     """At most this many input records per transaction."""
+    backlog: int = 200
+    """Pause the topic that runs ahead once this many of its records wait for a join."""
     poll_timeout: float = 0.1
     default_env: str = "passthrough"
     metrics_port: int | None = None
@@ -105,6 +107,7 @@ class Worker:
         self.metrics = metrics or Metrics(config.metrics_port)
         self.offsets: dict[tuple[str, int], int] = {}  # (logical topic, partition) -> next offset
         self._stop = False
+        self._paused: dict[str, bool] = {}
         self.committed_batches = 0
         self.produced = 0
 
@@ -165,12 +168,29 @@ class Worker:
                     self._update_lag(consumer, tps)
                     last_lag = now
                 msgs = [x for x in msgs if x.error() is None or self._check(x)]
-                if not msgs:
-                    continue
-                self._transaction(producer, consumer, msgs)
+                if msgs:
+                    self._transaction(producer, consumer, msgs)
+                self._flow_control(consumer, tps)
         finally:
             consumer.close()
             producer.flush(10)
+
+    def _flow_control(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
+        """Joint actions wait for their states and states for their actions: pause whichever input
+        runs ahead (the broker keeps the rest), so the state committed per transaction stays small.
+        When both are behind, the head action's state is missing: resume both and let the
+        processor dead-letter it."""
+        pending, states = self.processor.backlog()
+        limit = self.config.backlog
+        pause = {"marl.joint.action": pending > limit and states <= limit,
+                 "marl.env.state": states > limit and pending <= limit}
+        plen = len(self.config.prefix)
+        for topic, want in pause.items():
+            if want == self._paused.get(topic, False):
+                continue
+            these = [tp for tp in tps if tp.topic[plen:] == topic]
+            (consumer.pause if want else consumer.resume)(these)
+            self._paused[topic] = want
 
     @staticmethod
     def _check(msg) -> bool:

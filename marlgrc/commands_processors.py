@@ -1,0 +1,106 @@
+"""CLI: ``marlgrc process`` (the live decision interpreter + fairness worker) and
+``marlgrc reprocess --run R`` (the same pure functions over a replayed range)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .config import Settings
+
+console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def process(
+        name: str = typer.Option("di", help="worker name: its transactional id, consumer group and state keys"),
+        metrics_port: Optional[int] = typer.Option(9308, help="Prometheus port on 127.0.0.1 (0: none)"),
+        default_env: str = typer.Option("passthrough", help="rule set for envs without their own"),
+        batch: int = typer.Option(500, help="input records per transaction, at most"),
+        home: Optional[Path] = typer.Option(None, "--home"), bootstrap: Optional[str] = typer.Option(None, "--bootstrap"),
+        prefix: Optional[str] = typer.Option(None, "--prefix"),
+    ) -> None:
+        """Run the decision interpreter and fairness metrics, exactly once, until Ctrl-C."""
+        from confluent_kafka import KafkaException
+
+        from eventlog.kafka import BrokerUnavailable, ensure_topics
+        from stream_processors.rules import RULE_SETS
+        from stream_processors.worker import WorkerConfig, serve
+
+        if default_env not in RULE_SETS:
+            _fail(f"--default-env {default_env!r} is not a rule set; use one of {sorted(RULE_SETS)}")
+        s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
+        try:
+            boot = s.resolve_bootstrap()
+            ensure_topics(boot, s.prefix)
+        except (BrokerUnavailable, SystemExit) as exc:
+            _fail(str(exc))
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        console.print(f"processing {s.prefix or ''}marl.* on {boot} as {name!r}"
+                      + (f"; metrics on http://127.0.0.1:{metrics_port}/metrics" if metrics_port else ""))
+        try:
+            serve(WorkerConfig(boot, s.prefix, name, batch, default_env=default_env,
+                               metrics_port=metrics_port or None))
+        except (KafkaException, OSError) as exc:
+            _fail(f"processor {name!r} stopped: {exc}", 1)
+
+    @app.command()
+    def reprocess(
+        run: str = typer.Option(..., "--run", help="run id to replay"),
+        rules: Optional[str] = typer.Option(None, help="apply this rule set to the run instead of its env's"),
+        default_env: str = typer.Option("passthrough", help="rule set for envs without their own"),
+        since_ms: Optional[int] = typer.Option(None, help="replay from this timestamp (ms) instead of the start"),
+        write: bool = typer.Option(False, "--write", help="send the results to Kafka on chains "
+                                   "{run}:credit:reprocess:<rules> / {run}:fairness:reprocess:<rules>"),
+        out: Optional[Path] = typer.Option(None, "--out", help="write the results as JSON lines here"),
+        home: Optional[Path] = typer.Option(None, "--home"), bootstrap: Optional[str] = typer.Option(None, "--bootstrap"),
+        prefix: Optional[str] = typer.Option(None, "--prefix"),
+    ) -> None:
+        """Apply the rules to a run's replayed joint actions; same input and rule version give the
+        live processor's outputs."""
+        from eventlog.kafka import BrokerUnavailable, DeliveryError, EventProducer
+        from stream_processors.replay import payload_fields, reprocess as replay
+        from stream_processors.rules import RULE_SETS
+
+        for r in (rules, default_env):
+            if r is not None and r not in RULE_SETS:
+                _fail(f"{r!r} is not a rule set; use one of {sorted(RULE_SETS)}")
+        s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
+        tag = f"reprocess:{rules or 'env'}"
+        try:
+            boot = s.resolve_bootstrap()
+            events = replay(boot, run, prefix=s.prefix, rules_override=rules, default_env=default_env,
+                            credit_stream=f"credit:{tag}" if write else "credit",
+                            fairness_stream=f"fairness:{tag}" if write else "fairness", start_timestamp_ms=since_ms)
+        except (BrokerUnavailable, KeyError, SystemExit) as exc:
+            _fail(str(exc).strip("'\""))
+        if not any(e.topic == "marl.di.credit" for e in events):
+            _fail(f"run {run!r} has no joint actions that could be scored under prefix {s.prefix!r}; "
+                  f"check the run id (`marlgrc verify --run {run}` lists its chains)", 1)
+        if out is not None:
+            with out.open("w") as fh:
+                for e in events:
+                    fh.write(json.dumps({"topic": e.topic, "chain_id": e.chain_id, "seq": e.seq,
+                                         "payload": payload_fields(e.value)}, default=lambda b: b.hex()) + "\n")
+        if write:
+            sink = EventProducer(boot, prefix=s.prefix)
+            try:
+                for e in events:
+                    sink.send(e.topic, e.chain_id, e.value)
+                sink.flush()
+            except DeliveryError as exc:
+                _fail(str(exc), 1)
+        counts: dict[str, int] = {}
+        for e in events:
+            counts[e.event_type] = counts.get(e.event_type, 0) + 1
+        print(json.dumps({"run": run, "events": counts, "written": write, "out": str(out) if out else None}))

@@ -1,0 +1,212 @@
+"""Decision interpreter rules: penalties, clipping, normalization, splits, rule selection; and the
+processor state machine (join order, dead letters, snapshot/restore) without Kafka."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from eventlog.codec import default_codec
+from eventlog.log import EventLog, MemorySink
+from marlgrc.demo import synthetic_run
+from stream_processors import rules as R
+from stream_processors.processor import INPUT_TOPICS, Processor
+from stream_processors.replay import comparable
+
+
+def act(aid, a, r=0.0, done=False, cont=()):
+    return R.AgentAct(aid, a, tuple(cont), r, False, done)
+
+
+def mailbox(*acts, state=(), flags=()):
+    return R.Decision(0, 0, tuple(acts), tuple(state), tuple(flags))
+
+
+def test_late_fusion_orders_discrete_then_continuous():
+    assert R.late_fusion([act("a", 2), act("b", -1, cont=(0.5, -0.5)), act("c", 0)]) == (2.0, 0.5, -0.5, 0.0)
+
+
+def test_mailbox_conflict_get_and_bin_on_the_same_item():
+    rules = R.MailboxRules()
+    pens = rules.penalties(mailbox(act("get_0", 1), act("open_0", 0), act("bin_0", 1)))
+    assert {(p.rule, p.agent_id, p.amount) for p in pens} == {
+        ("conflict_get_bin", "get_0", 0.25), ("conflict_get_bin", "bin_0", 0.25)}
+    assert rules.penalties(mailbox(act("get_0", 1), act("open_0", 0), act("bin_0", 0))) == []
+
+
+def test_mailbox_plain_open_of_a_malicious_item_is_a_breach():
+    rules = R.MailboxRules()
+    breach = rules.penalties(mailbox(act("get_0", 0), act("open_0", 1), act("bin_0", 0), flags=("malicious",)))
+    assert [(p.rule, p.agent_id, p.amount) for p in breach] == [("security_breach_open_malicious", "open_0", 1.0)]
+    # safe semantics are not a breach; a plain OPEN of a benign item is not either
+    for safe in (2, 3, 4):
+        assert rules.penalties(mailbox(act("open_0", safe), flags=("malicious",))) == []
+    assert rules.penalties(mailbox(act("open_0", 1))) == []
+
+
+def test_mailbox_malicious_from_state_layout_in_run_config():
+    rules = R.rules_for("mailbox_v0", json.dumps({"state_layout": {"malicious": 2}}))
+    assert rules.malicious(mailbox(state=(0.0, 0.0, 1.0)))
+    assert not rules.malicious(mailbox(state=(1.0, 1.0, 0.0)))
+
+
+def test_mailbox_shares_route_penalties_and_sum_to_global():
+    rules = R.MailboxRules()
+    d = mailbox(act("get_0", 1, 1.0), act("open_0", 1, 1.0), act("bin_0", 1, 1.0), flags=("malicious",))
+    credit, norm = rules.interpret(d, R.Normalizer())
+    assert credit.raw_reward == 3.0
+    # penalties: get/bin 0.5, open/bin 0.5, breach 1.0 -> pre = 1.0; first sample: scale 1
+    assert credit.global_reward == pytest.approx(1.0)
+    shares = {s.agent_id: s for s in credit.shares}
+    assert sum(s.credit for s in credit.shares) == pytest.approx(credit.global_reward)
+    assert shares["open_0"].credit < shares["get_0"].credit  # the breach lands on the opener
+    assert shares["bin_0"].rule == "team_share+penalty_routing"
+    assert norm.count == 1
+
+
+def test_mailbox_unknown_role_or_action_is_invalid():
+    with pytest.raises(R.InvalidDecision, match="no known role"):
+        R.MailboxRules().penalties(mailbox(act("robot_1", 0)))
+    with pytest.raises(R.InvalidDecision, match="outside"):
+        R.MailboxRules().penalties(mailbox(act("bin_0", 7)))
+
+
+def test_clipping_then_running_normalization():
+    rules = R.MailboxRules()
+    norm = R.Normalizer()
+    credit, norm = rules.interpret(mailbox(act("get_0", 0, 50.0)), norm)
+    assert credit.global_reward == 2.0  # clipped to clip_at, scale 1 before two samples
+    credit, norm = rules.interpret(mailbox(act("get_0", 0, -50.0)), norm)
+    # clipped values 2, -2: std 2 -> scale 0.5
+    assert norm.scale == pytest.approx(0.5)
+    assert credit.global_reward == pytest.approx(-1.0)
+
+
+def test_normalizer_matches_population_std():
+    xs = [0.3, -1.2, 2.0, 0.7, 0.0]
+    n = R.Normalizer()
+    for x in xs:
+        n = n.update(x)
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs))
+    assert n.mean == pytest.approx(mean) and n.scale == pytest.approx(1 / std)
+
+
+def test_sandbox_review_cost_and_contradictory_containment():
+    rules = R.SandboxRules()
+    d = R.Decision(0, 0, (act("a", 0, 1.0), act("b", 2, 1.0), act("c", 4, 0.0)))
+    pens = rules.penalties(d)
+    assert ("human_review_cost", "c", 0.05) in {(p.rule, p.agent_id, p.amount) for p in pens}
+    assert {p.agent_id for p in pens if p.rule == "conflict_monitor_contain"} == {"a", "b"}
+    credit, _ = rules.interpret(d, R.Normalizer())
+    assert sum(s.credit for s in credit.shares) == pytest.approx(credit.global_reward)
+    assert {s.rule for s in credit.shares} == {"own_signal_scaled"}
+
+
+def test_passthrough_clips_each_agent():
+    credit, norm = R.PassThroughRules().interpret(R.Decision(0, 0, (act("a", 0, 25.0), act("b", 0, -3.0))),
+                                                  R.Normalizer())
+    assert [(s.credit, s.rule) for s in credit.shares] == [(10.0, "passthrough_clipped"), (-3.0, "passthrough_clipped")]
+    assert credit.global_reward == 7.0 and credit.raw_reward == 22.0 and norm == R.Normalizer()
+
+
+def test_rule_selection_by_env_id():
+    assert R.rules_for("mailbox_v0").version == "mailbox_v0/di-1"
+    assert R.rules_for("sandbox_v0").version == "sandbox_v0/di-1"
+    assert R.rules_for("simple_spread_v3").version == "passthrough/di-1"
+    assert R.rules_for("simple_spread_v3", default="sandbox_v0").version == "sandbox_v0/di-1"
+    with pytest.raises(ValueError, match="no rule set"):
+        R.rules_for(None, default="nope")
+
+
+@given(st.lists(st.tuples(st.integers(0, 4), st.floats(-100, 100, allow_nan=False)), min_size=1, max_size=6),
+       st.booleans())
+def test_shares_always_sum_to_the_global_reward(acts, malicious):
+    roles = ["get", "open", "bin"]
+    d = R.Decision(0, 0, tuple(act(f"{roles[i % 3]}_{i}", a % (5 if i % 3 == 1 else 2), r) for i, (a, r) in enumerate(acts)),
+                   (), ("malicious",) if malicious else ())
+    for rules in (R.MailboxRules(), R.SandboxRules(), R.PassThroughRules()):
+        credit, _ = rules.interpret(d, R.Normalizer(3, 0.1, 2.0))
+        assert sum(s.credit for s in credit.shares) == pytest.approx(credit.global_reward, abs=1e-9)
+        assert all(math.isfinite(s.credit) for s in credit.shares)
+
+
+# ------------------------------------------------------------------ processor state machine
+
+
+def _run_records(episodes=2, steps=30, agents=3):
+    sink = MemorySink()
+    synthetic_run(EventLog(sink, run_id="r", producer_id="p"), episodes=episodes, steps=steps, agents=agents)
+    return [(t, k, v) for t, k, v in sink.sent if t in INPUT_TOPICS]
+
+
+def _feed(p, recs):
+    out = []
+    for i, (t, k, v) in enumerate(recs):
+        out += p.feed(t, 0, i, k, v)
+    return out
+
+
+def test_processor_output_does_not_depend_on_topic_interleaving():
+    recs = _run_records()
+    in_order = _feed(Processor(), recs)
+    # worst case for the join: every joint action before any state, run.started last
+    by_topic = sorted(recs, key=lambda r: {"marl.joint.action": 0, "marl.env.state": 1}.get(r[0], 2))
+    shuffled = _feed(Processor(), by_topic)
+    assert [comparable(e.value) for e in in_order] == [comparable(e.value) for e in shuffled]
+    assert sum(e.event_type == "di.credit" for e in in_order) == 60
+
+
+def test_processor_snapshot_restore_continues_the_chain():
+    recs = _run_records()
+    whole = _feed(Processor(), recs)
+    a = Processor()
+    first = _feed(a, recs[:70])
+    b = Processor()
+    b.restore("r", a.snapshot("r"))
+    b.restore_dlq(a.snapshot_dlq())
+    rest = []
+    for i, (t, k, v) in enumerate(recs[70:], start=70):
+        rest += b.feed(t, 0, i, k, v)
+    assert [comparable(e.value) for e in first + rest] == [comparable(e.value) for e in whole]
+    # the restored writer links to the head it restored: no fork
+    codec = default_codec()
+    credits = [e for e in first + rest if e.event_type == "di.credit"]
+    for prev, nxt in zip(credits, credits[1:]):
+        assert codec.decode(nxt.value)[1]["prev_event_hash"] == prev.event_hash
+
+
+def test_processor_dead_letters_bad_input_and_goes_on():
+    recs = _run_records(episodes=1, steps=5)
+    p = Processor()
+    codec = default_codec()
+    edited = bytearray(recs[-1][2])
+    edited[-40] ^= 1
+    letters = p.feed("marl.joint.action", 1, 7, "k", b"garbage")
+    letters += p.feed("marl.joint.action", 1, 8, "k", bytes(edited))
+    letters += p.feed("marl.env.state", 1, 9, "k", recs[-1][2])  # a joint action on the state topic
+    kinds = [codec.decode(e.value)[1]["error_kind"] for e in letters]
+    assert kinds == ["not_single_object", "integrity", "wrong_schema"]
+    d = codec.decode(letters[0].value)[1]
+    assert (d["source_topic"], d["source_partition"], d["source_offset"], d["payload"]) == \
+        ("marl.joint.action", 1, 7, b"garbage")
+    assert [e.event_type for e in _feed(p, recs)].count("di.credit") == 5
+    assert p.dlq_head.seq == 2
+
+
+def test_processor_unjoinable_action_goes_to_dead_letters_at_finish():
+    recs = [r for r in _run_records(episodes=1, steps=4) if r[0] != "marl.env.state"]
+    p = Processor(max_pending=None)
+    assert [e.event_type for e in _feed(p, recs)] == []
+    letters = p.finish()
+    assert [default_codec().decode(e.value)[1]["error_kind"] for e in letters] == ["unjoinable"] * 4
+
+
+def test_rules_override_sets_rule_version():
+    recs = _run_records(episodes=1, steps=3)
+    outs = _feed(Processor(rules_override="sandbox_v0"), recs)
+    assert {default_codec().decode(e.value)[1]["rule_version"] for e in outs if e.event_type == "di.credit"} == \
+        {"sandbox_v0/di-1"}
