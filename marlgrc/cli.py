@@ -85,40 +85,32 @@ def status(home: Optional[Path] = HomeOpt) -> None:
 # ---------------------------------------------------------------- demo
 @app.command()
 def demo(home: Optional[Path] = HomeOpt, bootstrap: Optional[str] = BootOpt, prefix: Optional[str] = PrefixOpt,
-         episodes: int = typer.Option(3, help="episodes of the synthetic run"),
-         steps: int = typer.Option(50, help="steps per episode"),
-         agents: int = typer.Option(3, help="number of agents"),
+         episodes: int = typer.Option(3, help="mailbox_v0 episodes"),
          seed: int = typer.Option(0)) -> None:
-    """The main job end to end: start Kafka if needed, stream a multi-agent run through it, verify it."""
+    """The main job end to end: start Kafka if needed; run mailbox_v0 through the producers, a stream
+    processor worker and the encrypted ledger; verify every chain; print the verdict."""
     from compose import ServiceError, start_kafka
-    from eventlog.checkpoint import Signer
-    from eventlog.kafka import EventProducer, ensure_topics
-    from eventlog.log import EventLog
+    from eventlog.kafka import BrokerUnavailable, DeliveryError
 
-    from .demo import synthetic_run
+    from .main_job import run_main_job
 
     s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
     boot = s.bootstrap
     if boot is None:
         try:
-            with console.status("starting Kafka…"):
+            with console.status("starting Kafka (the first run fetches its jars from Maven Central)…"):
                 boot = start_kafka(s.home).bootstrap
         except ServiceError as exc:
             fail(str(exc))
-    ensure_topics(boot, s.prefix)
-    signer = Signer.load_or_create(s.signing_key)
-    run_id = f"demo-{uuid.uuid4().hex[:8]}"
-    producer = EventProducer(boot, prefix=s.prefix, client_id="marlgrc-demo")
-    log = EventLog(producer, run_id=run_id, producer_id="demo", signer=signer, checkpoint_every=500)
-    with progress_bar(episodes * steps, "streaming steps") as bar:
-        task = bar.add_task("steps", total=episodes * steps)
-        counts = synthetic_run(log, episodes=episodes, steps=steps, agents=agents, seed=seed,
-                               progress=lambda n: bar.advance(task, n))
-        log.close()
-    out.print(f"run {run_id}: {counts['steps']} steps, {counts['events']} events written to {boot}")
-    ok = _verify_and_print(boot, s.prefix, run_id, signer.public_key)
-    out.print(f"verdict: {'VERIFIED' if ok else 'BROKEN'} (run {run_id})")
-    if not ok:
+    try:
+        result = run_main_job(boot, s.prefix, s.home, episodes=episodes, seed=seed,
+                              say=lambda line: out.print(line, highlight=False))
+    except (BrokerUnavailable, DeliveryError) as exc:
+        fail(str(exc))
+    for line in result.lines:
+        out.print(line, highlight=False)
+    out.print(f"verdict: {'VERIFIED' if result.ok else 'BROKEN'} (run {result.run_id})")
+    if not result.ok:
         raise typer.Exit(1)
 
 
