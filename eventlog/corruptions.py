@@ -11,7 +11,6 @@ from typing import Callable
 
 from .chain import ChainHead, ChainWriter
 from .codec import HEADER_FIELDS, default_codec
-from .hashing import seq_and_chain
 from .kafka import Record
 from .verify import CHECKPOINT_TOPIC, BreakKind
 
@@ -139,17 +138,17 @@ def bad_signature(records) -> Corrupted:
 
 _HEADER_AND_HASH = set(HEADER_FIELDS) | {"event_hash"}
 
-ALL: dict[str, Callable[..., Corrupted]] = {
-    "edited-payload": edited_payload,
-    "missing-event": missing_event,
-    "reordered": reordered,
-    "duplicated": duplicated,
-    "inserted": inserted,
-    "truncated-after-checkpoint": truncated_after_checkpoint,
-    "rewritten-chain": rewritten,
-    "bad-signature": bad_signature,
-}
-
-
-def seq_of(record: Record) -> int:
-    return seq_and_chain(record.value)[0]
+def standard_cases(topic: str = "marl.joint.action", chain_id: str = "r1:actions", seq: int = 5,
+                   keep: int = 30) -> dict[str, Callable[[list[Record]], Corrupted]]:
+    """Every corruption, aimed at one chain: the suite that tests, vectors and tools share.
+    Requires the chain to hold more than ``keep`` events and a checkpoint covering them."""
+    return {
+        "edited-payload": lambda s: edited_payload(s, topic, chain_id, seq),
+        "missing-event": lambda s: missing_event(s, topic, chain_id, seq),
+        "reordered": lambda s: reordered(s, topic, chain_id, seq),
+        "duplicated": lambda s: duplicated(s, topic, chain_id, seq),
+        "inserted": lambda s: inserted(s, topic, chain_id, seq),
+        "truncated-after-checkpoint": lambda s: truncated_after_checkpoint(s, topic, chain_id, keep),
+        "rewritten-chain": lambda s: rewritten(s, topic, chain_id),
+        "bad-signature": bad_signature,
+    }

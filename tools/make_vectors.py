@@ -79,16 +79,7 @@ def hashing_vectors() -> dict:
     }
 
 
-TAMPER = {
-    "edited-payload": lambda s: corruptions.edited_payload(s, "marl.joint.action", "r1:actions", 5),
-    "missing-event": lambda s: corruptions.missing_event(s, "marl.joint.action", "r1:actions", 5),
-    "reordered": lambda s: corruptions.reordered(s, "marl.joint.action", "r1:actions", 5),
-    "duplicated": lambda s: corruptions.duplicated(s, "marl.joint.action", "r1:actions", 5),
-    "inserted": lambda s: corruptions.inserted(s, "marl.joint.action", "r1:actions", 5),
-    "truncated-after-checkpoint": lambda s: corruptions.truncated_after_checkpoint(s, "marl.joint.action", "r1:actions", 30),
-    "rewritten-chain": lambda s: corruptions.rewritten(s, "marl.joint.action", "r1:actions"),
-    "bad-signature": corruptions.bad_signature,
-}
+TAMPER = corruptions.standard_cases()
 
 
 def main() -> None:

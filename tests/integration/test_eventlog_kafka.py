@@ -49,16 +49,7 @@ def test_written_run_replays_and_verifies(kafka, topics):
     assert len(list(read_records(kafka.bootstrap, ["marl.joint.action"], prefix=topics, start_timestamp_ms=0))) == 40
 
 
-TAMPER = {
-    "edited-payload": lambda s: corruptions.edited_payload(s, "marl.joint.action", "r1:actions", 5),
-    "missing-event": lambda s: corruptions.missing_event(s, "marl.joint.action", "r1:actions", 5),
-    "reordered": lambda s: corruptions.reordered(s, "marl.joint.action", "r1:actions", 5),
-    "duplicated": lambda s: corruptions.duplicated(s, "marl.joint.action", "r1:actions", 5),
-    "inserted": lambda s: corruptions.inserted(s, "marl.joint.action", "r1:actions", 5),
-    "truncated-after-checkpoint": lambda s: corruptions.truncated_after_checkpoint(s, "marl.joint.action", "r1:actions", 30),
-    "rewritten-chain": lambda s: corruptions.rewritten(s, "marl.joint.action", "r1:actions"),
-    "bad-signature": lambda s: corruptions.bad_signature(s),
-}
+TAMPER = corruptions.standard_cases()
 
 
 @pytest.fixture(scope="module")

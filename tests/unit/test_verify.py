@@ -35,16 +35,7 @@ def test_clean_stream_verifies():
     assert actions.checkpoints_verified == 3 and actions.signed_through_seq == 39
 
 
-CASES = {
-    "edited-payload": lambda s: corruptions.edited_payload(s, ACTIONS, "r1:actions", 5),
-    "missing-event": lambda s: corruptions.missing_event(s, ACTIONS, "r1:actions", 5),
-    "reordered": lambda s: corruptions.reordered(s, ACTIONS, "r1:actions", 5),
-    "duplicated": lambda s: corruptions.duplicated(s, ACTIONS, "r1:actions", 5),
-    "inserted": lambda s: corruptions.inserted(s, ACTIONS, "r1:actions", 5),
-    "truncated-after-checkpoint": lambda s: corruptions.truncated_after_checkpoint(s, ACTIONS, "r1:actions", 30),
-    "rewritten-chain": lambda s: corruptions.rewritten(s, ACTIONS, "r1:actions"),
-    "bad-signature": lambda s: corruptions.bad_signature(s),
-}
+CASES = corruptions.standard_cases()
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
