@@ -10,13 +10,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 import schemas as schema_files
 
-from .bundle import read_bundle, read_manifest
+from .bundle import check_manifest, read_bundle
 from .checkpoint import CheckpointStatement, signature_valid
 from .codec import default_codec
 from .hashing import seq_and_chain
 from .kafka import Record, message_batches, read_records
 from .merkle import inclusion_proof, verify_inclusion
-from .verify import CHECKPOINT_TOPIC, Report, TrustedState, Verifier
+from .verify import CHECKPOINT_TOPIC, Break, BreakKind, ChainReport, Report, TrustedState, Verifier
 
 DATA_TOPICS = tuple(t for t in schema_files.TOPICS if t != CHECKPOINT_TOPIC)
 
@@ -62,7 +62,7 @@ def verify_bundle(bundle_dir: Path, *, public_key: Ed25519PublicKey | None = Non
                   trusted: TrustedState | None = None, run_id: str | None = None,
                   progress: Callable[[int], None] | None = None) -> tuple[Report, Verifier]:
     """Verify a bundle written by ``write_bundle`` (checkpoints are stored first)."""
-    read_manifest(bundle_dir)  # a clear error for a folder that is not a bundle
+    problems = check_manifest(bundle_dir, public_key)  # also: a clear error for a folder that is not a bundle
     v = Verifier(public_key, trusted)
     entries = iter(_of_run(read_bundle(bundle_dir), run_id))
     cps: list[Record] = []
@@ -75,7 +75,14 @@ def verify_bundle(bundle_dir: Path, *, public_key: Ed25519PublicKey | None = Non
     v.add_checkpoints(cps)
     if first_data is not None:
         v.feed(_counted(itertools.chain([first_data], entries), progress))
-    return v.finish(), v
+    report = v.finish()
+    for p in problems:
+        if "not signed" in p:
+            report.notes.append(p)
+        else:
+            report.chains.insert(0, ChainReport("(bundle)", "events.avro", first_break=Break(
+                BreakKind.EDITED, "(bundle)", "events.avro", -1, -1, -1, p)))
+    return report, v
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,21 @@ class BundleError(RuntimeError):
     """A bundle is missing a part or does not match its manifest."""
 
 
+MANIFEST_TAG = b"marlgrc.bundle.v1\n"
+
+
+def manifest_message(manifest: dict) -> bytes:
+    """What a manifest signature covers: the tag and the manifest's canonical JSON without the signature."""
+    body = {k: v for k, v in manifest.items() if k != "signature"}
+    return MANIFEST_TAG + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
 def write_bundle(out_dir: Path, records: Iterable[Record], *, public_key_pem: bytes | None,
-                 meta: dict | None = None) -> dict:
-    """Write ``records`` (any order; checkpoints are put first) and return the manifest."""
+                 meta: dict | None = None, signer=None) -> dict:
+    """Write ``records`` (any order; checkpoints are put first) and return the manifest. With a
+    ``signer`` (eventlog.checkpoint.Signer) the manifest, which holds the SHA-256 of events.avro and
+    the count per topic, is signed: then even dropping the newest checkpoint, which no chain can
+    reveal, is caught."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     recs = list(records)
@@ -61,6 +73,9 @@ def write_bundle(out_dir: Path, records: Iterable[Record], *, public_key_pem: by
         "events_sha256": hashlib.sha256(events.read_bytes()).hexdigest(),
         **(meta or {}),
     }
+    if signer is not None:
+        manifest["signer_key_id"] = signer.key_id.hex()
+        manifest["signature"] = signer.sign_bytes(manifest_message(manifest)).hex()
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -82,8 +97,33 @@ def read_bundle(bundle_dir: Path) -> Iterator[Record]:
     if not path.exists():
         raise BundleError(f"{bundle_dir}: events.avro is missing; the bundle is incomplete, export it again")
     with path.open("rb") as fh:
-        for e in fastavro.reader(fh):
-            yield Record(e["topic"], e["partition"], e["offset"], e["key"], e["value"], e["timestamp"])
+        try:
+            for e in fastavro.reader(fh):
+                yield Record(e["topic"], e["partition"], e["offset"], e["key"], e["value"], e["timestamp"])
+        except (ValueError, EOFError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{path} is damaged and cannot be read as an Avro container ({exc!r}); "
+                              f"ask for a fresh export") from None
+
+
+def check_manifest(bundle_dir: Path, public_key) -> list[str]:
+    """Problems with the bundle as a whole: events.avro differs from the manifest's digest, the
+    manifest's signature fails or is missing. Empty when the bundle is sealed and intact."""
+    from cryptography.exceptions import InvalidSignature
+
+    manifest = read_manifest(bundle_dir)
+    problems = []
+    digest = hashlib.sha256((Path(bundle_dir) / "events.avro").read_bytes()).hexdigest()
+    if digest != manifest.get("events_sha256"):
+        problems.append("events.avro does not match the SHA-256 in manifest.json: the file was changed after export")
+    if "signature" not in manifest:
+        problems.append("manifest.json is not signed: the bundle's completeness (e.g. its newest checkpoint) "
+                        "cannot be checked")
+    elif public_key is not None:
+        try:
+            public_key.verify(bytes.fromhex(manifest["signature"]), manifest_message(manifest))
+        except (InvalidSignature, ValueError):
+            problems.append("manifest.json's signature does not verify with the trusted public key")
+    return problems
 
 
 def bundle_public_key(bundle_dir: Path) -> bytes | None:

@@ -142,6 +142,10 @@ class Signer:
     def sign(self, statement: CheckpointStatement) -> bytes:
         return self._key.sign(statement.to_bytes())
 
+    def sign_bytes(self, message: bytes) -> bytes:
+        """Sign a message that carries its own domain tag (e.g. a bundle manifest)."""
+        return self._key.sign(message)
+
 
 def signature_valid(public_key: Ed25519PublicKey, statement: CheckpointStatement, signature: bytes) -> bool:
     try:

@@ -213,18 +213,19 @@ def export(out_dir: Path = typer.Option(..., "--out", help="bundle folder to wri
     """Export topics (or one run) to an auditor's bundle: exact event bytes, checkpoints, public key."""
     from eventlog.audit import DATA_TOPICS
     from eventlog.bundle import write_bundle
-    from eventlog.checkpoint import public_key_pem
+    from eventlog.checkpoint import Signer, public_key_pem
     from eventlog.kafka import read_records
     from eventlog.verify import CHECKPOINT_TOPIC
 
     s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
     boot = s.resolve_bootstrap()
-    key = _public_key(None, s)
+    signer = Signer.load(s.signing_key) if s.signing_key.exists() else None
+    key = signer.public_key if signer else None
     recs = read_records(boot, [CHECKPOINT_TOPIC, *DATA_TOPICS], prefix=s.prefix)
     if run:
         recs = (r for r in recs if r.key.startswith(f"{run}:"))
     manifest = write_bundle(out_dir, recs, public_key_pem=public_key_pem(key) if key else None,
-                            meta={"run_id": run, "source": boot, "prefix": s.prefix})
+                            meta={"run_id": run, "source": boot, "prefix": s.prefix}, signer=signer)
     out.print(f"bundle {out_dir}: {manifest['events']} events ({', '.join(f'{t}={n}' for t, n in manifest['topics'].items())})")
 
 

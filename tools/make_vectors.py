@@ -89,11 +89,11 @@ def main() -> None:
     shutil.rmtree(tamper, ignore_errors=True)
     clean = stream()
     pem = public_key_pem(SIGNER.public_key)
-    write_bundle(tamper / "clean", clean, public_key_pem=pem)
+    write_bundle(tamper / "clean", clean, public_key_pem=pem, signer=SIGNER)
     (tamper / "clean" / "expected.json").write_text(json.dumps({"ok": True}) + "\n")
     for name, fn in TAMPER.items():
         records, kind, marker = fn(clean)
-        write_bundle(tamper / name, records, public_key_pem=pem)
+        write_bundle(tamper / name, records, public_key_pem=pem, signer=SIGNER)
         (tamper / name / "expected.json").write_text(json.dumps({
             "ok": False, "kind": kind.value, "topic": marker.topic, "chain_id": marker.key,
             "partition": marker.partition, "offset": marker.offset}, indent=2) + "\n")
