@@ -27,10 +27,14 @@ class TopicSpec:
     name: str
     partitions: int
     classification: str
+    compacted: bool = False
+    """Keyed state topics only (a processor's committed state); never an audit topic."""
 
     @property
     def config(self) -> dict[str, str]:
         # Audit topics are never compacted: compaction would remove links from a hash chain.
+        if self.compacted:
+            return {"cleanup.policy": "compact", "min.insync.replicas": "1"}
         return {
             "cleanup.policy": "delete",
             "retention.ms": str(RETENTION_DAYS[self.classification] * MICROS_PER_DAY // 1000),
