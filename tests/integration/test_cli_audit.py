@@ -84,3 +84,21 @@ def test_errors_say_what_to_do(tmp_path):
     key.chmod(0o644)
     code, out = invoke("public-key", "--home", tmp_path)
     assert code != 0
+
+
+def test_up_status_down(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    home.chmod(0o755)
+    try:
+        code, out = invoke("up", "--home", home)
+        assert code == 0, out
+        assert "topics created: 10" in out
+        code, out = invoke("status", "--home", home)
+        assert code == 0 and "kafka: 127.0.0.1:" in out
+        assert invoke("up", "--home", home)[0] == 0  # idempotent: the running broker, no new topics
+    finally:
+        code, out = invoke("down", "--home", home, "--purge")
+    assert code == 0 and "kafka stopped" in out
+    code, out = invoke("status", "--home", home)
+    assert code == 1 and "kafka: not running" in out
