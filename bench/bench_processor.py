@@ -1,10 +1,11 @@
-"""Credit events/s: one faust worker (and the exactly-once transactional worker) against a bare
-confluent-kafka consume -> compute -> produce loop running the same Processor, in the same run.
+"""Credit events/s through the exactly-once DI worker against a bare confluent-kafka consume ->
+compute -> produce loop running the same Processor, in the same run; and the faust-streaming
+fairness app (credit -> fairness, exactly once) against a bare loop running the same pure function.
 
     PYTHONPATH=. python bench/bench_processor.py [--bootstrap HOST:PORT] [--actions 20000]
 
-Targets (issue 4): faust / bare >= 0.5 and >= 5,000 credit events/s per worker. Rates are measured
-between a consumer's first and last committed credit event, so worker start-up is not counted.
+Targets (issue 4): worker / bare >= 0.5 and >= 5,000 credit events/s per worker. Rates are measured
+between the first and last output's produce timestamps (read_committed), so start-up is not counted.
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ sys.path.insert(0, str(ROOT))
 from eventlog.kafka import EventProducer, ensure_topics, read_records  # noqa: E402
 from eventlog.log import EventLog  # noqa: E402
 from marlgrc.demo import synthetic_run  # noqa: E402
+from eventlog.chain import ChainWriter  # noqa: E402
+from eventlog.codec import default_codec  # noqa: E402
+from stream_processors import credit_fairness as cf  # noqa: E402
 from stream_processors.processor import INPUT_TOPICS, Processor  # noqa: E402
 
 
@@ -36,12 +40,13 @@ def write_inputs(bootstrap: str, prefix: str, actions: int) -> None:
     sink.flush()
 
 
-def count_credits(bootstrap: str, prefix: str, expected: int, timeout: float) -> tuple[int, float]:
+def count_credits(bootstrap: str, prefix: str, expected: int, timeout: float,
+                  topic: str = "marl.di.credit") -> tuple[int, float]:
     """(credits seen, seconds between the first and the last credit's produce timestamps), read_committed.
     Produce (CreateTime) timestamps make the measure the same for every contender, whenever it is read."""
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4()}", "isolation.level": "read_committed",
                   "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    c.subscribe([prefix + "marl.di.credit"])
+    c.subscribe([prefix + topic])
     n, first, last = 0, None, None
     deadline = time.monotonic() + timeout
     try:
@@ -79,6 +84,40 @@ def bare_loop(bootstrap: str, src: str, dst: str, expected: int) -> None:
     c.close()
 
 
+def bare_fairness_loop(bootstrap: str, src: str, dst: str, expected: int) -> None:
+    """consume di.credit -> credit_fairness.step + seal -> produce (idempotent), in this process."""
+    codec = default_codec()
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-bf-{uuid.uuid4()}",
+                  "isolation.level": "read_committed", "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    c.subscribe([src + "marl.di.credit"])
+    prod = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 5,
+                     "queue.buffering.max.messages": 1_000_000})
+    states: dict[str, cf.ChainState] = {}
+    made = 0
+    deadline = time.monotonic() + 300
+    while made < expected and time.monotonic() < deadline:
+        for m in c.consume(1000, 0.2):
+            if m.error() is not None:
+                continue
+            _, rec = codec.decode(m.value())
+            st = states.setdefault(rec["chain_id"], cf.ChainState())
+            for kind, payload, sources, rule in cf.step(st, m.offset(), rec, m.value()[-32:]):
+                chain = cf.output_chain(rec["chain_id"], kind)
+                head = st.episode_head if kind == "episode" else st.sliding_head
+                w = ChainWriter("marl.fairness.metrics", chain, rec["run_id"], "bench", head=head, codec=codec)
+                ev = w.append("fairness.metrics", payload, rule_version=rule, source_event_hashes=sources)
+                if kind == "episode":
+                    st.episode_head = w.head
+                else:
+                    st.sliding_head = w.head
+                prod.produce(dst + "marl.fairness.metrics", ev.value, chain, partition=m.partition())
+                made += 1
+            st.to_bytes()  # the faust app serializes its table row per record; so does this loop
+        prod.poll(0)
+    prod.flush(60)
+    c.close()
+
+
 def copy_inputs(bootstrap: str, src: str, dst: str) -> None:
     """The same input records under another prefix, so each contender starts from offset 0."""
     sink = EventProducer(bootstrap, prefix=dst)
@@ -87,12 +126,22 @@ def copy_inputs(bootstrap: str, src: str, dst: str) -> None:
     sink.flush()
 
 
-def subprocess_worker(cmd: list[str], env: dict, bootstrap: str, prefix: str, expected: int) -> tuple[int, float, str]:
+def copy_topic(bootstrap: str, src: str, dst: str, topic: str) -> None:
+    """One topic's records under another prefix, keeping each record's partition."""
+    prod = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "queue.buffering.max.messages": 1_000_000})
+    for r in read_records(bootstrap, [topic], prefix=src):
+        prod.produce(dst + topic, r.value, r.key, partition=r.partition)
+        prod.poll(0)
+    prod.flush(60)
+
+
+def subprocess_worker(cmd: list[str], env: dict, bootstrap: str, prefix: str, expected: int,
+                      topic: str = "marl.di.credit") -> tuple[int, float, str]:
     log = Path(f"/tmp/bench-{uuid.uuid4().hex[:6]}.log")
     w = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
                          stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        n, dt = count_credits(bootstrap, prefix, expected, timeout=300)
+        n, dt = count_credits(bootstrap, prefix, expected, timeout=300, topic=topic)
     finally:
         os.killpg(w.pid, signal.SIGTERM)
         try:
@@ -140,22 +189,39 @@ def main() -> None:
     if got < n:
         results["transactional_worker"]["log_tail"] = tail
 
-    # 3. faust worker, exactly_once
+    # 3. faust fairness app (exactly_once) vs a bare loop with the same pure function, over the credit
+    # events the transactional worker just wrote (rates in credit events/s: outputs x hop)
     if not a.skip_faust:
-        pre = f"{base[:-1]}-faust."
-        ensure_topics(boot, pre)
-        copy_inputs(boot, base, pre)
+        credits_src = pre
+        episodes = max(1, a.actions // 1000)
+        n_out = (n - cf.WINDOW) // cf.HOP + 1 + episodes - 1  # one run: sliding windows + closed episodes
+        pre_bf = f"{base[:-1]}-bfair."
+        ensure_topics(boot, pre_bf)
+        t = threading.Thread(target=bare_fairness_loop, args=(boot, credits_src, pre_bf, n_out))
+        t.start()
+        got, dt = count_credits(boot, pre_bf, n_out, 300, topic="marl.fairness.metrics")
+        t.join()
+        results["bare_fairness_loop"] = {"outputs": got, "seconds": dt, "credits_per_s": (got - 1) * cf.HOP / dt}
+        pre_f = f"{base[:-1]}-faust."
+        ensure_topics(boot, pre_f)
+        copy_topic(boot, credits_src, pre_f, "marl.di.credit")
         got, dt, tail = subprocess_worker(
-            [sys.executable, "-m", "stream_processors.faust_app", "worker", "-l", "warning"],
-            {"MARLGRC_BOOTSTRAP": boot, "MARLGRC_TOPIC_PREFIX": pre,
-             "MARLGRC_FAUST_DATADIR": f"/tmp/marlgrc-faust-{uuid.uuid4().hex[:6]}"}, boot, pre, n)
-        results["faust_worker"] = {"credits": got, "seconds": dt, "per_s": got / dt if dt == dt else 0.0}
-        if got < n:
-            results["faust_worker"]["log_tail"] = tail
+            [sys.executable, "-m", "stream_processors.faust_fairness", "worker", "-l", "warn"],
+            {"MARLGRC_BOOTSTRAP": boot, "MARLGRC_TOPIC_PREFIX": pre_f,
+             "MARLGRC_FAUST_DATADIR": f"/tmp/marlgrc-faust-{uuid.uuid4().hex[:6]}",
+             "MARLGRC_FAUST_COMMIT_INTERVAL": "1.0"}, boot, pre_f, n_out,
+            topic="marl.fairness.metrics")
+        results["faust_fairness_app"] = {"outputs": got, "seconds": dt,
+                                         "credits_per_s": (got - 1) * cf.HOP / dt if dt == dt else 0.0}
+        if got < n_out:
+            results["faust_fairness_app"]["log_tail"] = tail
+        bf = results["bare_fairness_loop"]["credits_per_s"]
+        results["faust_fairness_app"]["ratio_vs_bare_fairness"] = \
+            results["faust_fairness_app"]["credits_per_s"] / bf if bf else 0.0
 
     bare = results["bare_confluent_loop"]["per_s"]
-    for k, v in results.items():
-        v["ratio_vs_bare"] = v["per_s"] / bare if bare else 0.0
+    for k in ("bare_confluent_loop", "transactional_worker"):
+        results[k]["ratio_vs_bare"] = results[k]["per_s"] / bare if bare else 0.0
     results["targets"] = {"ratio": 0.5, "per_s": 5000}
     print(json.dumps(results, indent=2))
 

@@ -20,13 +20,43 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _start_faust_fairness(bootstrap: str, prefix: str, metrics_port: int):
+    """The faust fairness app as a child ``faust worker`` process (faust owns its event loop)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "MARLGRC_BOOTSTRAP": bootstrap, "MARLGRC_TOPIC_PREFIX": prefix,
+           "MARLGRC_METRICS_PORT": str(metrics_port or 0),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
+    console.print("starting the faust fairness app (stream_processors.faust_fairness)"
+                  + (f"; metrics on http://127.0.0.1:{metrics_port}/metrics" if metrics_port else ""))
+    return subprocess.Popen([sys.executable, "-m", "stream_processors.faust_fairness", "worker", "-l", "warn"],
+                            env=env)
+
+
+def _stop_child(child) -> None:
+    import subprocess
+
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def process(
         name: str = typer.Option("di", help="worker name: its transactional id, consumer group and state keys"),
         metrics_port: Optional[int] = typer.Option(9308, help="Prometheus port on 127.0.0.1 (0: none)"),
         default_env: str = typer.Option("passthrough", help="rule set for envs without their own"),
-        batch: int = typer.Option(500, help="input records per transaction, at most"),
+        batch: int = typer.Option(2000, help="input records per transaction, at most"),
+        faust_fairness: bool = typer.Option(False, "--faust-fairness", help="also run the faust-streaming "
+                                            "fairness app (marl.di.credit -> {run}:fairness:faust:*, exactly once) "
+                                            "as a child worker process; its metrics on --metrics-port + 1"),
         home: Optional[Path] = typer.Option(None, "--home"), bootstrap: Optional[str] = typer.Option(None, "--bootstrap"),
         prefix: Optional[str] = typer.Option(None, "--prefix"),
     ) -> None:
@@ -48,11 +78,16 @@ def register(app: typer.Typer) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         console.print(f"processing {s.prefix or ''}marl.* on {boot} as {name!r}"
                       + (f"; metrics on http://127.0.0.1:{metrics_port}/metrics" if metrics_port else ""))
+        child = _start_faust_fairness(boot, s.prefix, (metrics_port + 1) if metrics_port else 0) \
+            if faust_fairness else None
         try:
             serve(WorkerConfig(boot, s.prefix, name, batch, default_env=default_env,
                                metrics_port=metrics_port or None))
-        except (KafkaException, OSError) as exc:
+        except (KafkaException, OSError, RuntimeError) as exc:
             _fail(f"processor {name!r} stopped: {exc}", 1)
+        finally:
+            if child is not None:
+                _stop_child(child)
 
     @app.command()
     def reprocess(

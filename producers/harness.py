@@ -12,8 +12,10 @@ Per run: ``run.started`` and ``run.finished`` on ``{run}:lifecycle``. Per step:
 Environments that handle personal data expose ``subject_fields(agent: str | None)`` returning
 ``eventlog.privacy.ProtectedValue`` items (``agent=None``: the global state's); the harness protects
 them with a ``eventlog.privacy.FieldProtector`` and never writes them in the clear. Such an env
-refuses to run without a protector. Optional hooks: ``collapsed_state()`` (state without PII) and
-``action_mask`` in an agent's ``infos``.
+refuses to run without a protector. Optional hooks: ``collapsed_state()`` (state without PII),
+``state_flags()`` (privileged strings for env.state's ``flags``, e.g. ``label:malicious``: ground
+truth hidden from the agents, for centralized critics and the decision interpreter only; never put
+into an observation) and ``action_mask`` in an agent's ``infos``.
 """
 from __future__ import annotations
 
@@ -111,6 +113,7 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
     state_writer = log.writer(STATE_TOPIC, state_chain)
     obs_writer = {a: log.writer(OBS_TOPIC, obs_chain[a]) for a in agent_ids}
     collapsed_fn = getattr(env, "collapsed_state", None)
+    flags_fn = getattr(env, "state_flags", None)
     policy_version = policy.version
     append = log.append
     total_steps, returns = 0, []
@@ -129,6 +132,8 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                 state_list = flat_floats(state) if state is not None else []
                 collapsed = flat_floats(collapsed_fn()) if collapsed_fn is not None else state_list
                 st_payload = {"episode": ep, "step": step, "state": state_list, "collapsed_state": collapsed}
+                if flags_fn is not None:
+                    st_payload["flags"] = [str(f) for f in flags_fn()]
                 if has_subjects:
                     st_payload["protected_fields"] = protector.protect(
                         state_chain, state_writer.head.seq + 1, env.subject_fields(None))

@@ -13,7 +13,7 @@ def main() -> None:
     ap.add_argument("--bootstrap", required=True)
     ap.add_argument("--prefix", default="")
     ap.add_argument("--name", default="di")
-    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--batch", type=int, default=2000)
     ap.add_argument("--default-env", default="passthrough")
     ap.add_argument("--metrics-port", type=int, default=None)
     a = ap.parse_args()

@@ -3,9 +3,11 @@
 It joins each ``joint.action`` with the ``env.state`` it names, picks the run's rule set from
 ``run.started``, applies the pure rules (``rules.py``) and fairness metrics (``fairness.py``), and
 seals the results onto the run's ``{run}:credit`` and ``{run}:fairness`` chains. Bad input becomes a
-``dead.letter`` event on ``dlq:{consumer}``. All rolling state (chain heads, the normalizer, pending
-joins, fairness tallies) snapshots to bytes per run, so a worker can commit it in the same Kafka
-transaction as its outputs and input offsets (DESIGN.md "hash contract").
+``dead.letter`` event on ``dlq:{consumer}``. The rolling state of a run (chain heads, the normalizer,
+fairness tallies) snapshots to bytes per run, and each record waiting for a join is its own entry
+(``take_join_changes``: the original bytes, written once and deleted when joined), so a worker can
+commit all of it in the same Kafka transaction as its outputs and input offsets (DESIGN.md "hash
+contract") and no single state message grows with the backlog (the broker's 1 MB limit).
 
 Determinism: for one run, credit events come out in the order of the run's joint.action chain,
 whatever the interleaving of the input topics, because a joint action waits (in ``pending``) until
@@ -55,7 +57,7 @@ class RunState:
             "rules_env": self.rules_env, "norm": [self.norm.count, self.norm.mean, self.norm.m2],
             "credit_head": [self.credit_head.seq, self.credit_head.event_hash.hex()],
             "fairness_head": [self.fairness_head.seq, self.fairness_head.event_hash.hex()],
-            "pending": list(self.pending), "states": self.states, "episode": self.episode,
+            "episode": self.episode,
             "ep_tally": self.ep_tally.to_json(), "ep_hashes": self.ep_hashes, "window": list(self.window),
             "credits": self.credits,
         }
@@ -66,7 +68,7 @@ class RunState:
             d["run_id"], d["env_id"], d["config_json"], d["rules_env"], Normalizer(*d["norm"]),
             ChainHead(d["credit_head"][0], bytes.fromhex(d["credit_head"][1])),
             ChainHead(d["fairness_head"][0], bytes.fromhex(d["fairness_head"][1])),
-            deque(d["pending"]), dict(d["states"]), d["episode"], fair.Tally.from_json(d["ep_tally"]),
+            deque(d.get("pending", ())), dict(d.get("states", {})), d["episode"], fair.Tally.from_json(d["ep_tally"]),
             list(d["ep_hashes"]), deque(d["window"]), d["credits"])
 
 
@@ -94,7 +96,7 @@ class Processor:
                  window: int = 100, hop: int = 25, max_pending: int | None = 1000,
                  max_states: int | None = 1000,
                  credit_stream: str = "credit", fairness_stream: str = "fairness",
-                 codec: Codec | None = None, clock: Callable[[], int] = now_micros):
+                 codec: Codec | None = None, clock: Callable[[], int] = now_micros, track_joins: bool = False):
         self.consumer = consumer
         self.producer_id = producer_id
         self.default_env = default_env
@@ -109,6 +111,10 @@ class Processor:
         self.dirty: set[str] = set()
         self._writers: dict[tuple[str, str], ChainWriter] = {}
         self._rules: dict[str, RuleSet] = {}
+        self.track_joins = track_joins
+        self._join_changes: dict[tuple[str, str, str], bytes | None] = {}
+        self._join_persisted: set[tuple[str, str, str]] = set()
+        self._arrival = 0
         rules_for(rules_override or default_env)  # fail fast on an unknown name
 
     # -- state -----------------------------------------------------------------------------
@@ -127,6 +133,53 @@ class Processor:
         seq, h = json.loads(data)
         self.dlq_head = ChainHead(seq, bytes.fromhex(h))
         self._writers.pop((DLQ_TOPIC, self.dlq_chain), None)
+
+    # -- join entries: one state record per waiting joint action / env.state ------------------
+
+    def _join_put(self, run_id: str, kind: str, h: str, meta: dict, value: bytes) -> None:
+        if self.track_joins:
+            self._join_changes[(run_id, kind, h)] = json.dumps(meta, separators=(",", ":")).encode() + b"\n" + value
+
+    def _join_del(self, run_id: str, kind: str, h: str) -> None:
+        if not self.track_joins:
+            return
+        k = (run_id, kind, h)
+        if k in self._join_persisted:
+            self._join_changes[k] = None       # written by an earlier transaction: delete (tombstone)
+        else:
+            self._join_changes.pop(k, None)    # added and joined within one transaction: never written
+
+    def take_join_changes(self) -> dict[tuple[str, str, str], bytes | None]:
+        """(run, "a"|"s", event hash hex) -> entry bytes, or None to delete it, since the last call."""
+        ch, self._join_changes = self._join_changes, {}
+        for k, v in ch.items():
+            (self._join_persisted.add if v is not None else self._join_persisted.discard)(k)
+        return ch
+
+    def restore_joins(self, entries: Iterable[tuple[str, str, str, bytes]]) -> None:
+        """Rebuild waiting joint actions and states from ``(run, kind, hash, entry bytes)`` (after
+        ``restore`` of the runs), in arrival order."""
+        decoded = []
+        for run_id, kind, h, data in entries:
+            meta_raw, value = data.split(b"\n", 1)
+            decoded.append((json.loads(meta_raw), run_id, kind, h, value))
+            self._join_persisted.add((run_id, kind, h))
+        decoded.sort(key=lambda e: e[0]["n"])
+        for meta, run_id, kind, h, value in decoded:
+            r = self.runs.get(run_id) or self.runs.setdefault(run_id, RunState(run_id))
+            _, rec = self.codec.decode(value)
+            if kind == "s":
+                r.states[h] = [list(rec["state"]), list(rec["flags"])]
+            else:
+                r.pending.append(self._pending_entry(rec, value, meta["where"], meta["key"], meta["n"]))
+            self._arrival = max(self._arrival, meta["n"] + 1)
+
+    @staticmethod
+    def _pending_entry(rec: dict, value: bytes, where: list, key: str, n: int) -> dict:
+        return {"hash": bytes(value[-32:]).hex(), "sources": [bytes(h).hex() for h in rec["source_event_hashes"]],
+                "policy_version": rec["policy_version"], "episode": rec["episode"], "step": rec["step"],
+                "actions": [{k: (list(v) if k == "continuous" else v) for k, v in a.items()} for a in rec["actions"]],
+                "where": list(where), "key": key, "n": n, "value": bytes(value)}
 
     def take_dirty(self) -> set[str]:
         d, self.dirty = self.dirty, set()
@@ -176,20 +229,24 @@ class Processor:
                 return self._drain(r)
             if name == "env_state":
                 r = self._run(rec["run_id"])
-                r.states[bytes(value[-32:]).hex()] = [list(rec["state"]), list(rec["flags"])]
+                h = bytes(value[-32:]).hex()
+                r.states[h] = [list(rec["state"]), list(rec["flags"])]
+                self._join_put(r.run_id, "s", h, {"n": self._arrival}, value)
+                self._arrival += 1
                 while self.max_states is not None and len(r.states) > self.max_states:  # a state no joint action named
-                    r.states.pop(next(iter(r.states)))
+                    old = next(iter(r.states))
+                    del r.states[old]
+                    self._join_del(r.run_id, "s", old)
                 return self._drain(r)
             if name == "joint_action":
                 decision_from_records(rec, None)  # validate now, so a bad action never blocks the run
                 if not rec["source_event_hashes"]:
                     raise InvalidDecision("joint.action names no source events (it must name its env.state)")
                 r = self._run(rec["run_id"])
-                r.pending.append({
-                    "hash": bytes(value[-32:]).hex(), "sources": [bytes(h).hex() for h in rec["source_event_hashes"]],
-                    "policy_version": rec["policy_version"], "episode": rec["episode"], "step": rec["step"],
-                    "actions": [{k: (list(v) if k == "continuous" else v) for k, v in a.items()} for a in rec["actions"]],
-                    "where": [topic, partition, offset], "key": raw_key.decode("utf-8", "replace")})
+                where, k = [topic, partition, offset], raw_key.decode("utf-8", "replace")
+                r.pending.append(self._pending_entry(rec, value, where, k, self._arrival))
+                self._join_put(r.run_id, "a", r.pending[-1]["hash"], {"n": self._arrival, "where": where, "key": k}, value)
+                self._arrival += 1
                 return self._drain(r)
             return []  # run.finished: nothing to derive
         except (InvalidDecision, KeyError, TypeError, ValueError) as exc:
@@ -236,19 +293,22 @@ class Processor:
                 if not over:
                     break
                 r.pending.popleft()
+                self._join_del(r.run_id, "a", ja["hash"])
                 t, p, o = ja["where"]
-                out.append(self._dead(t, p, o, ja["key"].encode(), b"", "unjoinable",
+                out.append(self._dead(t, p, o, ja["key"].encode(), ja.get("value", b""), "unjoinable",
                                       f"joint.action {ja['hash']} (episode {ja['episode']} step {ja['step']}): none of "
                                       f"its source events is an env.state that reached this processor "
                                       f"(gave up waiting); check the producer wrote marl.env.state"))
                 continue
             r.pending.popleft()
+            self._join_del(r.run_id, "a", ja["hash"])
             st, flags = r.states.pop(state_hash)
+            self._join_del(r.run_id, "s", state_hash)
             try:
                 out.extend(self._credit(r, ja, state_hash, {"state": st, "flags": flags}))
             except InvalidDecision as exc:
                 t, p, o = ja["where"]
-                out.append(self._dead(t, p, o, ja["key"].encode(), b"", "invalid",
+                out.append(self._dead(t, p, o, ja["key"].encode(), ja.get("value", b""), "invalid",
                                       f"joint.action {ja['hash']}: {exc}"))
         return out
 

@@ -173,24 +173,28 @@ def _penalty_by_agent(penalties: Sequence[Penalty]) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 MAILBOX_ACTIONS: dict[str, tuple[str, ...]] = {
-    "get": ("NOOP", "GET"),
+    # producers/envs/mailbox_v0.py: agents "get", "open", "bin"; Discrete(3), Discrete(5), Discrete(2)
+    "get": ("SKIP", "GET", "DEFER"),
     "open": ("NOOP", "OPEN", "OPEN_SAFE_PREVIEW", "OPEN_SANDBOX", "QUARANTINE"),
-    "bin": ("NOOP", "BIN"),
+    "bin": ("KEEP", "BIN"),
 }
 OPEN_FAMILY = frozenset({"OPEN", "OPEN_SAFE_PREVIEW", "OPEN_SANDBOX"})
+MALICIOUS_FLAGS = frozenset({"label:malicious", "malicious"})
 
 
 @dataclass(frozen=True)
 class MailboxRules:
-    """Rule set for ``mailbox_v0``.
+    """Rule set for ``mailbox_v0`` (producers/envs/mailbox_v0.py).
 
-    Contract with the producer (overridable from the run's config, see ``from_config``): an agent's
-    role is its id up to the first ``_`` (``get_0`` -> ``get``); its discrete action indexes
-    ``action_names[role]``; all agents act on the step's one mail item; the item is malicious when
-    the state's flags contain ``malicious`` or ``state[malicious_index] >= 0.5``.
+    Contract with the env: agents ``get``, ``open``, ``bin`` (an agent's role is its id up to the
+    first ``_``, so ``get_0`` works too); its discrete action indexes ``action_names[role]``; all
+    agents act on the step's one mail item; the item is malicious when env.state's privileged
+    ``flags`` contain ``label:malicious`` (written by the harness from the env's ``state_flags()``;
+    the agents never observe it) or, for other producers, ``state[malicious_index] >= 0.5`` with the
+    index from the run's config (``state_layout.malicious``). The env's 9-float state has no label.
     """
 
-    version: str = "mailbox_v0/di-1"
+    version: str = "mailbox_v0/di-2"
     action_names: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(MAILBOX_ACTIONS))
     malicious_index: int | None = None
     conflict_penalty: float = 0.5       # per conflicting pair, split evenly between the two agents
@@ -226,7 +230,7 @@ class MailboxRules:
         return names[a.discrete]
 
     def malicious(self, d: Decision) -> bool:
-        if "malicious" in d.state_flags:
+        if MALICIOUS_FLAGS.intersection(d.state_flags):
             return True
         i = self.malicious_index
         return i is not None and -len(d.state) <= i < len(d.state) and d.state[i] >= 0.5
@@ -277,13 +281,14 @@ SANDBOX_ACTIONS = ("CONTINUE_MONITORING", "INCREASE_ISOLATION", "TERMINATE_PROCE
 
 @dataclass(frozen=True)
 class SandboxRules:
-    """Rule set for ``sandbox_v0``: the env's detection rewards are the signal; a human review costs
-    ``review_cost`` (so escalating everything cannot be the best policy); agents that keep monitoring
-    while another terminates or quarantines the same sample share ``conflict_penalty``."""
+    """Rule set for ``sandbox_v0`` (producers/envs/sandbox_v0.py): agents ``sandbox_0..n-1``, each
+    owning ONE sandbox with its own sample, Discrete(5) actions in ``SANDBOX_ACTIONS`` order, state
+    = 30 telemetry features per sandbox. The env's detection rewards are the signal; a human review
+    costs ``review_cost`` (so escalating everything cannot be the best policy). There is no
+    cross-agent conflict rule: two agents never act on the same sample (di-1 assumed they did)."""
 
-    version: str = "sandbox_v0/di-1"
+    version: str = "sandbox_v0/di-2"
     review_cost: float = 0.05
-    conflict_penalty: float = 0.2
     clip_at: float = 5.0
     norm_clip: float = 10.0
 
@@ -294,16 +299,8 @@ class SandboxRules:
 
     def penalties(self, d: Decision) -> list[Penalty]:
         named = [(a.agent_id, self.action_name(a)) for a in d.actions]
-        out = [Penalty("human_review_cost", aid, self.review_cost, f"{aid} requested human review")
-               for aid, n in named if n == "REQUEST_HUMAN_REVIEW"]
-        monitors = [aid for aid, n in named if n == "CONTINUE_MONITORING"]
-        hard = [aid for aid, n in named if n in ("TERMINATE_PROCESS", "QUARANTINE_FILE")]
-        if monitors and hard:
-            share = self.conflict_penalty / (len(monitors) + len(hard))
-            involved = ", ".join(sorted(monitors + hard))
-            out += [Penalty("conflict_monitor_contain", aid, share, f"contradictory containment among {involved}")
-                    for aid in monitors + hard]
-        return out
+        return [Penalty("human_review_cost", aid, self.review_cost, f"{aid} requested human review")
+                for aid, n in named if n == "REQUEST_HUMAN_REVIEW"]
 
     def interpret(self, d: Decision, norm: Normalizer) -> tuple[Credit, Normalizer]:
         raw = sum(a.reward for a in d.actions)

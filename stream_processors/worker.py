@@ -2,7 +2,9 @@
 
 Per batch, in ONE Kafka transaction: the sealed output events (di.credit, fairness.metrics,
 dead letters), the processor's rolling state for every run the batch touched (chain heads,
-normalizer, pending joins, fairness tallies) on the compacted ``marl.processor.state`` topic,
+normalizer, fairness tallies) and one entry per record waiting for a join (its original bytes;
+a tombstone once joined, so no state message grows with the backlog) on the compacted
+``marl.processor.state`` topic,
 the input offsets (in the state and, for lag monitoring, as the group's committed offsets).
 A crash or SIGKILL aborts the open transaction (the restarted worker's ``init_transactions``
 fences and aborts it); the restarted worker restores state and offsets from the state topic,
@@ -24,16 +26,18 @@ from dataclasses import dataclass
 from typing import Callable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
 
-from eventlog.kafka import partitions_of, read_records
-from eventlog.topics import physical
+from eventlog.kafka import ensure_topics, partitions_of, read_records
+from eventlog.topics import TopicSpec
 
 from .processor import INPUT_TOPICS, Processor
 
 log = logging.getLogger("marlgrc.processor")
 
 STATE_TOPIC = "marl.processor.state"
+MAX_STATE_VALUE = 900_000
+"""A state value larger than this is refused before it reaches the producer (the broker's default
+message limit is 1 MiB; librdkafka's ``message.max.bytes`` 1,000,000)."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ class WorkerConfig:
     prefix: str = ""
     name: str = "di"
     """Worker identity: transactional id, consumer group, dlq chain and state keys derive from it."""
-    batch: int = 500
+    batch: int = 2000
     """At most this many input records per transaction."""
     backlog: int = 200
     """Pause the topic that runs ahead once this many of its records wait for a join."""
@@ -83,17 +87,13 @@ class Metrics:
 
 
 def ensure_state_topic(bootstrap: str, prefix: str) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    name = physical(prefix, STATE_TOPIC)
-    if name in admin.list_topics(timeout=30).topics:
-        return
-    fut = admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1,
-                                        config={"cleanup.policy": "compact", "min.insync.replicas": "1"})])[name]
-    try:
-        fut.result()
-    except KafkaException as exc:
-        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-            raise RuntimeError(f"could not create the processor state topic {name}: {exc}") from None
+    """The compacted topic of committed worker state; waits until it has a leader, so a restore
+    right after creating it does not find it missing."""
+    ensure_topics(bootstrap, prefix, [TopicSpec(STATE_TOPIC, 1, "internal", compacted=True)])
+
+
+class StateTooLarge(RuntimeError):
+    """A run's rolling state cannot fit one state message; retrying would never succeed."""
 
 
 class Worker:
@@ -102,8 +102,14 @@ class Worker:
 
     def __init__(self, config: WorkerConfig, processor: Processor | None = None, metrics: Metrics | None = None):
         self.config = config
+        # flow control acts between batches, so one batch can bring up to ``batch`` records on top of
+        # ``backlog``: the join limits must hold that much, or a state is evicted before its action
+        # arrives (and the action then waits for ever)
+        limit = max(1000, 2 * (config.backlog + config.batch))
         self.processor = processor or Processor(consumer=config.name, producer_id=f"marlgrc-{config.name}",
-                                                default_env=config.default_env)
+                                                default_env=config.default_env, track_joins=True,
+                                                max_pending=limit, max_states=limit)
+        self.processor.track_joins = True
         self.metrics = metrics or Metrics(config.metrics_port)
         self.offsets: dict[tuple[str, int], int] = {}  # (logical topic, partition) -> next offset
         self._stop = False
@@ -123,19 +129,27 @@ class Worker:
         """Rebuild the processor state and input offsets from the committed state topic."""
         c = self.config
         ensure_state_topic(c.bootstrap, c.prefix)
-        latest: dict[str, bytes] = {}
+        latest: dict[str, bytes | None] = {}
         for r in read_records(c.bootstrap, [STATE_TOPIC], prefix=c.prefix):
             if r.key.startswith(self._key("")):
                 latest[r.key] = r.value
+        joins = []
         for k, v in latest.items():
             what = k[len(self._key("")):]
-            if what == "offsets":
+            if v is None:
+                continue  # a deleted join entry
+            if what.startswith("join:"):
+                run_id, kind, h = what[5:].rsplit(":", 2)
+                joins.append((run_id, kind, h, v))
+            elif what == "offsets":
                 self.offsets = {(t, int(p)): o for t, p, o in json.loads(v)}
             elif what == "dlq":
                 self.processor.restore_dlq(v)
             elif what.startswith("run:"):
                 self.processor.restore(what[4:], v)
-        log.info("restored %d runs and %d offsets", len(self.processor.runs), len(self.offsets))
+        self.processor.restore_joins(joins)
+        log.info("restored %d runs, %d waiting records and %d offsets", len(self.processor.runs), len(joins),
+                 len(self.offsets))
 
     # -- loop -------------------------------------------------------------------------------
 
@@ -216,11 +230,19 @@ class Worker:
                     m.dead.labels(p.codec.decode(ev.value)[1]["error_kind"]).inc()
             n_out += len(outs)
         state_topic = prefix + STATE_TOPIC
+        for (run_id, kind, h), entry in p.take_join_changes().items():
+            self._produce(producer, state_topic, self._key(f"join:{run_id}:{kind}:{h}"), entry)
         for run_id in p.take_dirty():
             if run_id == "":
                 self._produce(producer, state_topic, self._key("dlq"), p.snapshot_dlq())
             else:
-                self._produce(producer, state_topic, self._key(f"run:{run_id}"), p.snapshot(run_id))
+                snap = p.snapshot(run_id)
+                if len(snap) > MAX_STATE_VALUE:
+                    raise StateTooLarge(f"the rolling state of run {run_id} is {len(snap)} bytes, over the "
+                                        f"{MAX_STATE_VALUE}-byte state message limit (window of {p.window} credits "
+                                        f"x {len(snap) // max(p.window, 1)} bytes); run this worker with a smaller "
+                                        f"window or fewer agents per run")
+                self._produce(producer, state_topic, self._key(f"run:{run_id}"), snap)
         self._produce(producer, state_topic, self._key("offsets"),
                       json.dumps([[t, pt, o] for (t, pt), o in sorted(self.offsets.items())]).encode())
         elapsed = time.perf_counter() - t0
@@ -237,7 +259,7 @@ class Worker:
         self.produced += n_out
 
     @staticmethod
-    def _produce(producer: Producer, topic: str, key: str, value: bytes) -> None:
+    def _produce(producer: Producer, topic: str, key: str, value: bytes | None) -> None:
         while True:
             try:
                 producer.produce(topic, value, key)
@@ -249,17 +271,28 @@ class Worker:
         plen = len(self.config.prefix)
         try:
             for tp in tps:
-                _, hi = consumer.get_watermark_offsets(tp, timeout=2)
+                # cached: the high watermark that came with the last fetch, no broker round trip
+                # (an uncached call costs one per partition and stalled the loop for seconds)
+                _, hi = consumer.get_watermark_offsets(tp, cached=True)
+                if hi < 0:
+                    continue
                 pos = self.offsets.get((tp.topic[plen:], tp.partition), 0)
                 self.metrics.lag.labels(tp.topic[plen:], str(tp.partition)).set(max(0, hi - pos))
         except KafkaException as exc:  # lag is advisory; the loop goes on
             log.warning("could not read watermarks for lag: %s", exc)
 
 
-def serve(config: WorkerConfig) -> None:
+class WorkerStuck(RuntimeError):
+    """The same failure repeated without any committed batch in between."""
+
+
+def serve(config: WorkerConfig, *, max_failures: int = 5) -> None:
     """Run a worker until SIGTERM/SIGINT; after a failed transaction, restore from the committed
-    state and go on (the failed batch is redone, never half-applied)."""
+    state and go on (the failed batch is redone, never half-applied). ``max_failures`` failures in a
+    row with no committed batch between them stop it with ``WorkerStuck`` instead of retrying forever
+    (a record the broker refuses fails the same way every time)."""
     metrics = Metrics(config.metrics_port)
+    failures = 0
     while True:
         w = Worker(config, metrics=metrics)
         signal.signal(signal.SIGTERM, w.stop)
@@ -268,5 +301,11 @@ def serve(config: WorkerConfig) -> None:
             w.run()
             return
         except KafkaException as exc:
-            log.error("transaction failed (%s); restoring from committed state and retrying", exc)
+            failures = 1 if w.committed_batches else failures + 1
+            if failures >= max_failures:
+                raise WorkerStuck(f"worker {config.name!r}: {failures} failed transactions in a row without "
+                                  f"progress, last: {exc}; the committed state and offsets are intact, fix the "
+                                  f"cause and restart") from exc
+            log.error("transaction failed (%s); restoring from committed state and retrying (%d/%d)",
+                      exc, failures, max_failures)
             time.sleep(1)

@@ -3,7 +3,9 @@
 Each step one mail item arrives. Its identifiers (recipient user id, item id, sender address) are
 personal data: they stay inside the process and reach events only through
 ``subject_fields()`` (pseudonym + AES-GCM ciphertext, see eventlog/privacy.py). Whether an item is
-malicious is hidden from the agents (not in any observation or in ``state()``).
+malicious is hidden from the agents (not in any observation or in ``state()``); only the privileged
+``state_flags()`` (written into env.state's ``flags`` by the harness, for centralized critics and the
+decision interpreter, never into an agent's observation) carries it, as ``label:malicious``.
 
 | | |
 |---|---|
@@ -149,6 +151,11 @@ class MailboxEnv(ParallelEnv):
         rep, onehot, links, urg = self._features()
         return np.array([rep, *onehot, links, urg, (self.inbox_size - self._t) / self.inbox_size,
                          self._t / self.inbox_size], np.float32)
+
+    def state_flags(self) -> list[str]:
+        """Privileged ground truth of the current item for env.state's ``flags`` (never observed by an
+        agent): ``["label:malicious"]`` for a malicious item, else ``[]``."""
+        return ["label:malicious"] if bool(self._malicious[self._t]) else []
 
     def collapsed_state(self) -> np.ndarray:
         rep, onehot, links, urg = self._features()

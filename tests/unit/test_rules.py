@@ -39,12 +39,38 @@ def test_mailbox_conflict_get_and_bin_on_the_same_item():
 
 def test_mailbox_plain_open_of_a_malicious_item_is_a_breach():
     rules = R.MailboxRules()
-    breach = rules.penalties(mailbox(act("get_0", 0), act("open_0", 1), act("bin_0", 0), flags=("malicious",)))
-    assert [(p.rule, p.agent_id, p.amount) for p in breach] == [("security_breach_open_malicious", "open_0", 1.0)]
+    breach = rules.penalties(mailbox(act("get", 0), act("open", 1), act("bin", 0), flags=("label:malicious",)))
+    assert [(p.rule, p.agent_id, p.amount) for p in breach] == [("security_breach_open_malicious", "open", 1.0)]
     # safe semantics are not a breach; a plain OPEN of a benign item is not either
     for safe in (2, 3, 4):
         assert rules.penalties(mailbox(act("open_0", safe), flags=("malicious",))) == []
     assert rules.penalties(mailbox(act("open_0", 1))) == []
+    assert rules.penalties(mailbox(act("open", 1), flags=("label:benign",))) == []
+
+
+def test_mailbox_action_tables_are_the_real_envs():
+    from producers.envs import mailbox_v0 as env_mod
+
+    env = env_mod.parallel_env()
+    rules = R.MailboxRules()
+    for agent in env.possible_agents:
+        assert rules.role(agent) == agent
+        assert len(rules.action_names[agent]) == env.action_space(agent).n
+    names = {"get": {env_mod.SKIP: "SKIP", env_mod.GET: "GET", env_mod.DEFER: "DEFER"},
+             "open": {env_mod.NOOP: "NOOP", env_mod.OPEN: "OPEN", env_mod.OPEN_SAFE_PREVIEW: "OPEN_SAFE_PREVIEW",
+                      env_mod.OPEN_SANDBOX: "OPEN_SANDBOX", env_mod.QUARANTINE: "QUARANTINE"},
+             "bin": {env_mod.KEEP: "KEEP", env_mod.BIN: "BIN"}}
+    for role, table in names.items():
+        for i, n in table.items():
+            assert rules.action_names[role][i] == n
+    # DEFER (2) is a valid get action, not a conflict
+    assert rules.penalties(mailbox(act("get", 2), act("open", 0), act("bin", 1))) == []
+
+
+def test_sandbox_action_table_is_the_real_envs():
+    from producers.envs import sandbox_v0 as env_mod
+
+    assert tuple(a.upper() for a in env_mod.ACTIONS) == R.SANDBOX_ACTIONS
 
 
 def test_mailbox_malicious_from_state_layout_in_run_config():
@@ -95,12 +121,12 @@ def test_normalizer_matches_population_std():
     assert n.mean == pytest.approx(mean) and n.scale == pytest.approx(1 / std)
 
 
-def test_sandbox_review_cost_and_contradictory_containment():
+def test_sandbox_review_cost_only_each_agent_owns_its_sample():
     rules = R.SandboxRules()
-    d = R.Decision(0, 0, (act("a", 0, 1.0), act("b", 2, 1.0), act("c", 4, 0.0)))
+    d = R.Decision(0, 0, (act("sandbox_0", 0, 1.0), act("sandbox_1", 2, 1.0), act("sandbox_2", 4, 0.0)))
     pens = rules.penalties(d)
-    assert ("human_review_cost", "c", 0.05) in {(p.rule, p.agent_id, p.amount) for p in pens}
-    assert {p.agent_id for p in pens if p.rule == "conflict_monitor_contain"} == {"a", "b"}
+    # monitoring one sandbox while another agent contains a different sandbox is no conflict
+    assert [(p.rule, p.agent_id, p.amount) for p in pens] == [("human_review_cost", "sandbox_2", 0.05)]
     credit, _ = rules.interpret(d, R.Normalizer())
     assert sum(s.credit for s in credit.shares) == pytest.approx(credit.global_reward)
     assert {s.rule for s in credit.shares} == {"own_signal_scaled"}
@@ -114,10 +140,10 @@ def test_passthrough_clips_each_agent():
 
 
 def test_rule_selection_by_env_id():
-    assert R.rules_for("mailbox_v0").version == "mailbox_v0/di-1"
-    assert R.rules_for("sandbox_v0").version == "sandbox_v0/di-1"
+    assert R.rules_for("mailbox_v0").version == "mailbox_v0/di-2"
+    assert R.rules_for("sandbox_v0").version == "sandbox_v0/di-2"
     assert R.rules_for("simple_spread_v3").version == "passthrough/di-1"
-    assert R.rules_for("simple_spread_v3", default="sandbox_v0").version == "sandbox_v0/di-1"
+    assert R.rules_for("simple_spread_v3", default="sandbox_v0").version == "sandbox_v0/di-2"
     with pytest.raises(ValueError, match="no rule set"):
         R.rules_for(None, default="nope")
 
@@ -126,7 +152,7 @@ def test_rule_selection_by_env_id():
        st.booleans())
 def test_shares_always_sum_to_the_global_reward(acts, malicious):
     roles = ["get", "open", "bin"]
-    d = R.Decision(0, 0, tuple(act(f"{roles[i % 3]}_{i}", a % (5 if i % 3 == 1 else 2), r) for i, (a, r) in enumerate(acts)),
+    d = R.Decision(0, 0, tuple(act(f"{roles[i % 3]}_{i}", a % (3, 5, 2)[i % 3], r) for i, (a, r) in enumerate(acts)),
                    (), ("malicious",) if malicious else ())
     for rules in (R.MailboxRules(), R.SandboxRules(), R.PassThroughRules()):
         credit, _ = rules.interpret(d, R.Normalizer(3, 0.1, 2.0))
@@ -163,11 +189,12 @@ def test_processor_output_does_not_depend_on_topic_interleaving():
 def test_processor_snapshot_restore_continues_the_chain():
     recs = _run_records()
     whole = _feed(Processor(), recs)
-    a = Processor()
+    a = Processor(track_joins=True)
     first = _feed(a, recs[:70])
     b = Processor()
     b.restore("r", a.snapshot("r"))
     b.restore_dlq(a.snapshot_dlq())
+    b.restore_joins([(run, kind, h, v) for (run, kind, h), v in a.take_join_changes().items() if v is not None])
     rest = []
     for i, (t, k, v) in enumerate(recs[70:], start=70):
         rest += b.feed(t, 0, i, k, v)
@@ -201,12 +228,48 @@ def test_processor_unjoinable_action_goes_to_dead_letters_at_finish():
     recs = [r for r in _run_records(episodes=1, steps=4) if r[0] != "marl.env.state"]
     p = Processor(max_pending=None)
     assert [e.event_type for e in _feed(p, recs)] == []
-    letters = p.finish()
-    assert [default_codec().decode(e.value)[1]["error_kind"] for e in letters] == ["unjoinable"] * 4
+    letters = [default_codec().decode(e.value)[1] for e in p.finish()]
+    assert [d["error_kind"] for d in letters] == ["unjoinable"] * 4
+    # the dead letter carries the original bytes of the joint action
+    originals = {v for t, _, v in recs if t == "marl.joint.action"}
+    assert {d["payload"] for d in letters} == originals
+    assert all(d["payload_sha256"] == __import__("hashlib").sha256(d["payload"]).digest() for d in letters)
+
+
+def _wide_run(steps=1500, agents=20):
+    sink = MemorySink()
+    synthetic_run(EventLog(sink, run_id="w", producer_id="p"), episodes=1, steps=steps, agents=agents)
+    return [(t, k, v) for t, k, v in sink.sent if t in INPUT_TOPICS]
+
+
+def test_a_backlog_never_makes_one_state_message_large():
+    """The MSG_SIZE_TOO_LARGE bug: pending joins lived in the run's snapshot. Now each waiting record
+    is its own entry, bounded by its input size, and the snapshot does not grow with the backlog."""
+    recs = _wide_run()
+    actions = [r for r in recs if r[0] == "marl.joint.action"]
+    rest = [r for r in recs if r[0] != "marl.joint.action"]
+    p = Processor(track_joins=True, max_pending=None)
+    assert _feed(p, [r for r in rest if r[0] == "marl.run.lifecycle"][:1] + actions) == []
+    changes = p.take_join_changes()
+    assert len(changes) == len(actions) == 1500
+    assert sum(len(v) for v in changes.values()) > 2_000_000  # the old single snapshot would have been > 1 MB
+    biggest = max(len(v) for t, _, v in actions)
+    assert max(len(v) for v in changes.values()) < biggest + 200
+    assert len(p.snapshot("w")) < 5_000
+    # restore from entries, then join: every action scored once, in chain order, entries deleted
+    q = Processor(track_joins=True, max_pending=None)
+    q.restore("w", p.snapshot("w"))
+    q.restore_joins([(run, kind, h, v) for (run, kind, h), v in changes.items()])
+    outs = _feed(q, rest)
+    credits = [default_codec().decode(e.value)[1] for e in outs if e.event_type == "di.credit"]
+    assert [c["step"] for c in credits] == list(range(1500))
+    after = q.take_join_changes()
+    assert set(after) == set(changes) and all(v is None for v in after.values())  # tombstones for all
+    assert len(q.snapshot("w")) < 100_000
 
 
 def test_rules_override_sets_rule_version():
     recs = _run_records(episodes=1, steps=3)
     outs = _feed(Processor(rules_override="sandbox_v0"), recs)
     assert {default_codec().decode(e.value)[1]["rule_version"] for e in outs if e.event_type == "di.credit"} == \
-        {"sandbox_v0/di-1"}
+        {"sandbox_v0/di-2"}

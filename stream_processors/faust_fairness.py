@@ -1,0 +1,221 @@
+"""Fairness metrics from ``marl.di.credit`` as a faust-streaming app, exactly once.
+
+Run (one worker per partition set; ``marlgrc process --faust-fairness`` starts it)::
+
+    MARLGRC_BOOTSTRAP=HOST:PORT MARLGRC_TOPIC_PREFIX=P python -m stream_processors.faust_fairness worker -l warning
+    # or: faust -A stream_processors.faust_fairness worker -l warning
+
+Why faust's ``exactly_once`` is sound HERE (and not for the decision interpreter's join), in
+faust-streaming 0.15.3, with the three rules this module keeps (docs/PROCESSORS.md has the source
+lines):
+
+1. One transaction per *partition number*: faust's transactional id is ``{app id}-{topic group}-
+   {partition}`` both for a send (destination partition) and for an offset commit (source partition),
+   and topics with the same partition count form one topic group. Every output of an input record -
+   fairness events, dead letters AND the table's changelog row - is sent to the *input record's
+   partition number*. All topics involved have 3 partitions and are subscribed (the output topics by
+   the ``committed_outputs`` agent, which also counts them), so output, changelog and offset of one
+   record share one transaction. Every event of a chain still lands in one partition: a run's credit
+   chain is in one partition, and so are its fairness chains; dead letters use a chain per partition.
+2. Outputs are *attached* to the input record (``stream_publish_on_commit``): faust publishes them in
+   the commit, right before ``send_offsets_to_transaction``, never earlier. The table row is attached
+   the same way (faust's own ``table[k] = v`` goes through the producer buffer, which a commit does
+   not flush, so a row could land in a later transaction than its offset); the local store is written
+   directly. All of one record's attachments and its store write happen with no ``await`` in between,
+   so a concurrent commit sees all of them or none.
+3. Idempotent: faust's commit publishes the attachments of offsets ``<=`` the committed position,
+   which includes the record being processed; its offset is then committed *before* it, so after a
+   crash it is delivered again. The table row of its chain holds the last input offset processed and
+   the output chain heads; a record at or below it is skipped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from hashlib import sha256
+
+import faust
+
+from eventlog.chain import ChainHead, ChainWriter
+from eventlog.codec import DecodeError, default_codec
+
+from . import credit_fairness as cf
+
+BOOTSTRAP = os.environ.get("MARLGRC_BOOTSTRAP", "127.0.0.1:9092")
+PREFIX = os.environ.get("MARLGRC_TOPIC_PREFIX", "")
+NAME = os.environ.get("MARLGRC_FAUST_NAME", "fairness-faust")
+METRICS_PORT = int(os.environ.get("MARLGRC_METRICS_PORT", "0") or 0)
+PARTITIONS = 3  # eventlog.topics.topic_specs(): every marl.* topic; the table's changelog gets the same
+
+IN_TOPIC, OUT_TOPIC, DLQ_TOPIC = "marl.di.credit", "marl.fairness.metrics", "marl.dlq"
+PRODUCER_ID = f"marlgrc-{NAME}"
+
+log = logging.getLogger("marlgrc.faust_fairness")
+
+app = faust.App(
+    f"{PREFIX}marlgrc-{NAME}", broker=f"kafka://{BOOTSTRAP}", processing_guarantee="exactly_once",
+    stream_publish_on_commit=True, key_serializer="raw", value_serializer="raw", store="memory://",
+    web_enabled=False, topic_partitions=PARTITIONS, consumer_auto_offset_reset="earliest", producer_acks=-1,
+    datadir=os.environ.get("MARLGRC_FAUST_DATADIR", f"/tmp/marlgrc-faust-{PREFIX}{NAME}"),
+    table_standby_replicas=0,
+    broker_commit_interval=float(os.environ.get("MARLGRC_FAUST_COMMIT_INTERVAL", "2.8")),
+    broker_commit_every=int(os.environ.get("MARLGRC_FAUST_COMMIT_EVERY", "10000")),
+    # a SIGKILLed member holds its partitions until the session times out: the restart waits that long
+    broker_session_timeout=float(os.environ.get("MARLGRC_FAUST_SESSION_TIMEOUT", "10")),
+    broker_heartbeat_interval=float(os.environ.get("MARLGRC_FAUST_HEARTBEAT", "1")),
+)
+credits_in = app.topic(PREFIX + IN_TOPIC, key_type=bytes, value_type=bytes)
+fairness_out = app.topic(PREFIX + OUT_TOPIC, key_type=bytes, value_type=bytes)
+dlq_out = app.topic(PREFIX + DLQ_TOPIC, key_type=bytes, value_type=bytes)
+# per credit chain: ChainState bytes; per partition (b"\0dlq:<p>"): [last offset, seq, head hash hex]
+state = app.Table("fairness-state", default=None, partitions=PARTITIONS, key_type=bytes, value_type=bytes)
+
+codec = default_codec()
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        p = "marlgrc_fairness_faust"
+        self.events_in = Counter(f"{p}_events_in", "credit records in", registry=r)
+        self.events_out = Counter(f"{p}_events_out", "events attached for output", ["topic"], registry=r)
+        self.committed_out = Counter(f"{p}_committed_out", "output events read back committed", ["topic"],
+                                     registry=r)
+        self.dead = Counter(f"{p}_dead_letters", "dead letters", ["error_kind"], registry=r)
+        self.skipped = Counter(f"{p}_skipped", "records at or below a chain's last processed offset", registry=r)
+        self.ignored = Counter(f"{p}_ignored", "credit records of chains other than {run}:credit", registry=r)
+        self.lag = Gauge(f"{p}_consumer_lag", "high watermark - next offset", ["partition"], registry=r)
+        self.latency = Histogram(f"{p}_latency_seconds", "processing time per record", registry=r,
+                                 buckets=(1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.1))
+
+
+metrics = _Metrics()
+_cache: dict[bytes, tuple[bytes, cf.ChainState]] = {}  # key -> (stored bytes, decoded), valid while identical
+
+
+def _load(key: bytes) -> cf.ChainState:
+    raw = state.data.get(key)
+    hit = _cache.get(key)
+    if hit is not None and raw is not None and hit[0] is raw:
+        return hit[1]
+    return cf.ChainState.from_bytes(raw)
+
+
+def _attach(event, channel, key: bytes, value: bytes | None, partition: int) -> None:
+    # Event._attach is what Event.send does with stream_publish_on_commit on; called directly so that
+    # nothing here can yield to the event loop (rule 2 in the module docstring).
+    event._attach(channel, key, value, partition=partition, key_serializer="raw", value_serializer="raw")
+
+
+def _dead(event, p: int, o: int, key: bytes, value: bytes, kind: str, reason: str) -> None:
+    dkey = b"\0dlq:%d" % p
+    raw = state.data.get(dkey)
+    last, seq, h = (-1, -1, bytes(32).hex()) if raw is None else tuple(json.loads(raw))
+    if o <= last:
+        metrics.skipped.inc()
+        return
+    chain = f"dlq:{NAME}:p{p}"
+    w = ChainWriter(DLQ_TOPIC, chain, "", PRODUCER_ID, head=ChainHead(seq, bytes.fromhex(h)), codec=codec)
+    ev = w.append("dead.letter", {
+        "source_topic": IN_TOPIC, "source_partition": p, "source_offset": o, "source_key": key,
+        "error_kind": kind, "reason": reason, "consumer": NAME, "payload": value,
+        "payload_sha256": sha256(value).digest()})
+    row = json.dumps([o, w.head.seq, w.head.event_hash.hex()]).encode()
+    _attach(event, dlq_out, chain.encode(), ev.value, p)
+    _attach(event, state.changelog_topic, dkey, row, p)
+    state.data[dkey] = row
+    metrics.events_out.labels(DLQ_TOPIC).inc()
+    metrics.dead.labels(kind).inc()
+
+
+def handle(event) -> None:
+    """One input record, synchronously: outputs, table row and store write, or a dead letter."""
+    m = event.message
+    p, o = m.partition, m.offset
+    key, value = m.key or b"", m.value
+    metrics.events_in.inc()
+    if value is None:
+        return _dead(event, p, o, key, b"", "empty", "record has no value (tombstone?)")
+    try:
+        name, rec = codec.decode(value)
+    except DecodeError as exc:
+        return _dead(event, p, o, key, value, exc.kind, str(exc))
+    if sha256(memoryview(value)[:-32]).digest() != value[-32:]:
+        return _dead(event, p, o, key, value, "integrity",
+                     f"{name} event_hash does not match SHA-256 of its bytes: edited in transit")
+    if name != "credit_assignment":
+        return _dead(event, p, o, key, value, "wrong_schema", f"a {name} event on {IN_TOPIC}, which carries di.credit")
+    chain = rec["chain_id"]
+    out_chains = {k: cf.output_chain(chain, k) for k in ("episode", "sliding")}
+    if out_chains["episode"] is None:
+        metrics.ignored.inc()
+        return None
+    skey = chain.encode()
+    st = _load(skey)
+    if o <= st.last_offset:
+        metrics.skipped.inc()
+        return None
+    try:
+        outs = cf.step(st, o, rec, bytes(value[-32:]))
+    except (cf.InvalidCredit, KeyError, TypeError, ValueError) as exc:
+        _cache.pop(skey, None)  # step validates before mutating, but never trust a half-applied state
+        return _dead(event, p, o, key, value, "invalid", f"di.credit {chain} seq {rec.get('seq')}: {exc}")
+    run_id = rec["run_id"]
+    for kind, payload, sources, rule in outs:
+        head = st.episode_head if kind == "episode" else st.sliding_head
+        w = ChainWriter(OUT_TOPIC, out_chains[kind], run_id, PRODUCER_ID, head=head, codec=codec)
+        ev = w.append("fairness.metrics", payload, rule_version=rule, source_event_hashes=sources)
+        if kind == "episode":
+            st.episode_head = w.head
+        else:
+            st.sliding_head = w.head
+        _attach(event, fairness_out, out_chains[kind].encode(), ev.value, p)
+        metrics.events_out.labels(OUT_TOPIC).inc()
+    row = st.to_bytes()
+    _attach(event, state.changelog_topic, skey, row, p)
+    state.data[skey] = row
+    _cache[skey] = (row, st)
+    return None
+
+
+@app.agent(credits_in)
+async def fairness_from_credit(stream):
+    async for event in stream.events():
+        t0 = time.perf_counter()
+        handle(event)
+        metrics.latency.observe(time.perf_counter() - t0)
+        try:
+            hw = app.consumer.highwater(event.message.tp)
+            if hw is not None:
+                metrics.lag.labels(str(event.message.partition)).set(max(0, hw - event.message.offset - 1))
+        except Exception:  # noqa: BLE001 - lag is advisory
+            pass
+
+
+@app.agent(app.topic(PREFIX + OUT_TOPIC, PREFIX + DLQ_TOPIC, key_type=bytes, value_type=bytes))
+async def committed_outputs(stream):
+    """Subscribes the output topics, which puts them in faust's topic groups (a transactional send to a
+    topic outside every group fails in 0.15.3), and counts what was committed (read_committed)."""
+    async for event in stream.events():
+        metrics.committed_out.labels(event.message.topic[len(PREFIX):]).inc()
+
+
+@app.task
+async def _serve_metrics() -> None:
+    if METRICS_PORT:
+        from prometheus_client import start_http_server
+
+        start_http_server(METRICS_PORT, addr="127.0.0.1", registry=metrics.registry)
+        log.info("metrics on http://127.0.0.1:%d/metrics", METRICS_PORT)
+
+
+def main() -> None:
+    app.main()
+
+
+if __name__ == "__main__":
+    main()

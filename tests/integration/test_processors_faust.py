@@ -1,0 +1,139 @@
+"""The faust-streaming fairness app as a REAL faust worker process on the real broker: credit events
+in, SIGKILL mid-stream, restart; every expected fairness event exists exactly once, its chains
+verify (eventlog.verify), a poison record is dead-lettered once with its reason and the stream goes on."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from hashlib import sha256
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer
+
+from eventlog.codec import default_codec
+from eventlog.kafka import EventProducer, ensure_topics, read_records
+from eventlog.log import EventLog, MemorySink
+from eventlog.verify import verify_records
+from marlgrc.demo import synthetic_run
+from stream_processors import credit_fairness as cf
+from stream_processors.processor import INPUT_TOPICS, Processor
+from stream_processors.replay import payload_fields
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNS, EPISODES, STEPS = 6, 2, 600
+POISON = b"\x00not an avro event\xff"
+
+
+def _credits(run_id: str, seed: int) -> list:
+    mem = MemorySink()
+    synthetic_run(EventLog(mem, run_id=run_id, producer_id="t"), episodes=EPISODES, steps=STEPS, agents=3, seed=seed)
+    p = Processor()
+    out = []
+    for j, (t, k, v) in enumerate(mem.sent):
+        if t in INPUT_TOPICS:
+            out += [ev for ev in p.feed(t, 0, j, k, v) if ev.topic == "marl.di.credit"]
+    return out
+
+
+def _worker(bootstrap: str, prefix: str, datadir: Path, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MARLGRC_BOOTSTRAP": bootstrap, "MARLGRC_TOPIC_PREFIX": prefix,
+           "MARLGRC_FAUST_DATADIR": str(datadir), "MARLGRC_FAUST_COMMIT_INTERVAL": "0.3",
+           "MARLGRC_FAUST_COMMIT_EVERY": "300", "MARLGRC_FAUST_SESSION_TIMEOUT": "6"}
+    return subprocess.Popen([sys.executable, "-m", "stream_processors.faust_fairness", "worker", "-l", "warn"],
+                            cwd=ROOT, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _committed(bootstrap: str, prefix: str, topic: str) -> list:
+    return list(read_records(bootstrap, [topic], prefix=prefix))
+
+
+def test_faust_fairness_exactly_once_across_sigkill(kafka, tmp_path):
+    bootstrap, prefix = kafka.bootstrap, f"t{uuid.uuid4().hex[:10]}."
+    ensure_topics(bootstrap, prefix)
+    ids = [f"run{i}-{uuid.uuid4().hex[:6]}" for i in range(RUNS)]
+    runs = {run_id: _credits(run_id, i) for i, run_id in enumerate(ids)}
+    # the credit events as the DI worker would have written them, one chain per run (chain id = key)
+    sink = EventProducer(bootstrap, prefix=prefix)
+    expected: dict[str, list] = defaultdict(list)
+    for i, (_, evs) in enumerate(runs.items()):
+        st = cf.ChainState()
+        for n, ev in enumerate(evs):
+            sink.send(ev.topic, ev.chain_id, ev.value)
+            rec = default_codec().decode(ev.value)[1]
+            for kind, payload, _, _ in cf.step(st, n, rec, ev.event_hash):
+                expected[cf.output_chain(ev.chain_id, kind)].append(payload)
+        if i == RUNS // 2:
+            sink.flush()
+            raw = Producer({"bootstrap.servers": bootstrap})
+            raw.produce(prefix + "marl.di.credit", POISON, b"poison")
+            raw.flush(10)
+    sink.flush()
+    n_expected = sum(len(v) for v in expected.values())
+    assert n_expected == RUNS * ((EPISODES * STEPS - 100) // 25 + 1 + EPISODES - 1)
+
+    log_path, datadir = tmp_path / "faust.log", tmp_path / "faust-data"
+    t0 = time.monotonic()
+    w = _worker(bootstrap, prefix, datadir, log_path)
+    try:
+        deadline = time.monotonic() + 90
+        while len(_committed(bootstrap, prefix, "marl.fairness.metrics")) < 20:
+            assert w.poll() is None, f"faust worker exited early:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no committed output in 90 s:\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.05)
+        os.killpg(w.pid, signal.SIGKILL)
+        w.wait(10)
+        print(f"killed at {time.monotonic() - t0:.1f}s", file=sys.stderr)
+        before = len(_committed(bootstrap, prefix, "marl.fairness.metrics"))
+        assert before < n_expected, "the worker finished before it was killed; the test proves nothing"
+        w = _worker(bootstrap, prefix, datadir, log_path)
+        deadline = time.monotonic() + 120
+        while len(_committed(bootstrap, prefix, "marl.fairness.metrics")) < n_expected:
+            assert w.poll() is None, f"restarted faust worker exited:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"outputs incomplete after 120 s:\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.5)
+        print(f"complete at {time.monotonic() - t0:.1f}s", file=sys.stderr)
+        time.sleep(2.0)  # anything still to come would be a duplicate
+    finally:
+        if w.poll() is None:
+            os.killpg(w.pid, signal.SIGTERM)
+            try:
+                w.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(w.pid, signal.SIGKILL)
+
+    codec = default_codec()
+    out = _committed(bootstrap, prefix, "marl.fairness.metrics")
+    assert len(out) == n_expected  # exactly once: nothing lost, nothing twice
+    got: dict[str, list] = defaultdict(list)
+    for r in out:
+        got[r.key].append(r)
+    assert set(got) == set(expected)
+    credit_partition = {f"{run}:credit": None for run in runs}
+    for r in _committed(bootstrap, prefix, "marl.di.credit"):
+        if r.key in credit_partition:
+            credit_partition[r.key] = r.partition
+    for chain, recs in got.items():
+        decoded = [codec.decode(r.value)[1] for r in recs]
+        assert [d["seq"] for d in decoded] == list(range(len(recs))), f"{chain}: out of order, hole or duplicate"
+        assert [payload_fields(r.value) for r in recs] == expected[chain]
+        # the output went to its input's partition: one chain, one partition
+        run_credit = chain.rsplit(":fairness:", 1)[0] + ":credit"
+        assert {r.partition for r in recs} == {credit_partition[run_credit]}
+    report = verify_records(out)
+    assert report.ok, report.breaks
+    assert report.events == n_expected
+
+    letters = [codec.decode(r.value)[1] for r in _committed(bootstrap, prefix, "marl.dlq")]
+    assert len(letters) == 1, letters
+    d = letters[0]
+    assert (d["payload"], d["source_key"], d["error_kind"]) == (POISON, b"poison", "not_single_object")
+    assert d["payload_sha256"] == sha256(POISON).digest() and d["reason"]
