@@ -143,9 +143,12 @@ def _keystore_key(path: Path) -> bytes:
 
 
 class LocalKeyStore:
-    """Subject keys in a local SQLCipher file (mode 0600), with ``secure_delete`` on and a rollback
-    journal (no WAL), so a shredded key is overwritten on disk rather than left in a free page or
-    a WAL frame.
+    """Subject keys in a local SQLCipher file (mode 0600), with ``secure_delete`` on.
+
+    WAL with ``synchronous=NORMAL``: creating a subject's key costs no fsync (a new key survives a
+    process crash; an OS crash may lose the newest keys, which leaves their ciphertext unreadable:
+    erased, never exposed). A shred commits, checkpoints the WAL into the file and truncates it,
+    then VACUUMs, so the shredded key is left neither in a free page nor in a WAL frame.
 
     The file is encrypted with a 256-bit key from ``$MARLGRC_KEYSTORE_KEY`` (hex) or, by default,
     from ``<path>.key`` (mode 0600, created on first use). The blind-index key lives inside the
@@ -173,7 +176,8 @@ class LocalKeyStore:
             self._db.close()
             raise PrivacyError(f"key store {self.path} does not open with the given key (file is not a database): "
                                f"set {KEYSTORE_KEY_ENV} or restore {self.path}.key") from None
-        for pragma in ("PRAGMA secure_delete=ON", "PRAGMA journal_mode=DELETE", "PRAGMA foreign_keys=ON"):
+        for pragma in ("PRAGMA secure_delete=ON", "PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL",
+                       "PRAGMA foreign_keys=ON"):
             self._db.execute(pragma)
         self._db.executescript("""
             CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -234,8 +238,10 @@ class LocalKeyStore:
             except Exception:
                 self._db.execute("ROLLBACK")
                 raise
-            # rewrite the file so no free page keeps the shredded key (secure_delete zeroes it already)
+            # no WAL frame and no free page may keep the shredded key (secure_delete zeroes the page)
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return Shredded(namespace, ref, keys, rows)
 
     def subjects(self) -> int:
