@@ -1,10 +1,11 @@
 """Training throughput (env steps/s) with every event through Kafka, against the same training with
-no events written (the learner gets the episodes straight from the env); target ratio >= 0.8.
+no events written (the learner gets the episodes straight from the env); target ratio >= 0.8. A third
+arm, sealed events kept in memory (no broker), splits the cost between the event log and the broker.
 
 Both arms run MAPPO on simple_spread_v3 (N=3, max_cycles=25) with the same seed and config, for the
 same number of iterations, in this process. Uses $MARLGRC_BOOTSTRAP, else starts a local broker.
 
-    PYTHONPATH=. python bench/bench_training.py [--iterations 6]
+    PYTHONPATH=. python bench/bench_training.py [--iterations 6] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 
 from learners import algorithm
 from learners.replay import Episode, Replay
-from marlgrc.online import KafkaTransport, make_env, spec_from_env, train_online
+from marlgrc.online import KafkaTransport, MemoryTransport, make_env, spec_from_env, train_online
 
 TARGET = 0.8
 
@@ -50,6 +51,7 @@ def direct_episodes(env, policy, spec, episodes: int, seed: int) -> list[Episode
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--iterations", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     torch.set_num_threads(1)
     boot = os.environ.get("MARLGRC_BOOTSTRAP")
@@ -65,27 +67,60 @@ def main() -> None:
     ensure_topics(boot, prefix)
     env, env_id, ver = make_env("simple_spread_v3")
     a = algorithm("mappo")
-    try:
-        t = time.perf_counter()
-        res = train_online(env, env_id, ver, "mappo", transport=KafkaTransport(boot, prefix),
-                           iterations=args.iterations, seed=1, config=a.config_cls(seed=1))
-        kafka_sps = res.learner.env_steps / (time.perf_counter() - t)
 
+    def direct_arm() -> float:
         learner = a.learner_cls(spec_from_env(env, "direct", env_id, ver, 1), a.config_cls(seed=1))
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for it in range(args.iterations):
             eps = direct_episodes(env, learner, learner.spec, learner.config.episodes_per_update, 1_000_003 + it * 20)
             learner.update(Replay(learner.spec, eps, [], True, None))
-        direct_sps = learner.env_steps / (time.perf_counter() - t)
+        return learner.env_steps / (time.perf_counter() - t), learner.env_steps / (time.process_time() - c)
+
+    def kafka_arm(transport) -> float:
+        t, c = time.perf_counter(), time.process_time()
+        res = train_online(env, env_id, ver, "mappo", transport=transport, iterations=args.iterations, seed=1,
+                           config=a.config_cls(seed=1))
+        n = res.learner.env_steps
+        return n / (time.perf_counter() - t), n / (time.process_time() - c)
+
+    def memory_arm() -> float:
+        t, c = time.perf_counter(), time.process_time()
+        res = train_online(env, env_id, ver, "mappo", transport=MemoryTransport(), iterations=args.iterations, seed=1,
+                           config=a.config_cls(seed=1))
+        n = res.learner.env_steps
+        return n / (time.perf_counter() - t), n / (time.process_time() - c)
+
+    kafka, direct, memory = [], [], []
+    try:
+        transport = KafkaTransport(boot, prefix)  # once, as a training session would
+        # warm-up, not timed: imports (torch's deterministic mode loads its compiler stack on first use),
+        # the producer's and consumer's connections
+        train_online(env, env_id, ver, "mappo", transport=transport, iterations=1, seed=1, config=a.config_cls(seed=1))
+        for _ in range(args.repeats):  # arms interleaved, so load changes hit both
+            kafka.append(kafka_arm(transport))
+            direct.append(direct_arm())
+            memory.append(memory_arm())
+        transport.close()
     finally:
         if home:
             from compose import stop_kafka
 
             stop_kafka(home, remove_data=True)
-    ratio = kafka_sps / direct_sps
+    kafka_sps, direct_sps = float(np.median([k[0] for k in kafka])), float(np.median([d[0] for d in direct]))
+    kafka_cpu, direct_cpu = float(np.median([k[1] for k in kafka])), float(np.median([d[1] for d in direct]))
+    ratio, cpu_ratio = kafka_sps / direct_sps, kafka_cpu / direct_cpu
+    load = os.getloadavg()[0]
+    print(f"runs, wall (env steps/s): through Kafka {[round(k[0]) for k in kafka]}, no events {[round(d[0]) for d in direct]}, "
+          f"sealed events kept in memory (no broker) {[round(m[0]) for m in memory]}")
+    print(f"runs, per CPU-second of this process (librdkafka threads included, broker excluded): through Kafka "
+          f"{[round(k[1]) for k in kafka]}, no events {[round(d[1]) for d in direct]}")
     print(f"MAPPO simple_spread_v3, {args.iterations} iterations x 20 episodes: through Kafka {kafka_sps:.0f} env steps/s, "
-          f"no events {direct_sps:.0f} env steps/s; ratio {ratio:.2f} (target >= {TARGET}: {'PASS' if ratio >= TARGET else 'FAIL'})")
-
+          f"no events {direct_sps:.0f} env steps/s (medians); ratio {ratio:.2f} (target >= {TARGET}: "
+          f"{'PASS' if ratio >= TARGET else 'FAIL'}); per CPU-second ratio {cpu_ratio:.2f}; "
+          f"load average (1 min) {load:.2f} on {os.cpu_count()} CPUs")
+    mem = float(np.median([m[0] for m in memory]))
+    print(f"attribution: sealing + verifying + replaying events without a broker {mem:.0f} env steps/s "
+          f"(ratio {mem / direct_sps:.2f} to no events); the broker round trip takes the rest (ratio {kafka_sps / mem:.2f})")
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .networks import config_hash, mask_logits, seed_everything, weights_sha256
+from .networks import agent_dones, config_hash, mask_logits, seed_everything, weights_sha256
 from .replay import Replay, ReplayError, RunSpec
 
 
@@ -193,12 +193,11 @@ class DQN:
         for ep in replay.episodes:
             x = self._inputs(ep.obs)                                    # [T, N, in]
             nxt = np.concatenate([x[1:], np.zeros_like(x[:1])], 0)
-            done = np.zeros(ep.length, np.float32)
-            done[-1] = 1.0
+            done = agent_dones(ep.alive)                                # [T, N]: each agent's last step
             T, N = ep.alive.shape
             m = ep.alive.reshape(-1) > 0
             self.buffer.add_many(x.reshape(T * N, -1)[m], ep.actions.reshape(-1)[m], ep.rewards.reshape(-1)[m],
-                                 nxt.reshape(T * N, -1)[m], np.repeat(done, N)[m])
+                                 nxt.reshape(T * N, -1)[m], done.reshape(-1)[m])
             added += int(m.sum())
         self.pending_transitions += added
         losses = {"losses/td": 0.0, "losses/q_values": 0.0}

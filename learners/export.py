@@ -67,15 +67,21 @@ class OnnxPolicy:
     def __init__(self, path: Path, spec: RunSpec, version: str):
         import onnxruntime as ort
 
+        # one decision is a few small matmuls: run them on the caller's thread, in order, with no
+        # thread pool to wake (or spin) and every graph optimization applied
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self._out = [self.session.get_outputs()[0].name]
         self.spec = spec
         self.version = version
 
     def actions(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"obs": x})[0]
+        return self.session.run(self._out, {"obs": x})[0]
 
     def act(self, observations, state=None) -> dict:
         live, x = actor_inputs(self.spec, observations)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .networks import Actor, ValueNorm, config_hash, gae, mlp, seed_everything, weights_sha256
+from .networks import Actor, ValueNorm, agent_dones, config_hash, gae, mlp, seed_everything, weights_sha256
 from .replay import Episode, Replay, RunSpec
 
 
@@ -68,6 +68,7 @@ class MAPPO:
         c = self.config
         seed_everything(c.seed)
         self.n_agents = len(spec.agents)
+        self._index = {a: i for i, a in enumerate(spec.agents)}
         self.actor_in = spec.obs_dim + self.n_agents
         self.actor = Actor(self.actor_in, c.hidden, n_actions=spec.n_actions, action_dim=spec.action_dim,
                            action_mask=spec.action_mask())
@@ -110,18 +111,23 @@ class MAPPO:
         """Sample an action for each live agent; returns {agent: (action, log_prob)}."""
         spec = self.spec
         live = [a for a in spec.agents if a in observations]
-        x = torch.zeros(len(live), self.actor_in)
+        xn = np.zeros((len(live), self.actor_in), np.float32)
+        D = spec.obs_dim
         for j, a in enumerate(live):
-            o = torch.as_tensor(np.asarray(observations[a], np.float32).ravel())
-            x[j, :o.shape[0]] = o
-            x[j, spec.obs_dim + spec.agents.index(a)] = 1.0
-        d = self.actor.dist(x)
-        if spec.discrete:
-            probs = d.probs
-            acts = torch.multinomial(probs, 1, generator=self.sampler).squeeze(-1)
-            logp = d.log_prob(acts)
+            o = np.asarray(observations[a], np.float32).ravel()
+            xn[j, :o.shape[0]] = o
+            xn[j, D + self._index[a]] = 1.0
+        x = torch.from_numpy(xn)
+        if spec.discrete:  # the categorical by hand: torch.distributions' checks cost more than the net
+            logp_all = torch.log_softmax(self.actor.logits(x), -1)
+            # inverse-CDF sampling with the seeded generator
+            u = torch.rand((len(live), 1), generator=self.sampler)
+            cdf = logp_all.exp().cumsum(-1)
+            acts = (cdf < u).sum(-1, keepdim=True).clamp_max(cdf.shape[-1] - 1)
+            logp = logp_all.gather(-1, acts).squeeze(-1).tolist()
             start = spec.action_space.start
-            return {a: (int(acts[j]) + start, float(logp[j])) for j, a in enumerate(live)}
+            return {a: (int(k) + start, logp[j]) for j, (a, k) in enumerate(zip(live, acts.squeeze(-1).tolist()))}
+        d = self.actor.dist(x)
         noise = torch.randn(d.mean.shape, generator=self.sampler)
         raw = d.mean + d.stddev * noise
         low = torch.as_tensor(spec.action_space.low, dtype=torch.float32)
@@ -145,9 +151,9 @@ class MAPPO:
                 cx = self.critic_inputs(obs, torch.as_tensor(ep.state))
                 values = self.value_norm.denormalize(self.critic(cx).squeeze(-1))  # [T, N]
                 rewards = torch.as_tensor(ep.rewards) * c.reward_scale
-                dones = torch.zeros(ep.length)
-                dones[-1] = 1.0  # the episode's end is its end: the final observation is not recorded
-                adv, ret = gae(rewards, values, dones.unsqueeze(-1).expand_as(rewards),
+                # the episode's end (or an agent's early exit) is its end: no final observation is recorded
+                dones = torch.as_tensor(agent_dones(ep.alive))
+                adv, ret = gae(rewards, values, dones,
                                torch.zeros(self.n_agents), c.gamma, c.gae_lambda)
                 xs.append(x.reshape(-1, x.shape[-1]))
                 cs.append(cx.reshape(-1, cx.shape[-1]))

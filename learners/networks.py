@@ -160,6 +160,14 @@ class ValueNorm(nn.Module):
         return (x.double() * self.var.clamp_min(1e-8).sqrt() + self.mean).to(x.dtype)
 
 
+def agent_dones(alive: np.ndarray) -> np.ndarray:
+    """[T, N] 1.0 at each agent's last live step: the episode's end, or where the agent left it early
+    (e.g. a sandbox agent that contained its sample); nothing is bootstrapped past it."""
+    alive = np.asarray(alive) > 0
+    nxt = np.concatenate([alive[1:], np.zeros_like(alive[:1])], 0)
+    return (alive & ~nxt).astype(np.float32)
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, last_values: torch.Tensor,
         gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation over time-major tensors [T, ...].

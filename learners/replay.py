@@ -16,6 +16,7 @@ events are numbered into segments: a new segment starts where (episode, step) st
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable
 
@@ -57,11 +58,11 @@ class SpaceSpec:
         return cls(rec["kind"], tuple(int(x) for x in rec["shape"]), int(rec.get("n", 0)),
                    int(rec.get("start", 0)), tuple(rec.get("low", ())), tuple(rec.get("high", ())))
 
-    @property
+    @cached_property
     def discrete(self) -> bool:
         return self.kind == "Discrete"
 
-    @property
+    @cached_property
     def flat_dim(self) -> int:
         if self.kind == "Discrete":
             return 1
@@ -94,19 +95,19 @@ class RunSpec:
                    {a["agent_id"]: SpaceSpec.from_record(a["action_space"]) for a in rec["agents"]},
                    SpaceSpec.from_record(rec["state_space"]), rec.get("config_hash", ""))
 
-    @property
+    @cached_property  # computed once: read per step by the learners
     def obs_dim(self) -> int:
         """Widest agent observation; narrower ones are zero-padded."""
         return max(s.flat_dim for s in self.observation_spaces.values())
 
-    @property
+    @cached_property
     def state_dim(self) -> int:
         """Global state width: env.state() where the env has one, else all observations side by side."""
         if self.state_space.kind not in ("none", "") and self.state_space.flat_dim > 0:
             return self.state_space.flat_dim
         return self.obs_dim * len(self.agents)
 
-    @property
+    @cached_property
     def action_space(self) -> SpaceSpec:
         """The one action space every agent shares (parameter sharing needs equal action spaces).
 
@@ -121,11 +122,11 @@ class RunSpec:
                               f"policy needs one action space for all agents")
         return next(iter(spaces))
 
-    @property
+    @cached_property
     def discrete(self) -> bool:
         return self.action_space.discrete
 
-    @property
+    @cached_property
     def n_actions(self) -> int:
         return self.action_space.n if self.discrete else 0
 
@@ -139,7 +140,7 @@ class RunSpec:
             return None
         return (np.arange(n)[None, :] < np.asarray(own)[:, None]).astype(np.float32)
 
-    @property
+    @cached_property
     def action_dim(self) -> int:
         return 0 if self.discrete else self.action_space.flat_dim
 

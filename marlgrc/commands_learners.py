@@ -131,10 +131,26 @@ def train_online_main(*, env: str, algo: str, iterations: int, seed: int, contin
     ensure_topics(boot, s.prefix)
     signer = Signer.load_or_create(s.signing_key)
     e, env_id, ver = make_env(env, continuous=continuous)
-    res = train_online(e, env_id, ver, algo, transport=KafkaTransport(boot, s.prefix), iterations=iterations,
-                       seed=seed, signer=signer, public_key=signer.public_key,
-                       on_update=lambda r: typer.echo(f"update {r['iteration']}: env steps {r['env_steps']}, "
-                                                      f"return {r['charts/episodic_return']:.2f}"))
+    keys = protector = None
+    if hasattr(e, "subject_fields"):  # an env with personal data runs only behind the key store
+        from eventlog.privacy import FieldProtector, LocalKeyStore
+
+        from .commands_producers import keystore_path
+
+        keys = LocalKeyStore(keystore_path(s.home))
+        protector = FieldProtector(keys)
+    transport = KafkaTransport(boot, s.prefix)
+    try:
+        res = train_online(e, env_id, ver, algo, transport=transport, iterations=iterations, protector=protector,
+                           seed=seed, signer=signer, public_key=signer.public_key,
+                           on_update=lambda r: typer.echo(f"update {r['iteration']}: env steps {r['env_steps']}, "
+                                                          f"return {r['charts/episodic_return']:.2f}"))
+    finally:
+        close = getattr(transport, "close", None)
+        if close:
+            close()
+        if keys is not None:
+            keys.close()
     base = out or s.home / "checkpoints" / f"{res.run_id}" / "policy"
     save_checkpoint(base, res.learner, load_signing_key(s.signing_key))
     typer.echo(f"run {res.run_id}: {res.learner.version}; checkpoint {base}.pt")

@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from eventlog.kafka import EventProducer, read_records
+from eventlog.kafka import EventProducer
 from eventlog.log import EventLog, MemorySink
 from learners import algorithm
 from learners.lineage import emit_policy_update
-from learners.replay import RUN_TOPICS, Replay, RunReader, RunSpec, records_from_memory, watermarks
+from learners.replay import RUN_TOPICS, Replay, RunReader, RunSpec, records_from_memory
 from producers.harness import run_episodes
 from producers.spaces import space_record
 
@@ -62,20 +62,108 @@ def spec_from_env(env: Any, run_id: str, env_id: str, env_version: str, seed: in
 
 
 class KafkaTransport:
-    """Events through the broker; batches are read back by offsets [start, end) per partition."""
+    """Events through the broker; batches are read back by offsets [start, end) per partition.
 
-    def __init__(self, bootstrap: str, prefix: str = ""):
-        self.bootstrap, self.prefix = bootstrap, prefix
+    Per-batch fixed costs are kept small: topic metadata is read once, one consumer lives as long as
+    the transport (each read assigns the batch's partitions at their start offsets and consumes
+    exactly up to the end offsets: no poll timeout is waited for), the end offsets of every
+    partition come from one ListOffsets request, and a batch starts where the previous read ended
+    (what was written in between, the learner's ``policy.update`` and checkpoints, is on topics the
+    reader does not train on; its checkpoints are skipped, see ``RunReader.add``).
+    """
+
+    def __init__(self, bootstrap: str, prefix: str = "", *, timeout: float = 30.0):
+        from confluent_kafka.admin import AdminClient
+
+        from eventlog.kafka import _consumer, partitions_of
+
+        self.bootstrap, self.prefix, self.timeout = bootstrap, prefix, timeout
         self.sink = EventProducer(bootstrap, prefix=prefix)
+        self._tps = partitions_of(bootstrap, RUN_TOPICS, prefix)
+        self._admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+        self._consumer = _consumer(bootstrap)
+        self._carry: dict[tuple[str, int], int] | None = None
+
+    def _end_offsets(self) -> dict[tuple[str, int], int]:
+        from confluent_kafka import TopicPartition
+        from confluent_kafka.admin import OffsetSpec
+
+        from eventlog.topics import logical
+
+        from confluent_kafka import KafkaError, KafkaException
+
+        request = {TopicPartition(tp.topic, tp.partition): OffsetSpec.latest() for tp in self._tps}
+        for attempt in range(40):
+            try:
+                futures = self._admin.list_offsets(request, request_timeout=self.timeout)
+                return {(logical(self.prefix, tp.topic), tp.partition): fut.result().offset
+                        for tp, fut in futures.items()}
+            except KafkaException as exc:
+                # a just-created topic may have no leader yet (NOT_LEADER_FOR_PARTITION, LEADER_NOT_AVAILABLE)
+                err = exc.args[0]
+                if attempt == 39 or not (err.retriable() or err.code() in (KafkaError.NOT_LEADER_FOR_PARTITION,
+                                                                             KafkaError.LEADER_NOT_AVAILABLE,
+                                                                             KafkaError.UNKNOWN_TOPIC_OR_PART)):
+                    raise
+                time.sleep(0.25)
+        raise AssertionError("unreachable")
 
     def mark(self) -> dict[tuple[str, int], int]:
-        return watermarks(self.bootstrap, RUN_TOPICS, self.prefix)
+        if self._carry is not None:  # a batch starts where the last read ended
+            out, self._carry = self._carry, None
+            return out
+        return self._end_offsets()
 
     def flush(self) -> None:
         self.sink.flush()
 
     def read(self, start, end):
-        return read_records(self.bootstrap, RUN_TOPICS, prefix=self.prefix, start_offsets=start, end_offsets=end)
+        from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+        from eventlog.kafka import BrokerUnavailable, Record
+
+        pre = self.prefix
+        todo = {(pre + t, p): e for (t, p), e in end.items() if start.get((t, p), e) < e}
+        self._carry = dict(end)
+        if not todo:
+            return []
+        c = self._consumer
+        c.assign([TopicPartition(t, p, start[(t[len(pre):], p)]) for (t, p) in todo])
+        expected = sum(e - start[(t[len(pre):], p)] for (t, p), e in todo.items())
+        out: list = []
+        idle_since = time.monotonic()
+        try:
+            while todo:
+                # ask for exactly what is still missing: consume() returns as soon as it has it
+                msgs = c.consume(max(1, min(expected - len(out), 10000)), 0.2)
+                for m in msgs:
+                    err = m.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            continue
+                        raise KafkaException(err)
+                    t, p, o = m.topic(), m.partition(), m.offset()
+                    if o >= todo.get((t, p), -1):
+                        continue
+                    k = m.key()
+                    out.append(Record(t[len(pre):], p, o, k.decode() if k is not None else "", m.value(),
+                                      m.timestamp()[1]))
+                if msgs:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since > self.timeout:
+                    raise BrokerUnavailable(f"no data from {self.bootstrap} for {self.timeout:.0f}s while reading "
+                                            f"{sorted(todo)}; is the broker up (`marlgrc status`)?")
+                # the position, not the last offset seen, says when a partition is done (control records)
+                for tp in c.position([TopicPartition(t, p) for (t, p) in todo]):
+                    if tp.offset >= todo[(tp.topic, tp.partition)]:
+                        del todo[(tp.topic, tp.partition)]
+        finally:
+            c.unassign()
+        return out
+
+    def close(self) -> None:
+        self.sink.flush()
+        self._consumer.close()
 
 
 class MemoryTransport:
@@ -176,14 +264,21 @@ def evaluate_security(env: Any, policy: Any, episodes: int, seed: int) -> dict:
 
     mailbox_v0: ``breaches`` = plain OPENs of a malicious item (the env's ``breach`` info).
     sandbox_v0: ``breaches`` = malicious samples never contained before the episode ended (missed
-    detections); ``detections`` and ``false_positives`` from the env's infos.
+    detections); ``exposure_steps`` = steps a malicious sample ran on uncontained (the attack
+    progressing: what a late detection costs); ``detections`` and ``false_positives`` (benign
+    samples killed) from the env's infos. Ground truth is read from the env (``_malicious``).
     """
-    total = breaches = detections = false_pos = 0.0
+    total = breaches = detections = false_pos = exposure = 0.0
+    sandbox = hasattr(env, "n_sandboxes")
     for ep in range(episodes):
         obs, _ = env.reset(seed=seed + ep)
         contained: set[str] = set()
         while env.agents:
             acts = policy.act({a: obs[a] for a in env.agents if a in obs})
+            if sandbox:
+                mal = env._malicious
+                exposure += sum(1 for a, x in acts.items()
+                                if mal[env.possible_agents.index(a)] and int(x[0]) not in (2, 3))  # not contained
             obs, rew, _, _, infos = env.step({a: x[0] for a, x in acts.items()})
             total += sum(rew.values())
             if any(i.get("breach") for i in infos.values()):
@@ -193,12 +288,12 @@ def evaluate_security(env: Any, policy: Any, episodes: int, seed: int) -> dict:
                     detections += 1
                     contained.add(a)
                 false_pos += bool(i.get("false_positive"))
-        malicious = getattr(env, "_malicious", None)
-        if hasattr(env, "n_sandboxes") and malicious is not None:
-            breaches += sum(1 for i, a in enumerate(env.possible_agents) if malicious[i] and a not in contained)
+        if sandbox:
+            breaches += sum(1 for i, a in enumerate(env.possible_agents) if env._malicious[i] and a not in contained)
     out = {"mean_return": total / episodes, "breaches_per_episode": breaches / episodes}
-    if hasattr(env, "n_sandboxes"):
-        out |= {"detections_per_episode": detections / episodes, "false_positives_per_episode": false_pos / episodes}
+    if sandbox:
+        out |= {"exposure_steps_per_episode": exposure / episodes, "detections_per_episode": detections / episodes,
+                "false_positives_per_episode": false_pos / episodes}
     return out
 
 
