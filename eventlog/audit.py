@@ -74,7 +74,7 @@ def verify_bundle(bundle_dir: Path, *, public_key: Ed25519PublicKey | None = Non
         cps.append(r)
     v.add_checkpoints(cps)
     if first_data is not None:
-        v.feed(_counted(itertools.chain([first_data], entries), progress))
+        v.feed_runs(_counted(itertools.chain([first_data], entries), progress))
     report = v.finish()
     for p in problems:
         if "not signed" in p:

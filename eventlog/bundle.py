@@ -1,7 +1,7 @@
 """The auditor's bundle: a folder holding events' exact bytes in an Avro Object Container File,
 with where each was read from (topic, partition, offset), the checkpoints' public key and a manifest.
 
-    events.avro     OCF of marlgrc.bundle.Entry, checkpoints first, then data in offset order
+    events.avro     OCF of marlgrc.bundle.Entry, checkpoints first, then chain by chain in offset order
     public_key.pem  Ed25519 public key of the checkpoint signer (pin your own with --public-key)
     manifest.json   format, counts per topic, SHA-256 of events.avro
 """
@@ -54,7 +54,9 @@ def write_bundle(out_dir: Path, records: Iterable[Record], *, public_key_pem: by
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     recs = list(records)
-    recs.sort(key=lambda r: (r.topic != "marl.audit.checkpoints", r.topic, r.partition, r.offset))
+    # checkpoints first, then one chain after another, each in offset order: a verifier reads the
+    # signed statements before the events and hashes each chain in one pass
+    recs.sort(key=lambda r: (r.topic != "marl.audit.checkpoints", r.topic, r.key, r.partition, r.offset))
     counts: dict[str, int] = {}
     for r in recs:
         counts[r.topic] = counts.get(r.topic, 0) + 1

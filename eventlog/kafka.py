@@ -202,6 +202,7 @@ def message_batches(bootstrap: str, topics: Iterable[str], *, prefix: str = "",
                                               for tp in tps], timeout=timeout)
         ends: dict[tuple[str, int], int] = {}
         assign = []
+        remaining = 0
         for tp in tps:
             lo, hi = consumer.get_watermark_offsets(tp, timeout=timeout)
             key = (logical(prefix, tp.topic), tp.partition)
@@ -216,15 +217,18 @@ def message_batches(bootstrap: str, topics: Iterable[str], *, prefix: str = "",
             if start < end:
                 ends[(tp.topic, tp.partition)] = end
                 assign.append(TopicPartition(tp.topic, tp.partition, off))
+                remaining += end - start
         if ends_out is not None:
             ends_out.update(ends)
         if not assign:
             return
         consumer.assign(assign)
         open_parts = dict(ends)
+        # consume(n, timeout) waits until n messages or the timeout: never ask for more than remain
         idle_since = time.monotonic()
         while open_parts:
-            msgs = consumer.consume(batch, 1.0)
+            msgs = consumer.consume(max(1, min(batch, remaining)), 0.5)
+            remaining -= len(msgs)
             if msgs:
                 idle_since = time.monotonic()
                 yield msgs
