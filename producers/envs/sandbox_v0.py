@@ -11,10 +11,14 @@ behaviour flags) until contained. Whether the sample is malicious is hidden from
 | Action | Discrete(5): 0 CONTINUE_MONITORING, 1 INCREASE_ISOLATION, 2 TERMINATE_PROCESS, 3 QUARANTINE_FILE, 4 REQUEST_HUMAN_REVIEW |
 | Observation | Box(0, 1, (30,)): the normalized telemetry of the agent's sandbox |
 | State | Box(0, 1, (30 * n,)): every sandbox's features, in agent order |
-| Rewards (detection outcomes) | ``REWARDS[action] = (benign, malicious)``; monitoring a malicious sample costs ``severity`` more each step |
+| Rewards (detection outcomes, ``step_reward``) | ``REWARDS[action] = (benign, malicious)`` (seed 002: terminate +1.0, quarantine +1.5 on a malicious sample). Benign sample: ``REWARDS[action][0]`` every step (containing it: -1.0, a false positive, ends the episode; isolating -0.2 and review -0.3 each step). Malicious sample, contained (TERMINATE/QUARANTINE): ``REWARDS[action][1]``, once. Malicious sample, not contained this step: ``-(UNCONTAINED_COST + severity)`` whatever the action (the attack progresses), plus the INCREASE_ISOLATION (+0.5) or REQUEST_HUMAN_REVIEW (+0.3) credit **at most once per sample**. No sequence of uncontained steps pays more than containing at once |
 | Termination | TERMINATE_PROCESS or QUARANTINE_FILE ends that agent's sandbox; truncation after ``max_cycles`` |
-| Infos | ``flags`` (telemetry data-quality flags), ``detected`` (contained a malicious sample), ``false_positive`` |
+| Infos | ``flags`` (telemetry data-quality flags), ``detected`` (contained a malicious sample), ``false_positive`` (contained a benign one), ``uncontained`` (a malicious sample ran on this step) |
 | Arguments | ``n_sandboxes=2``, ``max_cycles=20``, ``malicious_rate=0.5``, ``telemetry=None`` (records to replay) |
+
+Reward version 1 (this one) replaces version 0, which paid INCREASE_ISOLATION's +0.5 on *every* step a
+malicious sample was kept isolated and charged the severity only while monitoring: isolating for 20
+steps (+10) beat containing (+1.5), so the reward-optimal policy never contained a malicious sample.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from producers.telemetry import FEATURE_DIM, normalize
 
 ENV_ID = "sandbox_v0"
 ENV_VERSION = "0"
+REWARD_VERSION = 1
 
 CONTINUE_MONITORING, INCREASE_ISOLATION, TERMINATE_PROCESS, QUARANTINE_FILE, REQUEST_HUMAN_REVIEW = range(5)
 ACTIONS = ("continue_monitoring", "increase_isolation", "terminate_process", "quarantine_file",
@@ -40,6 +45,31 @@ REWARDS = {
     QUARANTINE_FILE: (-1.0, 1.5),
     REQUEST_HUMAN_REVIEW: (-0.3, 0.3),
 }
+CONTAINING = frozenset({TERMINATE_PROCESS, QUARANTINE_FILE})
+# paid at most once per malicious sample (a correct suspicion, not a per-step income)
+ONCE_PER_SAMPLE = frozenset({INCREASE_ISOLATION, REQUEST_HUMAN_REVIEW})
+# every step a malicious sample runs on uncontained costs this plus its severity (= monitoring's miss cost)
+UNCONTAINED_COST = -REWARDS[CONTINUE_MONITORING][1]
+
+
+def step_reward(action: int, malicious: bool, severity: float, credited: frozenset[int] = frozenset()) -> float:
+    """One agent's reward for ``action`` on its sample (pure).
+
+    ``severity`` is the sample's observed severity in [0, 1]; ``credited`` the once-per-sample actions
+    already paid on this sample. Benign: ``REWARDS[action][0]``. Malicious and contained: the
+    containment reward. Malicious and not contained: ``-(UNCONTAINED_COST + severity)`` plus the
+    action's credit if it is in ``ONCE_PER_SAMPLE`` and not in ``credited``.
+    """
+    if action not in REWARDS:
+        raise ValueError(f"sandbox_v0: action {action!r} is not one of 0..4 ({', '.join(ACTIONS)})")
+    if not malicious:
+        return REWARDS[action][0]
+    if action in CONTAINING:
+        return REWARDS[action][1]
+    r = -(UNCONTAINED_COST + float(severity))
+    if action in ONCE_PER_SAMPLE and action not in credited:
+        r += REWARDS[action][1]
+    return r
 
 
 def _synthetic(rng: np.random.Generator, malicious: bool, t: int, isolation: int) -> dict:
@@ -112,6 +142,7 @@ class SandboxEnv(ParallelEnv):
         self._index = {a: i for i, a in enumerate(self.possible_agents)}
         self._malicious = self._rng.uniform(size=n) < self.malicious_rate
         self._isolation = np.zeros(n, np.int64)
+        self._credited: list[set[int]] = [set() for _ in range(n)]
         self._features = np.zeros((n, FEATURE_DIM), np.float32)
         self._flags: dict[str, list[str]] = {}
         self._cursor = int(self._rng.integers(len(self._replay))) if self._replay else 0
@@ -128,14 +159,15 @@ class SandboxEnv(ParallelEnv):
             i = self._index[a]
             act = int(actions.get(a, CONTINUE_MONITORING))
             mal = bool(self._malicious[i])
-            r = REWARDS[act][int(mal)]
-            if mal and act == CONTINUE_MONITORING:
-                r -= float(self._features[i][0])  # severity: the attack progresses
+            r = step_reward(act, mal, float(self._features[i][0]), frozenset(self._credited[i]))
+            if mal and act in ONCE_PER_SAMPLE:
+                self._credited[i].add(act)
             if act == INCREASE_ISOLATION:
                 self._isolation[i] += 1
-            contained = act in (TERMINATE_PROCESS, QUARANTINE_FILE)
+            contained = act in CONTAINING
             rewards[a], terms[a] = float(r), contained
-            infos[a] = {"detected": contained and mal, "false_positive": contained and not mal}
+            infos[a] = {"detected": contained and mal, "false_positive": contained and not mal,
+                        "uncontained": mal and not contained}
         self._t += 1
         truncs = {a: self._t >= self.max_cycles for a in self.agents}
         obs = self._observe(self.agents)
