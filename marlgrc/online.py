@@ -395,13 +395,10 @@ class GreedyPolicy:
         import numpy as np
         import torch
 
+        from learners.export import actor_inputs
+
         spec = self.learner.spec
-        live = [a for a in spec.agents if a in observations]
-        x = np.zeros((len(live), spec.obs_dim + len(spec.agents)), np.float32)
-        for j, a in enumerate(live):
-            o = np.asarray(observations[a], np.float32).ravel()
-            x[j, :o.shape[0]] = o
-            x[j, spec.obs_dim + spec.agents.index(a)] = 1.0
+        live, x = actor_inputs(spec, observations)
         with torch.no_grad():
             acts = self.learner.greedy(torch.as_tensor(x)).numpy()
         if spec.discrete:
