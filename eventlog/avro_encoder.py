@@ -40,10 +40,19 @@ def long_bytes(n: int) -> bytes:
     if not _MIN_LONG <= n <= _MAX_LONG:
         raise EncodeError(f"{n} does not fit an Avro long")
     z = ((n << 1) ^ (n >> 63)) & 0xFFFFFFFFFFFFFFFF
-    if (1 << 49) <= z < (1 << 56):  # microsecond timestamps: 8 bytes, unrolled
-        return bytes(((z & 0x7F) | 0x80, (z >> 7 & 0x7F) | 0x80, (z >> 14 & 0x7F) | 0x80, (z >> 21 & 0x7F) | 0x80,
-                      (z >> 28 & 0x7F) | 0x80, (z >> 35 & 0x7F) | 0x80, (z >> 42 & 0x7F) | 0x80, z >> 49))
+    if (1 << 49) <= z < (1 << 56):
+        # microsecond timestamps (8 bytes): the low 14 bits from a table, the high part from a
+        # one-entry cache, since consecutive timestamps share it for about 8 ms
+        global _hi_key, _hi_bytes
+        hi = z >> 14
+        if hi != _hi_key:
+            _hi_key, _hi_bytes = hi, _uvarint(hi)
+        return _LOW14[z & 0x3FFF] + _hi_bytes
     return _uvarint(z)
+
+
+_LOW14 = [bytes(((i & 0x7F) | 0x80, (i >> 7 & 0x7F) | 0x80)) for i in range(1 << 14)]
+_hi_key, _hi_bytes = -1, b""
 
 
 def int_bytes(n: int) -> bytes:

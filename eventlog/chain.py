@@ -80,6 +80,7 @@ class ChainWriter:
             raise ValueError(
                 f"data_classification {self.data_classification!r} is not one of {CLASSIFICATIONS}")
         self._chain = _string(self.chain_id)
+        self._event_id_prefix = b"\x48" + self.id_prefix.encode()  # event_id: 36 chars, length 36 -> 0x48
         self._tail_const = _string(self.feature_schema_version)
         self._types: dict[str, tuple[str, bytes, bytes]] = {}
         self._classes = {c: (_string(self.producer_id) + _string(c), RETENTION_DAYS[c] * MICROS_PER_DAY)
@@ -114,7 +115,7 @@ class ChainWriter:
             sources = ()
         body = b"".join((
             prefix, head_hash, long_bytes(seq), self._chain,
-            b"\x48", self.id_prefix.encode(), b"%012x" % seq,  # event_id: 36 chars, length 36 -> 0x48
+            self._event_id_prefix, b"%012x" % seq,
             type_run, long_bytes(produced_at), producer_class, long_bytes(produced_at + retention),
             self._tail_const, _string(policy_version) if policy_version else b"\x00",
             _string(rule_version) if rule_version else b"\x00",

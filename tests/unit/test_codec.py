@@ -139,3 +139,14 @@ def test_encoder_rejects_records_that_do_not_fit():
     assert w.head.seq == -1  # nothing was appended by the failed calls
     with pytest.raises(EncodeError, match="does not fit an Avro long"):
         CODEC.encode_payload("joint_action", {**ok, "step": 1 << 64})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.integers(1 << 48, (1 << 55) - 1), st.integers(-(1 << 55), -(1 << 48)),
+                 st.integers(-(1 << 63), (1 << 63) - 1)))
+def test_long_encoding_matches_the_avro_varint_in_every_range(n):
+    from eventlog.avro_encoder import _uvarint, long_bytes
+
+    z = ((n << 1) ^ (n >> 63)) & 0xFFFFFFFFFFFFFFFF
+    assert long_bytes(n) == _uvarint(z)
+    assert long_bytes(n) == long_bytes(n)  # a cached high part is reused only for the same value
