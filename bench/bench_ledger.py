@@ -27,7 +27,7 @@ from eventlog.codec import default_codec
 from eventlog.kafka import EventProducer, ensure_topics, read_records
 from eventlog.log import EventLog
 from ledger import Materializer, SqliteLedger, StaticKey, sync
-from ledger.tables import rows_for_event
+from ledger.tables import row_tuples_for_event
 from marlgrc.demo import synthetic_run
 
 RATIO_TARGET = 0.8
@@ -69,15 +69,15 @@ def run(boot: str, events: int, batch: int, home: Path) -> int:
     n = counts["events"]
     print(f"{n} events in Kafka (prefix {prefix}); commit size {batch}")
 
-    # B's rows: decoded once, outside the timing
+    # B's rows: decoded once, outside the timing, as the parameter tuples A inserts
     codec = default_codec()
     rows_batches = []
-    cur: dict[str, list[dict]] = defaultdict(list)
+    cur: dict[str, list[tuple]] = defaultdict(list)
     k = 0
     for r in read_records(boot, ["marl.run.lifecycle", "marl.env.state", "marl.agent.observation",
                                  "marl.joint.action"], prefix=prefix):
         name, rec = codec.decode(r.value)
-        for table, row in rows_for_event(name, rec, r.topic, r.partition, r.offset, r.value):
+        for table, row in row_tuples_for_event(name, rec, r.topic, r.partition, r.offset, r.value):
             cur[table].append(row)
         k += 1
         if k % batch == 0:

@@ -23,7 +23,7 @@ from eventlog.hashing import PREV_END, PREV_START
 from eventlog.kafka import Record, read_records
 
 from .store import Finding, LedgerStore
-from .tables import rows_for_event
+from .tables import row_tuples_for_event
 
 
 @dataclass
@@ -63,12 +63,13 @@ class Materializer:
 
     def ingest_batch(self, batch: list[Record]) -> list[Finding]:
         """Rows, offsets and findings of ``batch`` in one transaction; returns the findings."""
-        rows: dict[str, list[dict]] = defaultdict(list)
+        rows: dict[str, list[tuple]] = defaultdict(list)
         findings: list[Finding] = []
         offsets: dict[tuple[str, int], int] = {}
         heads = dict(self.heads)
         seen_ids: set[str] = set()
         decode = self.codec.decode
+        event_types = schema_files.EVENT_TYPES
         for r in batch:
             offsets[(r.topic, r.partition)] = r.offset + 1
             v = r.value
@@ -83,7 +84,7 @@ class Materializer:
             def finding(kind: str, detail: str) -> None:
                 findings.append(Finding(kind, r.topic, r.partition, r.offset, chain, seq, event_id, detail))
 
-            expected_topic = schema_files.EVENT_TYPES.get(rec["event_type"], (None, None))[1]
+            expected_topic = event_types.get(rec["event_type"], (None, None))[1]
             if expected_topic != r.topic:
                 finding("wrong_topic", f"{rec['event_type']} belongs on {expected_topic}, found on {r.topic}")
             if r.key != chain:
@@ -106,7 +107,7 @@ class Materializer:
             if seq >= next_seq:
                 heads[key] = (seq, bytes(v[-32:]))
             seen_ids.add(event_id)
-            for table, row in rows_for_event(name, rec, r.topic, r.partition, r.offset, v):
+            for table, row in row_tuples_for_event(name, rec, r.topic, r.partition, r.offset, v):
                 rows[table].append(row)
         self.store.write(rows, offsets, findings)
         self.heads = heads

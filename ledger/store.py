@@ -94,6 +94,7 @@ class StoredEvent:
 DELETABLE = tuple(t.name for t in EVENT_TABLES)
 SUBJECT_TABLES = tuple(t.name for t in EVENT_TABLES if t.subject_refs)
 _FINDING_COLS = [c for c in INTEGRITY_FINDINGS.column_names if c != "finding_id"]
+_WRITE_ORDER = tuple(t.name for t in EVENT_TABLES) + (LINEAGE.name,)  # lineage after its policy updates
 
 
 def contiguous_ranges(rows: Iterable[tuple]) -> list[list[tuple]]:
@@ -143,19 +144,22 @@ class LedgerStore(ABC):
         params = ", ".join(self._json_param(c) if k == "json" else self.ph for c, k in table.columns)
         return f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES ({params}) ON CONFLICT DO NOTHING"
 
-    def write(self, rows: dict[str, list[dict]], offsets: dict[tuple[str, int], int],
+    def write(self, rows: dict[str, list[dict] | list[tuple]], offsets: dict[tuple[str, int], int],
               findings: list[Finding] = ()) -> None:
-        """Rows, consumer offsets (next offset to read) and findings, in one transaction."""
+        """Rows, consumer offsets (next offset to read) and findings, in one transaction. A table's
+        rows are dicts (column -> value, missing columns NULL) or tuples in ``Table.columns`` order."""
         cur = self._cursor()
         self._begin()
         try:
-            for name in [t.name for t in EVENT_TABLES] + [LINEAGE.name]:
+            for name in _WRITE_ORDER:
                 batch = rows.get(name)
                 if not batch:
                     continue
                 table = TABLES[name]
-                cols = table.column_names
-                cur.executemany(self._insert_sql(table), [tuple(r.get(c) for c in cols) for r in batch])
+                if not isinstance(batch[0], tuple):
+                    cols = table.column_names
+                    batch = [tuple(r.get(c) for c in cols) for r in batch]
+                cur.executemany(self._insert_sql(table), batch)
             if findings:
                 now = _now_micros()
                 cur.executemany(

@@ -125,82 +125,146 @@ def _hex(value):
 _json = json.JSONEncoder(separators=(",", ":"), default=_hex).encode  # one encoder: the hot path
 
 
+_FLOAT_FORMATS: dict[int, str] = {}
+
+
+def _floats(values) -> str:
+    """JSON of an array of floats (Avro ``float`` arrays): the hot path of materialization.
+
+    ``%#.17g`` round-trips every double exactly and always writes a decimal point, so the text
+    parses back to the very values ``_json`` would have written (``content_hash`` compares parsed
+    JSON); it costs about half of ``repr``'s shortest-digits search. NaN and infinities (no valid
+    JSON number) and anything that is not a plain float go through ``_json``."""
+    n = len(values)
+    if n == 0:
+        return "[]"
+    fmt = _FLOAT_FORMATS.get(n)
+    if fmt is None:
+        fmt = _FLOAT_FORMATS[n] = "[" + ",".join(["%#.17g"] * n) + "]"
+    try:
+        s = fmt % tuple(values)
+    except TypeError:
+        return _json(values)
+    if "n" in s or type(values[0]) is not float:  # nan / inf; ints would gain a decimal point
+        return _json(values)
+    return s
+
+
 def _protected(rec: dict) -> tuple[str, str]:
     fields = rec.get("protected_fields") or []
+    if not fields:
+        return "[]", ""
     refs = sorted({f["subject_ref"].hex() for f in fields})
     return _json(fields), " ".join(refs)
 
 
-def _payload(name: str, r: dict) -> dict:
-    if name == "run_started":
-        return {"env_id": r["env_id"], "env_version": r["env_version"], "seed": r["seed"],
-                "config_hash": r["config_hash"], "config_json": r["config_json"], "agents": _json(r["agents"]),
-                "state_space": _json(r["state_space"]), "episodes_planned": r["episodes_planned"]}
-    if name == "run_finished":
-        return {"status": r["status"], "reason": r["reason"], "episodes": r["episodes"], "steps": r["steps"],
-                "mean_return": r["mean_return"], "chain_heads": _json(r["chain_heads"])}
-    if name in ("env_state", "agent_observation"):
-        pf, refs = _protected(r)
-        out = {"episode": r["episode"], "step": r["step"], "protected_fields": pf, "subject_refs": refs}
-        if name == "env_state":
-            out.update(state=_json(r["state"]), collapsed_state=_json(r["collapsed_state"]), flags=_json(r["flags"]))
-        else:
-            out.update(agent_id=r["agent_id"], observation=_json(r["observation"]),
-                       action_mask=_json(r["action_mask"]))
-        return out
-    if name == "joint_action":
-        return {"episode": r["episode"], "step": r["step"], "actions": _json(r["actions"]),
-                "joint_vector": _json(r["joint_vector"]), "team_reward": sum(a["reward"] for a in r["actions"])}
-    if name == "credit_assignment":
-        return {"episode": r["episode"], "step": r["step"], "joint_action_hash": r["joint_action_hash"],
-                "raw_reward": r["raw_reward"], "global_reward": r["global_reward"],
-                "penalties": _json(r["penalties"]), "shares": _json(r["shares"])}
-    if name == "fairness_metrics":
-        return {"episode": r["episode"], "window_kind": r["window"], "window_start": r["window_start"],
-                "window_end": r["window_end"], "metrics": _json(r["metrics"]),
-                "agent_metrics": _json(r["agent_metrics"])}
-    if name == "policy_update":
-        return {k: r[k] for k in ("algorithm", "config_hash", "seed", "parent_policy_version", "policy_updated",
-                                  "optimizer_steps", "env_steps", "weights_sha256", "verified")} | {
-            "losses": _json(r["losses"])}
-    if name == "audit_checkpoint":
-        return {k: r[k] for k in ("checked_topic", "checked_chain_id", "first_seq", "last_seq", "prev_head_hash",
-                                  "head_event_hash", "merkle_root", "signer_key_id", "signature")}
-    if name == "compliance_deletion":
-        return {k: r[k] for k in ("request_id", "requester", "legal_basis", "namespace", "subject_ref")} | {
-            "actions": _json(r["actions"])}
-    if name == "dead_letter":
-        return {k: r[k] for k in ("source_topic", "source_partition", "source_offset", "source_key", "error_kind",
-                                  "reason", "consumer", "payload", "payload_sha256")}
-    raise KeyError(f"no ledger table for schema {name!r}")
+# Payload columns per schema, as a tuple in the table's column order (after the header columns).
+# Each function below must match its table's columns (tests/unit/test_ledger_storage.py checks the
+# stored values against the decoded events through the views and content hash).
+_NONE6 = (None,) * 6
+_NONE8 = (None,) * 8
+
+
+def _p_run_started(r: dict) -> tuple:
+    return (r["env_id"], r["env_version"], r["seed"], r["config_hash"], r["config_json"], _json(r["agents"]),
+            _json(r["state_space"]), r["episodes_planned"]) + _NONE6
+
+
+def _p_run_finished(r: dict) -> tuple:
+    return _NONE8 + (r["status"], r["reason"], r["episodes"], r["steps"], r["mean_return"],
+                     _json(r["chain_heads"]))
+
+
+def _p_env_state(r: dict) -> tuple:
+    pf, refs = _protected(r)
+    flags = r["flags"]
+    return (r["episode"], r["step"], _floats(r["state"]), _floats(r["collapsed_state"]),
+            _json(flags) if flags else "[]", pf, refs)
+
+
+def _p_agent_observation(r: dict) -> tuple:
+    pf, refs = _protected(r)
+    mask = r["action_mask"]
+    return (r["episode"], r["step"], r["agent_id"], _floats(r["observation"]), _json(mask) if mask else "[]",
+            pf, refs)
+
+
+def _p_joint_action(r: dict) -> tuple:
+    actions = r["actions"]
+    return (r["episode"], r["step"], _json(actions), _floats(r["joint_vector"]),
+            sum(a["reward"] for a in actions))
+
+
+def _p_credit_assignment(r: dict) -> tuple:
+    return (r["episode"], r["step"], r["joint_action_hash"], r["raw_reward"], r["global_reward"],
+            _json(r["penalties"]), _json(r["shares"]))
+
+
+def _p_fairness_metrics(r: dict) -> tuple:
+    return (r["episode"], r["window"], r["window_start"], r["window_end"], _json(r["metrics"]),
+            _json(r["agent_metrics"]))
+
+
+def _p_policy_update(r: dict) -> tuple:
+    return (r["algorithm"], r["config_hash"], r["seed"], r["parent_policy_version"], r["policy_updated"],
+            r["optimizer_steps"], r["env_steps"], _json(r["losses"]), r["weights_sha256"], r["verified"])
+
+
+def _p_audit_checkpoint(r: dict) -> tuple:
+    return (r["checked_topic"], r["checked_chain_id"], r["first_seq"], r["last_seq"], r["prev_head_hash"],
+            r["head_event_hash"], r["merkle_root"], r["signer_key_id"], r["signature"])
+
+
+def _p_compliance_deletion(r: dict) -> tuple:
+    return (r["request_id"], r["requester"], r["legal_basis"], r["namespace"], r["subject_ref"],
+            _json(r["actions"]))
+
+
+def _p_dead_letter(r: dict) -> tuple:
+    return (r["source_topic"], r["source_partition"], r["source_offset"], r["source_key"], r["error_kind"],
+            r["reason"], r["consumer"], r["payload"], r["payload_sha256"])
+
+
+_PAYLOAD = {
+    "run_started": _p_run_started, "run_finished": _p_run_finished, "env_state": _p_env_state,
+    "agent_observation": _p_agent_observation, "joint_action": _p_joint_action,
+    "credit_assignment": _p_credit_assignment, "fairness_metrics": _p_fairness_metrics,
+    "policy_update": _p_policy_update, "audit_checkpoint": _p_audit_checkpoint,
+    "compliance_deletion": _p_compliance_deletion, "dead_letter": _p_dead_letter,
+}
+# schema name -> (table, payload builder), resolved once
+ROW_BUILDERS = {name: (SCHEMA_TABLE[name], fn) for name, fn in _PAYLOAD.items()}
+
+
+def row_tuples_for_event(schema_name: str, r: dict, topic: str, partition: int, offset: int,
+                         value: bytes) -> list[tuple[str, tuple]]:
+    """The ledger rows of one decoded event as tuples in each table's column order (``Table.columns``):
+    its table's row, and lineage rows of a policy update. The materializer's hot path."""
+    try:
+        table, payload = ROW_BUILDERS[schema_name]
+    except KeyError:
+        raise KeyError(f"no ledger table for schema {schema_name!r}") from None
+    seh = r["source_event_hashes"]
+    row = (r["event_id"], topic, partition, offset, r["chain_id"], r["seq"], r["run_id"], r["event_type"],
+           r["produced_at"], r["producer_id"], r["data_classification"], r["retention_expiry"],
+           r["feature_schema_version"], r["policy_version"], r["rule_version"],
+           b"".join(seh) if seh else b"", r["prev_event_hash"], bytes(value[-32:]), bytes(value)) + payload(r)
+    if schema_name != "policy_update":
+        return [(table, row)]
+    out = [(table, row)]
+    for i, lin in enumerate(r["lineage"]):
+        out.append(("policy_update_lineage", (
+            r["event_id"], i, lin["topic"], lin["partition"], lin["first_offset"], lin["last_offset"],
+            lin["chain_id"], lin["first_seq"], lin["last_seq"], lin["head_event_hash"])))
+    return out
 
 
 def rows_for_event(schema_name: str, record: dict, topic: str, partition: int, offset: int,
                    value: bytes) -> list[tuple[str, dict]]:
-    """The ledger rows of one decoded event: its table's row, and lineage rows of a policy update."""
-    table = SCHEMA_TABLE.get(schema_name)
-    if table is None:
-        raise KeyError(f"no ledger table for schema {schema_name!r}")
-    r = record
-    row = {
-        "event_id": r["event_id"], "topic": topic, "kafka_partition": partition, "kafka_offset": offset,
-        "chain_id": r["chain_id"], "seq": r["seq"], "run_id": r["run_id"], "event_type": r["event_type"],
-        "produced_at": r["produced_at"], "producer_id": r["producer_id"],
-        "data_classification": r["data_classification"], "retention_expiry": r["retention_expiry"],
-        "feature_schema_version": r["feature_schema_version"], "policy_version": r["policy_version"],
-        "rule_version": r["rule_version"], "source_event_hashes": b"".join(r["source_event_hashes"]),
-        "prev_event_hash": r["prev_event_hash"], "event_hash": bytes(value[-32:]), "raw": bytes(value),
-    }
-    row.update(_payload(schema_name, r))
-    out = [(table, row)]
-    if schema_name == "policy_update":
-        for i, lin in enumerate(r["lineage"]):
-            out.append(("policy_update_lineage", {
-                "policy_update_event_id": r["event_id"], "idx": i, "lineage_topic": lin["topic"],
-                "lineage_partition": lin["partition"], "first_offset": lin["first_offset"],
-                "last_offset": lin["last_offset"], "chain_id": lin["chain_id"], "first_seq": lin["first_seq"],
-                "last_seq": lin["last_seq"], "head_event_hash": lin["head_event_hash"]}))
-    return out
+    """The ledger rows of one decoded event as dicts (column -> value): its table's row, and lineage
+    rows of a policy update. Same values as ``row_tuples_for_event``."""
+    return [(table, dict(zip(TABLES[table].column_names, row)))
+            for table, row in row_tuples_for_event(schema_name, record, topic, partition, offset, value)]
 
 
 def split_hashes(blob: bytes) -> list[bytes]:
