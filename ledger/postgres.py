@@ -230,15 +230,9 @@ class PostgresLedger(LedgerStore):
     def _begin(self):
         self.conn.execute("BEGIN")
 
-    def _commit(self):
-        self.conn.execute("COMMIT")
-
     def _rollback(self):
         if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             self.conn.execute("ROLLBACK")
-
-    def _cursor(self):
-        return self.conn.cursor()
 
     def write(self, rows, offsets, findings=()):
         try:

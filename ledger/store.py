@@ -119,14 +119,14 @@ class LedgerStore(ABC):
     @abstractmethod
     def _begin(self): ...
 
-    @abstractmethod
-    def _commit(self): ...
+    def _commit(self):  # both backends keep their connection in self.conn
+        self.conn.execute("COMMIT")
 
     @abstractmethod
     def _rollback(self): ...
 
-    @abstractmethod
-    def _cursor(self): ...
+    def _cursor(self):
+        return self.conn.cursor()
 
     @abstractmethod
     def _delete_rows(self, kind: str, cutoff: int | None, subject_ref: bytes | None, request_id: str,
@@ -471,15 +471,9 @@ class SqliteLedger(LedgerStore):
     def _begin(self):
         self.conn.execute("BEGIN IMMEDIATE")
 
-    def _commit(self):
-        self.conn.execute("COMMIT")
-
     def _rollback(self):
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
-
-    def _cursor(self):
-        return self.conn.cursor()
 
     def write(self, rows, offsets, findings=()):
         try:
