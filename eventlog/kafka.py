@@ -184,6 +184,50 @@ def partitions_of(bootstrap: str, topics: Iterable[str], prefix: str = "", timeo
     return out
 
 
+def _plan(consumer: Consumer, bootstrap: str, topics: Iterable[str], prefix: str,
+          start_offsets: dict[tuple[str, int], int] | None, start_timestamp_ms: int | None,
+          end_offsets: dict[tuple[str, int], int] | None,
+          timeout: float) -> tuple[list[TopicPartition], dict[tuple[str, int], int], int]:
+    """(partitions to assign at their start offsets, {(physical topic, partition): end offset}, messages
+    between start and end) for a read from the start (beginning, offsets or a timestamp) to the end."""
+    tps = partitions_of(bootstrap, topics, prefix)
+    if start_timestamp_ms is not None:
+        tps = consumer.offsets_for_times([TopicPartition(tp.topic, tp.partition, start_timestamp_ms)
+                                          for tp in tps], timeout=timeout)
+    ends: dict[tuple[str, int], int] = {}
+    assign = []
+    remaining = 0
+    for tp in tps:
+        lo, hi = consumer.get_watermark_offsets(tp, timeout=timeout)
+        key = (logical(prefix, tp.topic), tp.partition)
+        end = hi if end_offsets is None else min(hi, end_offsets.get(key, hi))
+        if start_offsets is not None and key in start_offsets:
+            off = start_offsets[key]
+        elif start_timestamp_ms is not None:
+            off = tp.offset if tp.offset >= 0 else end
+        else:
+            off = OFFSET_BEGINNING
+        start = lo if off == OFFSET_BEGINNING else off
+        if start < end:
+            ends[(tp.topic, tp.partition)] = end
+            assign.append(TopicPartition(tp.topic, tp.partition, off))
+            remaining += end - start
+    return assign, ends, remaining
+
+
+def backlog(bootstrap: str, topics: Iterable[str], *, prefix: str = "",
+            start_offsets: dict[tuple[str, int], int] | None = None, timeout: float = 30.0) -> int:
+    """How many offsets a read from ``start_offsets`` (default: the beginning) to the end would cover
+    (an upper bound on the messages: transaction markers take offsets too)."""
+    consumer = _consumer(bootstrap)
+    try:
+        return _plan(consumer, bootstrap, topics, prefix, start_offsets, None, None, timeout)[2]
+    except KafkaException as exc:
+        raise _unavailable(bootstrap, "reading watermarks", exc) from None
+    finally:
+        consumer.close()
+
+
 def message_batches(bootstrap: str, topics: Iterable[str], *, prefix: str = "",
                     start_offsets: dict[tuple[str, int], int] | None = None,
                     start_timestamp_ms: int | None = None,
@@ -196,28 +240,8 @@ def message_batches(bootstrap: str, topics: Iterable[str], *, prefix: str = "",
     ``ends_out``, if given, receives {(physical topic, partition): end offset}."""
     consumer = _consumer(bootstrap)
     try:
-        tps = partitions_of(bootstrap, topics, prefix)
-        if start_timestamp_ms is not None:
-            tps = consumer.offsets_for_times([TopicPartition(tp.topic, tp.partition, start_timestamp_ms)
-                                              for tp in tps], timeout=timeout)
-        ends: dict[tuple[str, int], int] = {}
-        assign = []
-        remaining = 0
-        for tp in tps:
-            lo, hi = consumer.get_watermark_offsets(tp, timeout=timeout)
-            key = (logical(prefix, tp.topic), tp.partition)
-            end = hi if end_offsets is None else min(hi, end_offsets.get(key, hi))
-            if start_offsets is not None and key in start_offsets:
-                off = start_offsets[key]
-            elif start_timestamp_ms is not None:
-                off = tp.offset if tp.offset >= 0 else end
-            else:
-                off = OFFSET_BEGINNING
-            start = lo if off == OFFSET_BEGINNING else off
-            if start < end:
-                ends[(tp.topic, tp.partition)] = end
-                assign.append(TopicPartition(tp.topic, tp.partition, off))
-                remaining += end - start
+        assign, ends, remaining = _plan(consumer, bootstrap, topics, prefix, start_offsets, start_timestamp_ms,
+                                        end_offsets, timeout)
         if ends_out is not None:
             ends_out.update(ends)
         if not assign:

@@ -458,6 +458,9 @@ class SqliteLedger(LedgerStore):
             # NORMAL in WAL loses at most the last transactions on power loss, never consistency; offsets
             # live in the same transactions, so those events are simply read again.
             self.conn.execute("PRAGMA synchronous = NORMAL")
+            # 64 MiB of page cache (default 2 MiB): index pages stay decrypted in memory instead of
+            # being read back and decrypted again on every insert of a long sync
+            self.conn.execute("PRAGMA cache_size = -65536")
             self._install()
         finally:
             os.umask(old_umask)

@@ -56,7 +56,37 @@ def test_sync_one_shot_then_follow(kafka, topics, tmp_path):
     assert report.chains.events == len(first) + len(second)
 
 
-def test_sigkill_mid_sync_then_restart_loses_and_duplicates_nothing(kafka, topics, tmp_path):
+def tampered_stream() -> list[tuple]:
+    """A run, then what an attacker or a broken producer adds: replays of stored events, an edited
+    copy, an event under the wrong key, and bytes that are no event at all."""
+    sent = make_run("r1", episodes=6, steps=10)
+    actions = [m for m in sent if m[0] == "marl.joint.action"]
+    extra = make_run("r2", episodes=1, steps=8)
+    edited = bytearray(extra[3][2])
+    edited[60] ^= 0x01
+    return (sent + [actions[0], actions[1]] + [(extra[0][0], extra[0][1], extra[0][2])]
+            + [(extra[1][0], "not-the-chain", extra[1][2]), (extra[2][0], extra[2][1], extra[2][2]),
+               (extra[3][0], extra[3][1], bytes(edited)), ("marl.joint.action", "r1:actions", b"not an event"),
+               actions[2]] + extra[4:])
+
+
+def test_reader_process_gives_what_in_process_sync_gives(kafka, topics, tmp_path):
+    """The two-process sync (reader decodes and checks, writer writes) stores the same rows, offsets
+    and findings as the in-process one, duplicates included (which only the store can tell)."""
+    produce(kafka, topics, tampered_stream())
+    results = {}
+    for mode in (False, True):
+        led = SqliteLedger(tmp_path / f"l{mode}.db", KEY)
+        stats = sync(led, kafka.bootstrap, prefix=topics, commit_every=37, reader_process=mode)
+        results[mode] = (stats.records, sorted((f.kind, f.topic, f.chain_id, f.seq) for f in stats.findings),
+                         led.content_hash())
+    assert results[True] == results[False]
+    kinds = {k for k, *_ in results[True][1]}
+    assert {"duplicated", "undecodable", "wrong_key", "edited"} <= kinds, kinds
+
+
+@pytest.mark.parametrize("reader_process", [False, True], ids=["in-process", "reader-process"])
+def test_sigkill_mid_sync_then_restart_loses_and_duplicates_nothing(kafka, topics, tmp_path, reader_process):
     sent = make_run("r1", episodes=40, steps=25)
     produce(kafka, topics, sent)
     clean = SqliteLedger(tmp_path / "clean.db", KEY)
@@ -67,8 +97,10 @@ def test_sigkill_mid_sync_then_restart_loses_and_duplicates_nothing(kafka, topic
         led = SqliteLedger({str(tmp_path / 'crash.db')!r}, StaticKey(bytes.fromhex({KEY.key.hex()!r})))
         def tick(stats):
             print(stats.records, flush=True)
-        sync(led, {kafka.bootstrap!r}, prefix={topics!r}, commit_every=50, on_batch=tick)
-        print("finished", flush=True)
+        if __name__ == "__main__":
+            sync(led, {kafka.bootstrap!r}, prefix={topics!r}, commit_every=50, on_batch=tick,
+                 reader_process={reader_process!r})
+            print("finished", flush=True)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
