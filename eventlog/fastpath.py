@@ -11,18 +11,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import hashlib
-import importlib.util
 import logging
-import os
-import subprocess
-import sysconfig
-import tempfile
 from hashlib import sha256
 from pathlib import Path
 
 from .hashing import MIN_EVENT_LEN
 from .merkle import root_from_leaves
+from .native import build_extension
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("_chaincheck.c")
@@ -53,27 +48,9 @@ def py_merkle_root_from_leaves(leaves, start: int, count: int) -> bytes:
 
 def _build() -> object | None:
     """Compile (once per source version and Python) and load the C module; None if impossible."""
-    if os.environ.get("MARLGRC_NO_NATIVE"):
+    mod = build_extension(SOURCE, "_chaincheck", purpose="the verifier's fast path")
+    if mod is None:
         return None
-    tag = hashlib.sha256(SOURCE.read_bytes() + sysconfig.get_config_var("EXT_SUFFIX").encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("MARLGRC_CACHE") or Path.home() / ".cache" / "marlgrc") / "native" / tag
-    target = cache / ("_chaincheck" + sysconfig.get_config_var("EXT_SUFFIX"))
-    if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        cc = os.environ.get("CC", "cc")
-        with tempfile.NamedTemporaryFile(dir=cache, suffix=".so", delete=False) as tmp:
-            pass
-        cmd = [cc, "-O2", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}", str(SOURCE), "-o", tmp.name]
-        try:
-            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-        except (OSError, subprocess.SubprocessError) as exc:
-            os.unlink(tmp.name)
-            log.warning("no C compiler for the verifier's fast path (%s); using the pure-Python path", exc)
-            return None
-        os.replace(tmp.name, target)  # atomic: concurrent builders agree
-    spec = importlib.util.spec_from_file_location("_chaincheck", target)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     lib = ctypes.CDLL(ctypes.util.find_library("crypto") or "libcrypto.so.3")
     mod.set_sha256(*(ctypes.cast(getattr(lib, f), ctypes.c_void_p).value
                      for f in ("SHA256_Init", "SHA256_Update", "SHA256_Final")))

@@ -24,13 +24,9 @@ import schemas as schema_files
 from eventlog.codec import ZERO_HASH, Codec, DecodeError, default_codec
 from eventlog.kafka import Record, backlog, read_records
 
+from .fastrows import decode_rows
 from .store import Finding, LedgerError, LedgerStore
 from .tables import row_tuples_for_event
-
-
-def decode_rows(value: bytes, topic: str, partition: int, offset: int) -> tuple[str, list[tuple[str, tuple]]]:
-    name, rec = default_codec().decode(value)
-    return name, row_tuples_for_event(name, rec, topic, partition, offset, value)
 
 
 @dataclass

@@ -58,15 +58,16 @@ def test_sync_one_shot_then_follow(kafka, topics, tmp_path):
 
 def tampered_stream() -> list[tuple]:
     """A run, then what an attacker or a broken producer adds: replays of stored events, an edited
-    copy, an event under the wrong key, and bytes that are no event at all."""
+    copy, an event under the wrong key (alone on its chain, so no partition interleaving can reorder
+    its chain), and bytes that are no event at all."""
     sent = make_run("r1", episodes=6, steps=10)
     actions = [m for m in sent if m[0] == "marl.joint.action"]
     extra = make_run("r2", episodes=1, steps=8)
     edited = bytearray(extra[3][2])
     edited[60] ^= 0x01
-    return (sent + [actions[0], actions[1]] + [(extra[0][0], extra[0][1], extra[0][2])]
-            + [(extra[1][0], "not-the-chain", extra[1][2]), (extra[2][0], extra[2][1], extra[2][2]),
-               (extra[3][0], extra[3][1], bytes(edited)), ("marl.joint.action", "r1:actions", b"not an event"),
+    stray = make_run("r3", episodes=1, steps=8)[0]
+    return (sent + [actions[0], actions[1]] + extra[:3] + [(extra[3][0], extra[3][1], bytes(edited))]
+            + [(stray[0], "not-the-chain", stray[2]), ("marl.joint.action", "r1:actions", b"not an event"),
                actions[2]] + extra[4:])
 
 

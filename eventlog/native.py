@@ -1,0 +1,52 @@
+"""Compile a CPython extension from one C file on first use, cache it, load it.
+
+The shared object lives in ``$MARLGRC_CACHE/native/<tag>/`` (default ``~/.cache/marlgrc``), where the
+tag hashes the source and the interpreter's extension suffix, so an edited source or another Python
+builds afresh. ``MARLGRC_NO_NATIVE=1`` turns every native module off (callers then use their
+pure-Python definitions); ``CC`` picks the compiler.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import subprocess
+import sysconfig
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+
+def build_extension(source: Path, name: str, *, purpose: str = "") -> ModuleType | None:
+    """Compile (once per source version and Python) and load the module ``name`` from ``source``.
+
+    Returns None when native code is turned off or no C compiler works; a warning names ``purpose``
+    (e.g. "the verifier's fast path") so the reader knows what runs slower."""
+    if os.environ.get("MARLGRC_NO_NATIVE"):
+        return None
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    tag = hashlib.sha256(source.read_bytes() + suffix.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("MARLGRC_CACHE") or Path.home() / ".cache" / "marlgrc") / "native" / tag
+    target = cache / (name + suffix)
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        cc = os.environ.get("CC", "cc")
+        with tempfile.NamedTemporaryFile(dir=cache, suffix=".so", delete=False) as tmp:
+            pass
+        cmd = [cc, "-O2", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}", str(source), "-o", tmp.name]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as exc:
+            os.unlink(tmp.name)
+            detail = exc.stderr.decode(errors="replace").strip()[-400:] if getattr(exc, "stderr", None) else exc
+            log.warning("cannot compile %s for %s (%s); using the pure-Python path", source.name,
+                        purpose or name, detail)
+            return None
+        os.replace(tmp.name, target)  # atomic: concurrent builders agree
+    spec = importlib.util.spec_from_file_location(name, target)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
