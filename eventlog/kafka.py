@@ -215,19 +215,6 @@ def _plan(consumer: Consumer, bootstrap: str, topics: Iterable[str], prefix: str
     return assign, ends, remaining
 
 
-def backlog(bootstrap: str, topics: Iterable[str], *, prefix: str = "",
-            start_offsets: dict[tuple[str, int], int] | None = None, timeout: float = 30.0) -> int:
-    """How many offsets a read from ``start_offsets`` (default: the beginning) to the end would cover
-    (an upper bound on the messages: transaction markers take offsets too)."""
-    consumer = _consumer(bootstrap)
-    try:
-        return _plan(consumer, bootstrap, topics, prefix, start_offsets, None, None, timeout)[2]
-    except KafkaException as exc:
-        raise _unavailable(bootstrap, "reading watermarks", exc) from None
-    finally:
-        consumer.close()
-
-
 def message_batches(bootstrap: str, topics: Iterable[str], *, prefix: str = "",
                     start_offsets: dict[tuple[str, int], int] | None = None,
                     start_timestamp_ms: int | None = None,
@@ -292,7 +279,43 @@ def read_records(bootstrap: str, topics: Iterable[str], *, prefix: str = "",
             if o >= ends.get((t, p), -1):
                 continue
             k = m.key()
-            yield Record(t[plen:], p, o, k.decode() if k is not None else "", m.value(), m.timestamp()[1])
+            yield Record(t[plen:], p, o, k.decode("utf-8", "backslashreplace") if k is not None else "", m.value(),
+                         m.timestamp()[1])
+
+
+def record_batches(bootstrap: str, topics: Iterable[str], *, prefix: str = "",
+                   start_offsets: dict[tuple[str, int], int] | None = None, batch: int = 10000,
+                   timeout: float = 30.0) -> Iterator[list[tuple[str, int, int, str, bytes]]]:
+    """What ``read_records`` reads, as lists of plain ``(topic, partition, offset, key, value)``
+    tuples (logical topic, key decoded): the bulk readers' path, with no per-record object."""
+    ends: dict[tuple[str, int], int] = {}
+    plen = len(prefix)
+    names: dict[str, str] = {}
+    keys: dict[bytes | None, str] = {None: ""}
+    for msgs in message_batches(bootstrap, topics, prefix=prefix, start_offsets=start_offsets, batch=batch,
+                                timeout=timeout, ends_out=ends):
+        out = []
+        append = out.append
+        for m in msgs:
+            if m.error() is not None:
+                if m.error().code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise KafkaException(m.error())
+            t, p, o = m.topic(), m.partition(), m.offset()
+            if o >= ends.get((t, p), -1):
+                continue
+            k = m.key()
+            key = keys.get(k)
+            if key is None:
+                key = k.decode("utf-8", "backslashreplace")  # a garbage key is a finding, not a crash
+                if len(keys) < 100_000:
+                    keys[k] = key
+            name = names.get(t)
+            if name is None:
+                name = names[t] = t[plen:]
+            append((name, p, o, key, m.value()))
+        if out:
+            yield out
 
 
 def chain_head_from_topic(bootstrap: str, topic: str, chain_id: str, prefix: str = "") -> tuple[int, bytes]:

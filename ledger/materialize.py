@@ -11,10 +11,9 @@ stored, so ``ledger verify`` sees exactly what the topic held.
 """
 from __future__ import annotations
 
-import marshal
-import multiprocessing
-import pickle
 import time
+from itertools import chain
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections import defaultdict
 from dataclasses import dataclass, field
 from hashlib import sha256
@@ -22,10 +21,10 @@ from typing import Callable, Iterable, Iterator
 
 import schemas as schema_files
 from eventlog.codec import ZERO_HASH, Codec, DecodeError, default_codec
-from eventlog.kafka import Record, backlog, read_records
+from eventlog.kafka import Record, record_batches
 
 from .fastrows import decode_rows
-from .store import Finding, LedgerError, LedgerStore
+from .store import Finding, LedgerStore
 from .tables import row_tuples_for_event
 
 
@@ -47,23 +46,14 @@ class CheckedBatch:
     its findings. ``pending`` lists the events that arrived behind their chain's head and were not
     seen earlier in the batch: only the store can tell whether each is a duplicate (dropped, finding
     ``duplicated``) or an inserted/reordered event (kept, finding ``reordered_or_inserted``); their
-    findings are ``None`` placeholders until ``resolve`` fills them in.
+    findings are ``None`` placeholders until ``resolve`` fills them in."""
 
-    Plain tuples, dicts and lists only, so a batch crosses a process boundary with ``marshal``."""
-
+    records: int
     rows: dict[str, list[tuple]]
     offsets: dict[tuple[str, int], int]
     findings: list[tuple | None]
     pending: list[tuple[int, str, list[tuple[str, int]], tuple, tuple]]
     heads: dict[tuple[str, str], tuple[int, bytes]]
-
-    def to_wire(self) -> tuple:
-        return (self.rows, list(self.offsets.items()), self.findings, self.pending, list(self.heads.items()))
-
-    @classmethod
-    def from_wire(cls, wire: tuple) -> "CheckedBatch":
-        rows, offsets, findings, pending, heads = wire
-        return cls(rows, dict(offsets), findings, pending, dict(heads))
 
     def resolve(self, stored: set[str]) -> list[Finding]:
         """Fill in the pending findings given which of their event ids the store holds already; drops
@@ -91,11 +81,13 @@ def check_batch(records: Iterable, heads: dict[tuple[str, str], tuple[int, bytes
     rows: dict[str, list[tuple]] = defaultdict(list)
     findings: list[tuple | None] = []
     pending: list[tuple[int, str, list[tuple[str, int]], tuple, tuple]] = []
+    n = 0
     offsets: dict[tuple[str, int], int] = {}
     changed: dict[tuple[str, str], tuple[int, bytes]] = {}
     seen_ids: set[str] = set()
     event_types = schema_files.EVENT_TYPES
     for r in records:
+        n += 1
         topic, partition, offset, key, v = r[0], r[1], r[2], r[3], r[4]
         offsets[(topic, partition)] = offset + 1
         try:
@@ -146,7 +138,7 @@ def check_batch(records: Iterable, heads: dict[tuple[str, str], tuple[int, bytes
         seen_ids.add(event_id)
         for table, trow in event_rows:
             rows[table].append(trow)
-    return CheckedBatch(dict(rows), offsets, findings, pending, changed)
+    return CheckedBatch(n, dict(rows), offsets, findings, pending, changed)
 
 
 class Materializer:
@@ -166,34 +158,61 @@ class Materializer:
 
     def ingest(self, records: Iterable[Record], *, commit_every: int = 5000,
                on_batch: Callable[[IngestStats], None] | None = None) -> IngestStats:
+        """Materialize ``records`` in transactions of ``commit_every`` records.
+
+        Each transaction's COMMIT (SQLCipher encrypts and writes its pages then, with the GIL
+        released) runs on a second thread while this one reads, decodes and checks the next batch;
+        the next batch is written only after that commit succeeded, so transactions stay in order
+        and a failed commit stops the ingest with nothing after it written."""
         stats = IngestStats()
         t0 = time.perf_counter()
-        for batch in _batches(records, commit_every):
-            self._account(stats, len(batch), self.ingest_batch(batch), on_batch)
+        heads = dict(self.heads)   # runs ahead of self.heads by at most the batch being committed
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-commit") as committer:
+            committing: tuple[Future, CheckedBatch, list[Finding]] | None = None
+            try:
+                for batch in _batches(records, commit_every):
+                    checked = check_batch(batch, heads, self._decode)
+                    if committing is not None:
+                        self._committed(stats, *committing, on_batch)
+                        committing = None
+                    findings = self._write(checked, commit=False)
+                    committing = (committer.submit(self.store.commit), checked, findings)
+                if committing is not None:
+                    self._committed(stats, *committing, on_batch)
+                    committing = None
+            finally:
+                if committing is not None:  # an error on this thread while a commit ran: let it end
+                    try:
+                        committing[0].result()
+                    except Exception:  # noqa: BLE001 - the error being raised here says more
+                        pass
         stats.seconds = time.perf_counter() - t0
         return stats
 
     def ingest_batch(self, batch: list[Record]) -> list[Finding]:
         """Rows, offsets and findings of ``batch`` in one transaction; returns the findings."""
-        heads = dict(self.heads)
-        checked = check_batch(batch, heads, self._decode)
-        findings = self.write_checked(checked)
-        self.heads = heads
+        checked = check_batch(batch, dict(self.heads), self._decode)
+        findings = self._write(checked, commit=True)
+        self._advance(checked)
         return findings
 
-    def write_checked(self, checked: CheckedBatch) -> list[Finding]:
-        """Resolve a checked batch's pending events against the store and write it in one transaction."""
+    def _write(self, checked: CheckedBatch, *, commit: bool) -> list[Finding]:
+        """Resolve a checked batch's pending events against the store and write it in one transaction
+        (left open when ``commit`` is false: the caller commits with ``store.commit()``)."""
         stored = self.store.event_ids([p[1] for p in checked.pending]) if checked.pending else set()
         findings = checked.resolve(stored)
-        self.store.write(checked.rows, checked.offsets, findings)
-        self.heads.update(checked.heads)
-        self.offsets.update(checked.offsets)
+        self.store.write(checked.rows, checked.offsets, findings, commit=commit)
         return findings
 
-    @staticmethod
-    def _account(stats: IngestStats, n: int, findings: list[Finding],
-                 on_batch: Callable[[IngestStats], None] | None) -> None:
-        stats.records += n
+    def _advance(self, checked: CheckedBatch) -> None:
+        self.heads.update(checked.heads)
+        self.offsets.update(checked.offsets)
+
+    def _committed(self, stats: IngestStats, done: Future, checked: CheckedBatch, findings: list[Finding],
+                   on_batch: Callable[[IngestStats], None] | None) -> None:
+        done.result()  # raises the commit's error
+        self._advance(checked)
+        stats.records += checked.records
         stats.batches += 1
         stats.findings.extend(findings)
         if on_batch is not None:
@@ -211,37 +230,20 @@ def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
         yield batch
 
 
-# Below this many pending offsets a sync decodes in its own process: starting a reader process
-# costs about half a second, and only a long backlog repays it.
-READER_PROCESS_MIN_BACKLOG = 20_000
-
-
 def sync(store: LedgerStore, bootstrap: str, *, prefix: str = "", follow: bool = False,
          poll_interval: float = 1.0, commit_every: int = 5000, topics: Iterable[str] = schema_files.TOPICS,
          should_stop: Callable[[], bool] = lambda: False,
-         on_batch: Callable[[IngestStats], None] | None = None,
-         reader_process: bool | None = None) -> IngestStats:
+         on_batch: Callable[[IngestStats], None] | None = None) -> IngestStats:
     """Read every marl.* topic from the ledger's stored offsets to the end (``follow``: again and
-    again until ``should_stop()``), materializing as it goes.
-
-    ``reader_process``: read, decode and check in a second process while this one only writes (the
-    two overlap on two cores; the database is still written by this process alone, one transaction
-    per batch with its offsets, so a crash of either process loses and duplicates nothing). ``None``
-    decides by the backlog: a second process for ``READER_PROCESS_MIN_BACKLOG`` offsets or more, or
-    in follow mode."""
+    again until ``should_stop()``), materializing as it goes."""
     m = Materializer(store)
-    topics = list(topics)
-    if reader_process is None:
-        reader_process = follow or backlog(bootstrap, topics, prefix=prefix,
-                                           start_offsets=dict(m.offsets)) >= READER_PROCESS_MIN_BACKLOG
-    if reader_process:
-        return _sync_with_reader(m, bootstrap, prefix, follow, poll_interval, commit_every, topics, should_stop,
-                                 on_batch)
     total = IngestStats()
+    topics = list(topics)
     t0 = time.perf_counter()
     while True:
-        stats = m.ingest(read_records(bootstrap, topics, prefix=prefix, start_offsets=dict(m.offsets)),
-                         commit_every=commit_every, on_batch=on_batch)
+        records = chain.from_iterable(record_batches(bootstrap, topics, prefix=prefix,
+                                                     start_offsets=dict(m.offsets)))
+        stats = m.ingest(records, commit_every=commit_every, on_batch=on_batch)
         total.records += stats.records
         total.batches += stats.batches
         total.findings.extend(stats.findings)
@@ -251,78 +253,3 @@ def sync(store: LedgerStore, bootstrap: str, *, prefix: str = "", follow: bool =
             time.sleep(poll_interval)
     total.seconds = time.perf_counter() - t0
     return total
-
-
-def _sync_with_reader(m: Materializer, bootstrap: str, prefix: str, follow: bool, poll_interval: float,
-                      commit_every: int, topics: list[str], should_stop: Callable[[], bool],
-                      on_batch: Callable[[IngestStats], None] | None) -> IngestStats:
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding a database and Kafka threads
-    receive, send = ctx.Pipe(duplex=False)
-    reader = ctx.Process(target=_reader_main, name="marlgrc-ledger-reader", daemon=True, args=(
-        send, bootstrap, prefix, follow, poll_interval, commit_every, topics, dict(m.offsets), dict(m.heads)))
-    reader.start()
-    send.close()
-    total = IngestStats()
-    t0 = time.perf_counter()
-    try:
-        while True:
-            if follow and should_stop():
-                break
-            if not receive.poll(0.2):
-                if not reader.is_alive() and not receive.poll(0):
-                    raise LedgerError(f"the ledger's reader process died (exit code {reader.exitcode}) without "
-                                      f"an error report; nothing of its unfinished batch was written. Run the "
-                                      f"sync again: it resumes from the stored offsets")
-                continue
-            try:
-                kind, body = marshal.loads(receive.recv_bytes())
-            except EOFError:
-                continue
-            if kind == "batch":
-                m._account(total, body[5], m.write_checked(CheckedBatch.from_wire(body[:5])), on_batch)
-            elif kind == "done":
-                break
-            else:  # "error": the reader's exception, pickled, raised here as it would be in-process
-                raise pickle.loads(body)
-    finally:
-        if reader.is_alive():
-            reader.terminate()
-        reader.join(5)
-        receive.close()
-    total.seconds = time.perf_counter() - t0
-    return total
-
-
-def _reader_main(send, bootstrap: str, prefix: str, follow: bool, poll_interval: float, commit_every: int,
-                 topics: list[str], offsets: dict[tuple[str, int], int],
-                 heads: dict[tuple[str, str], tuple[int, bytes]]) -> None:
-    """The reader process: Kafka -> decoded, checked batches -> the writer, until the end (or forever
-    in follow mode). Its state (offsets, heads) only runs ahead of what the writer committed; a
-    restart begins again from the store's."""
-    try:
-        while True:
-            n = 0
-            for batch in _batches(read_records(bootstrap, topics, prefix=prefix, start_offsets=dict(offsets)),
-                                  commit_every):
-                checked = check_batch(batch, heads)
-                offsets.update(checked.offsets)
-                send.send_bytes(marshal.dumps(("batch", checked.to_wire() + (len(batch),))))
-                n += len(batch)
-            if not follow:
-                break
-            if n == 0:
-                time.sleep(poll_interval)
-        send.send_bytes(marshal.dumps(("done", None)))
-    except (BrokenPipeError, KeyboardInterrupt):
-        pass
-    except BaseException as exc:  # noqa: BLE001 - reported to the writer, which raises it
-        try:
-            body = pickle.dumps(exc)
-        except Exception:  # noqa: BLE001 - an unpicklable exception still says what it was
-            body = pickle.dumps(LedgerError(f"ledger reader failed: {type(exc).__name__}: {exc}"))
-        try:
-            send.send_bytes(marshal.dumps(("error", body)))
-        except OSError:
-            pass
-    finally:
-        send.close()

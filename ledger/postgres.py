@@ -234,11 +234,17 @@ class PostgresLedger(LedgerStore):
         if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             self.conn.execute("ROLLBACK")
 
-    def write(self, rows, offsets, findings=()):
+    def write(self, rows, offsets, findings=(), *, commit=True):
         try:
-            super().write(rows, offsets, findings)
+            super().write(rows, offsets, findings, commit=commit)
         except psycopg.Error as exc:
             raise LedgerError(f"the PostgreSQL ledger refused a batch: {str(exc).strip()}") from None
+
+    def commit(self):
+        try:
+            super().commit()
+        except psycopg.Error as exc:
+            raise LedgerError(f"the PostgreSQL ledger refused a batch at commit: {str(exc).strip()}") from None
 
     def _delete_rows(self, kind, cutoff, subject_ref, request_id, requester, legal_basis, deleted_at):
         if kind == "retention":

@@ -145,9 +145,11 @@ class LedgerStore(ABC):
         return f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES ({params}) ON CONFLICT DO NOTHING"
 
     def write(self, rows: dict[str, list[dict] | list[tuple]], offsets: dict[tuple[str, int], int],
-              findings: list[Finding] = ()) -> None:
+              findings: list[Finding] = (), *, commit: bool = True) -> None:
         """Rows, consumer offsets (next offset to read) and findings, in one transaction. A table's
-        rows are dicts (column -> value, missing columns NULL) or tuples in ``Table.columns`` order."""
+        rows are dicts (column -> value, missing columns NULL) or tuples in ``Table.columns`` order.
+        ``commit=False`` leaves the transaction open for ``commit()`` (or ``rollback()``), which may
+        be called from another thread; nothing else may use the store until then."""
         cur = self._cursor()
         self._begin()
         try:
@@ -172,10 +174,22 @@ class LedgerStore(ABC):
                     f"INSERT INTO ingest_offsets (topic, kafka_partition, next_offset) VALUES ({self.ph}, {self.ph}, "
                     f"{self.ph}) ON CONFLICT (topic, kafka_partition) DO UPDATE SET next_offset = excluded.next_offset",
                     [(t, p, o) for (t, p), o in sorted(offsets.items())])
+            if commit:
+                self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+
+    def commit(self) -> None:
+        """Commit the transaction a ``write(..., commit=False)`` left open (rolled back if that fails)."""
+        try:
             self._commit()
         except BaseException:
             self._rollback()
             raise
+
+    def rollback(self) -> None:
+        self._rollback()
 
     # ----------------------------------------------------------------- reading
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
@@ -478,11 +492,17 @@ class SqliteLedger(LedgerStore):
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
 
-    def write(self, rows, offsets, findings=()):
+    def write(self, rows, offsets, findings=(), *, commit=True):
         try:
-            super().write(rows, offsets, findings)
+            super().write(rows, offsets, findings, commit=commit)
         except self._module.IntegrityError as exc:
             raise LedgerError(f"ledger {self.path} refused a batch: {exc}") from None
+
+    def commit(self):
+        try:
+            super().commit()
+        except self._module.IntegrityError as exc:
+            raise LedgerError(f"ledger {self.path} refused a batch at commit: {exc}") from None
 
     def _delete_rows(self, kind, cutoff, subject_ref, request_id, requester, legal_basis, deleted_at):
         cur = self.conn.cursor()
