@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import typer
+from confluent_kafka import Producer
 from typer.testing import CliRunner
 
 from eventlog.kafka import EventProducer, read_records
@@ -77,6 +78,10 @@ def test_overlapped_commits_give_what_one_batch_at_a_time_gives(kafka, topics, t
     offsets, findings, duplicates across batches included, which only the store can tell) equals
     writing the same batches one transaction after another on one thread."""
     produce(kafka, topics, tampered_stream())
+    stray = make_run("r4", episodes=1, steps=8)[0]
+    raw = Producer({"bootstrap.servers": kafka.bootstrap})
+    raw.produce(topics + stray[0], key=b"\xff\xfe not utf-8", value=stray[2])  # a key no chain id can be
+    raw.flush(30)
     overlapped = SqliteLedger(tmp_path / "overlapped.db", KEY)
     stats = sync(overlapped, kafka.bootstrap, prefix=topics, commit_every=37)
     serial = SqliteLedger(tmp_path / "serial.db", KEY)
@@ -88,6 +93,7 @@ def test_overlapped_commits_give_what_one_batch_at_a_time_gives(kafka, topics, t
     assert overlapped.content_hash() == serial.content_hash()
     kinds = {f.kind for f in findings}
     assert {"duplicated", "undecodable", "wrong_key", "edited"} <= kinds, kinds
+    assert [f.chain_id for f in findings if f.kind == "wrong_key"].count("r4:lifecycle") == 1
 
 
 def test_sigkill_mid_sync_then_restart_loses_and_duplicates_nothing(kafka, topics, tmp_path):
