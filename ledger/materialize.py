@@ -72,23 +72,26 @@ class CheckedBatch:
         return [Finding(*f) for f in self.findings]
 
 
+_TOPIC_OF_TYPE = {event_type: topic for event_type, (_, topic) in schema_files.EVENT_TYPES.items()}
+
+
 def check_batch(records: Iterable, heads: dict[tuple[str, str], tuple[int, bytes]],
                 decode: Callable[[bytes, str, int, int], tuple[str, list[tuple[str, tuple]]]] = decode_rows
                 ) -> CheckedBatch:
-    """Decode and check one batch of records (``(topic, partition, offset, key, value, ...)``, e.g.
+    """Decode and check one batch of records (``(topic, partition, offset, key, value)`` tuples or
     ``eventlog.kafka.Record``) against ``heads`` (updated in place): every event's hash is recomputed
     and its link checked against its chain's head. A pure function of the records and the heads."""
+    records = list(records)
+    if records and len(records[0]) != 5:
+        records = [r[:5] for r in records]
     rows: dict[str, list[tuple]] = defaultdict(list)
     findings: list[tuple | None] = []
     pending: list[tuple[int, str, list[tuple[str, int]], tuple, tuple]] = []
-    n = 0
     offsets: dict[tuple[str, int], int] = {}
     changed: dict[tuple[str, str], tuple[int, bytes]] = {}
-    seen_ids: set[str] = set()
-    event_types = schema_files.EVENT_TYPES
-    for r in records:
-        n += 1
-        topic, partition, offset, key, v = r[0], r[1], r[2], r[3], r[4]
+    seen_ids: set[str] | None = None  # event ids met in this batch, collected once one arrives behind its head
+    topic_of = _TOPIC_OF_TYPE
+    for topic, partition, offset, key, v in records:
         offsets[(topic, partition)] = offset + 1
         try:
             name, event_rows = decode(v, topic, partition, offset)
@@ -97,29 +100,32 @@ def check_batch(records: Iterable, heads: dict[tuple[str, str], tuple[int, bytes
                              f"{exc}; value SHA-256 {sha256(v or b'').hexdigest()}"))
             continue
         row = event_rows[0][1]
-        event_id, chain, seq, event_type = row[0], row[4], row[5], row[7]
-        expected_topic = event_types.get(event_type, (None, None))[1]
-        if expected_topic != topic:
+        event_id, chain, seq, event_type, event_hash = row[0], row[4], row[5], row[7], row[17]
+        if topic_of.get(event_type) != topic:
             findings.append(("wrong_topic", topic, partition, offset, chain, seq, event_id,
-                             f"{event_type} belongs on {expected_topic}, found on {topic}"))
+                             f"{event_type} belongs on {topic_of.get(event_type)}, found on {topic}"))
         if key != chain:
             findings.append(("wrong_key", topic, partition, offset, chain, seq, event_id,
                              f"Kafka key {key!r} is not the event's chain id"))
-        event_hash = row[17]
         if sha256(v[:-32]).digest() != event_hash:
             findings.append(("edited", topic, partition, offset, chain, seq, event_id,
                              "event_hash does not match SHA-256 of the event's bytes"))
         hkey = (topic, chain)
         head = heads.get(hkey)
-        next_seq, last_hash = (head[0] + 1, head[1]) if head else (0, ZERO_HASH)
-        if seq < next_seq:
+        if head is None:
+            head = (-1, ZERO_HASH)
+        if seq == head[0] + 1 and row[16] == head[1]:  # the common case: the chain's next event
+            heads[hkey] = changed[hkey] = (seq, event_hash)
+        elif seq <= head[0]:
+            if seen_ids is None:
+                seen_ids = {r[0] for table_rows in rows.values() for r in table_rows}
             duplicated = ("duplicated", topic, partition, offset, chain, seq, event_id,
-                          f"event {event_id} (seq {seq}) appears again after seq {next_seq - 1}")
+                          f"event {event_id} (seq {seq}) appears again after seq {head[0]}")
             if event_id in seen_ids:
                 findings.append(duplicated)
                 continue
             reordered = ("reordered_or_inserted", topic, partition, offset, chain, seq, event_id,
-                         f"seq {seq} arrives after seq {next_seq - 1}")
+                         f"seq {seq} arrives after seq {head[0]}")
             positions = []
             for table, trow in event_rows:
                 positions.append((table, len(rows[table])))
@@ -128,17 +134,19 @@ def check_batch(records: Iterable, heads: dict[tuple[str, str], tuple[int, bytes
             findings.append(None)
             seen_ids.add(event_id)
             continue
-        if seq > next_seq:
-            findings.append(("missing", topic, partition, offset, chain, seq, event_id,
-                             f"seq {next_seq}..{seq - 1} missing before seq {seq}"))
-        elif row[16] != last_hash:
-            findings.append(("edited", topic, partition, offset, chain, seq, event_id,
-                             f"link to seq {seq - 1} does not match its hash"))
-        heads[hkey] = changed[hkey] = (seq, event_hash)
-        seen_ids.add(event_id)
+        else:
+            if seq > head[0] + 1:
+                findings.append(("missing", topic, partition, offset, chain, seq, event_id,
+                                 f"seq {head[0] + 1}..{seq - 1} missing before seq {seq}"))
+            else:
+                findings.append(("edited", topic, partition, offset, chain, seq, event_id,
+                                 f"link to seq {seq - 1} does not match its hash"))
+            heads[hkey] = changed[hkey] = (seq, event_hash)
+        if seen_ids is not None:
+            seen_ids.add(event_id)
         for table, trow in event_rows:
             rows[table].append(trow)
-    return CheckedBatch(n, dict(rows), offsets, findings, pending, changed)
+    return CheckedBatch(len(records), dict(rows), offsets, findings, pending, changed)
 
 
 class Materializer:
