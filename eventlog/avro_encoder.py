@@ -31,6 +31,24 @@ def _uvarint(n: int) -> bytes:
 
 _SMALL = 1 << 14
 _SMALL_LONGS = [_uvarint(((i << 1) ^ (i >> 63)) & 0xFFFFFFFFFFFFFFFF) for i in range(-_SMALL, _SMALL)]
+# varint pieces: _LOW14[x] is the two continued bytes of the low 14 bits x, _UV14[x] the whole varint of
+# x < 2**14; a varint of z is _LOW14[z & 0x3FFF] + (varint of z >> 14) whenever z >> 14 > 0
+_LOW14 = [bytes(((i & 0x7F) | 0x80, (i >> 7 & 0x7F) | 0x80)) for i in range(1 << 14)]
+_UV14 = [_uvarint(i) for i in range(1 << 14)]
+# high parts (z >> 14) of 8-byte varints (microsecond timestamps: produced_at and retention_expiry of
+# every event); each stays the same for about 8 ms, so a few entries serve every timestamp in flight
+_HI: dict[int, bytes] = {}
+_HI_MAX = 64
+
+
+def ts_high(hi: int) -> bytes:
+    """Varint of ``hi`` (the high part of a timestamp varint), cached."""
+    b = _HI.get(hi)
+    if b is None:
+        if len(_HI) >= _HI_MAX:
+            _HI.clear()
+        b = _HI[hi] = _uvarint(hi)
+    return b
 
 
 def long_bytes(n: int) -> bytes:
@@ -40,19 +58,17 @@ def long_bytes(n: int) -> bytes:
     if not _MIN_LONG <= n <= _MAX_LONG:
         raise EncodeError(f"{n} does not fit an Avro long")
     z = ((n << 1) ^ (n >> 63)) & 0xFFFFFFFFFFFFFFFF
-    if (1 << 49) <= z < (1 << 56):
-        # microsecond timestamps (8 bytes): the low 14 bits from a table, the high part from a
-        # one-entry cache, since consecutive timestamps share it for about 8 ms
-        global _hi_key, _hi_bytes
+    if z < (1 << 28):  # 3-4 bytes (seq >= 8192, step counters, ...)
+        return _LOW14[z & 0x3FFF] + _UV14[z >> 14]
+    if (1 << 49) <= z < (1 << 56):  # 8 bytes: microsecond timestamps
         hi = z >> 14
-        if hi != _hi_key:
-            _hi_key, _hi_bytes = hi, _uvarint(hi)
-        return _LOW14[z & 0x3FFF] + _hi_bytes
+        b = _HI.get(hi)
+        if b is None:
+            b = ts_high(hi)
+        return _LOW14[z & 0x3FFF] + b
+    if z < (1 << 42):
+        return _LOW14[z & 0x3FFF] + _LOW14[(z >> 14) & 0x3FFF] + _UV14[z >> 28]
     return _uvarint(z)
-
-
-_LOW14 = [bytes(((i & 0x7F) | 0x80, (i >> 7 & 0x7F) | 0x80)) for i in range(1 << 14)]
-_hi_key, _hi_bytes = -1, b""
 
 
 def int_bytes(n: int) -> bytes:
@@ -61,17 +77,47 @@ def int_bytes(n: int) -> bytes:
     return long_bytes(n)
 
 
+_FLOATS: dict[int, Callable[..., bytes]] = {}
+_DOUBLES: dict[int, Callable[..., bytes]] = {}
+
+
+def _packer(cache: dict[int, Callable[..., bytes]], code: str, n: int) -> Callable[..., bytes]:
+    if len(cache) >= 256:
+        cache.clear()
+    pack = cache[n] = struct.Struct(f"<{n}{code}").pack
+    return pack
+
+
+_NDARRAY = _F4 = _F8 = None  # numpy's ndarray and its '<f4' / '<f8' dtypes, once an array has been seen
+
+
+def _numpy_types() -> None:
+    global _NDARRAY, _F4, _F8
+    import numpy
+
+    _NDARRAY, _F4, _F8 = numpy.ndarray, numpy.dtype("<f4"), numpy.dtype("<f8")
+
+
 def floats_bytes(values) -> bytes:
-    tobytes = getattr(values, "astype", None)
-    if tobytes is not None:  # numpy array
+    if getattr(values, "astype", None) is not None:  # numpy array
+        if _NDARRAY is None:
+            _numpy_types()
+        if type(values) is _NDARRAY and values.dtype is _F4:
+            return values.tobytes()  # C order, as astype(copy=False).tobytes() gives it
         return values.astype("<f4", copy=False).tobytes()
-    return struct.pack(f"<{len(values)}f", *values)
+    n = len(values)
+    return (_FLOATS.get(n) or _packer(_FLOATS, "f", n))(*values)
 
 
 def doubles_bytes(values) -> bytes:
     if getattr(values, "astype", None) is not None:
+        if _NDARRAY is None:
+            _numpy_types()
+        if type(values) is _NDARRAY and values.dtype is _F8:
+            return values.tobytes()
         return values.astype("<f8", copy=False).tobytes()
-    return struct.pack(f"<{len(values)}d", *values)
+    n = len(values)
+    return (_DOUBLES.get(n) or _packer(_DOUBLES, "d", n))(*values)
 
 
 class _Gen:
@@ -79,6 +125,7 @@ class _Gen:
         self.lines: list[str] = []
         self.n = 0
         self.named: dict[str, dict] = {}
+        self.structs: dict[str, str] = {}  # struct format -> name of its pack function in the encoder
 
     def var(self) -> str:
         self.n += 1
@@ -104,6 +151,7 @@ class _Gen:
             rns = full.rpartition(".")[0]
             v = self.var()
             self.emit(ind, f"{v} = {expr}")
+            run: list[tuple[str, str]] = []  # consecutive float/double fields: one struct pack
             for f in t["fields"]:
                 if "default" in f:
                     d = f["default"]
@@ -111,28 +159,50 @@ class _Gen:
                     fexpr = f"{v}.get({f['name']!r}, {dflt})"
                 else:
                     fexpr = f"{v}[{f['name']!r}]"
+                ft = f["type"]["type"] if isinstance(f["type"], dict) and f["type"].get("type") in ("float", "double") \
+                    else f["type"]
+                if ft in ("float", "double"):
+                    run.append((ft, fexpr))
+                    continue
+                self.flush_floats(run, ind)
                 self.type(f["type"], fexpr, ind, rns)
+            self.flush_floats(run, ind)
         elif kind == "fixed":
             self.register(t, ns)
             v = self.var()
             self.emit(ind, f"{v} = {expr}")
             self.emit(ind, f"if len({v}) != {t['size']}: raise EncodeError('fixed {t['name']} needs {t['size']} bytes, got %d' % len({v}))")
-            self.emit(ind, f"a({v})")
+            self.emit(ind, f"p.append({v})")
         elif kind == "array":
             items = t["items"]
             v = self.var()
+            n = self.var()
             self.emit(ind, f"{v} = {expr}")
-            self.emit(ind, f"if len({v}):")
-            self.emit(ind + 1, f"a(L(len({v})))")
+            self.emit(ind, f"{n} = len({v})")
+            self.emit(ind, f"if {n}:")
+            self.emit(ind + 1, self.count(n))
             if items in ("float", "double"):
-                self.emit(ind + 1, f"a({'FS' if items == 'float' else 'DS'}({v}))")
+                self.emit(ind + 1, f"p.append({'FS' if items == 'float' else 'DS'}({v}))")
             else:
                 it = self.var()
                 self.emit(ind + 1, f"for {it} in {v}:")
                 self.type(items, it, ind + 2, ns)
-            self.emit(ind, "a(b'\\x00')")
+            self.emit(ind, "p.append(b'\\x00')")
         else:
             raise EncodeError(f"type {kind!r} is not supported by the compiled encoder")
+
+    def count(self, n: str) -> str:
+        """Append the varint of a length or count ``n`` (>= 0)."""
+        return f"p.append(S[{n} + {_SMALL}] if {n} < {_SMALL} else L({n}))"
+
+    def flush_floats(self, run: list[tuple[str, str]], ind: int) -> None:
+        if len(run) == 1:
+            self.prim(run[0][0], run[0][1], ind)
+        elif run:
+            fmt = "<" + "".join("f" if k == "float" else "d" for k, _ in run)
+            name = self.structs.setdefault(fmt, f"_P{len(self.structs)}")
+            self.emit(ind, f"p.append({name}({', '.join(e for _, e in run)}))")
+        run.clear()
 
     def register(self, t: dict, ns: str) -> str:
         name = t["name"]
@@ -142,24 +212,29 @@ class _Gen:
         return full
 
     def prim(self, t: str, expr: str, ind: int) -> None:
-        if t == "long":
-            self.emit(ind, f"a(L({expr}))")
-        elif t == "int":
-            self.emit(ind, f"a(I({expr}))")
-        elif t == "string":
-            v = self.var()
-            self.emit(ind, f"{v} = {expr}.encode()")
-            self.emit(ind, f"a(L(len({v}))); a({v})")
-        elif t == "bytes":
+        if t in ("long", "int"):  # small values from the table, inline; the rest through L / I
             v = self.var()
             self.emit(ind, f"{v} = {expr}")
-            self.emit(ind, f"a(L(len({v}))); a({v})")
+            rest = "L" if t == "long" else "I"
+            self.emit(ind, f"p.append(S[{v} + {_SMALL}] if {-_SMALL} <= {v} < {_SMALL} else {rest}({v}))")
+        elif t == "string":
+            v = self.var()
+            n = self.var()
+            self.emit(ind, f"{v} = {expr}.encode()")
+            self.emit(ind, f"{n} = len({v})")
+            self.emit(ind, f"{self.count(n)}; p.append({v})")
+        elif t == "bytes":
+            v = self.var()
+            n = self.var()
+            self.emit(ind, f"{v} = {expr}")
+            self.emit(ind, f"{n} = len({v})")
+            self.emit(ind, f"{self.count(n)}; p.append({v})")
         elif t == "boolean":
-            self.emit(ind, f"a(b'\\x01' if {expr} else b'\\x00')")
+            self.emit(ind, f"p.append(b'\\x01' if {expr} else b'\\x00')")
         elif t == "float":
-            self.emit(ind, f"a(F({expr}))")
+            self.emit(ind, f"p.append(F({expr}))")
         elif t == "double":
-            self.emit(ind, f"a(D({expr}))")
+            self.emit(ind, f"p.append(D({expr}))")
         elif t == "null":
             pass
         else:
@@ -172,22 +247,25 @@ _PRIMS = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"
 def compile_encoder(schema: dict, prefix: bytes = b"", predefine=()) -> Callable[[dict], bytes]:
     """A function record -> ``prefix`` + Avro binary body of ``schema``.
 
-    ``predefine``: named types (dicts) that ``schema`` refers to by name but does not define.
+    ``predefine``: named types (dicts) that ``schema`` refers to by name but does not define. The
+    function's ``into(record, parts)`` attribute appends the body's pieces to the list ``parts``
+    instead (no prefix): for callers that join the body with bytes of their own.
     """
     g = _Gen()
     for t in predefine:
         g.register(t, schema.get("namespace", ""))
-    g.emit(1, f"parts = [{prefix!r}]")
-    g.emit(1, "a = parts.append")
-    g.emit(1, "try:")
     g.type(schema, "r", 2, schema.get("namespace", ""))
-    g.emit(1, "except (KeyError, TypeError, AttributeError, struct.error, OverflowError) as exc:")
-    g.emit(2, f"raise EncodeError('record does not fit schema {schema.get('name')}: %r' % (exc,)) from None")
-    g.emit(1, "return b''.join(parts)")
-    src = "def encode(r):\n" + "\n".join(g.lines) + "\n"
-    env = {"L": long_bytes, "I": int_bytes, "F": _FLOAT, "D": _DOUBLE, "FS": floats_bytes, "DS": doubles_bytes,
-           "EncodeError": EncodeError, "struct": struct}
+    body = "\n".join(g.lines)
+    fail = ("    except (KeyError, TypeError, AttributeError, struct.error, OverflowError) as exc:\n"
+            f"        raise EncodeError('record does not fit schema {schema.get('name')}: %r' % (exc,)) from None\n")
+    src = f"def encode(r):\n    p = [{prefix!r}]\n    try:\n{body}\n{fail}    return b''.join(p)\n"
+    src_into = f"def encode_into(r, p):\n    try:\n{body}\n{fail}"
+    env = {"L": long_bytes, "I": int_bytes, "S": _SMALL_LONGS, "F": _FLOAT, "D": _DOUBLE, "FS": floats_bytes,
+           "DS": doubles_bytes, "EncodeError": EncodeError, "struct": struct}
+    env.update({name: struct.Struct(fmt).pack for fmt, name in g.structs.items()})
     exec(compile(src, f"<avro encoder {schema.get('name')}>", "exec"), env)
+    exec(compile(src_into, f"<avro encoder {schema.get('name')} (into)>", "exec"), env)
     fn = env["encode"]
     fn.source = src
+    fn.into = env["encode_into"]
     return fn

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
 from hashlib import sha256
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import schemas as schema_files
 
-from .avro_encoder import long_bytes
+from .avro_encoder import _LOW14, _SMALL, _SMALL_LONGS, long_bytes, ts_high
 from .codec import ZERO_HASH, Codec, default_codec
 
 CLASSIFICATIONS = ("public", "internal", "confidential", "restricted")
@@ -54,7 +53,11 @@ def event_id_prefix() -> str:
     return f"{u[:8]}-{u[8:12]}-8{u[13:16]}-{'89ab'[int(u[16], 16) & 3]}{u[17:20]}-"
 
 
-@dataclass
+_TS_MIN, _TS_END = 1 << 49, 1 << 56  # zigzag values whose varint is 8 bytes (timestamps, years 1978-3111)
+_ONLY_32 = {32}
+_SEALERS_MAX = 256
+
+
 class ChainWriter:
     """Appends events to one chain. Not thread-safe: one writer per chain (DESIGN.md).
 
@@ -62,29 +65,57 @@ class ChainWriter:
     the Kafka layer, so hashes never depend on it. The header is encoded here directly, in the
     schema's field order (the codec checks every schema opens with exactly these fields); the
     payload goes through the schema's compiled encoder.
+
+    ``sealer(event_type, ...)`` gives a function that seals the chain's next event of one type with
+    fixed header strings: the precomputed form of ``append`` for hot loops (same bytes).
     """
 
-    topic: str
-    chain_id: str
-    run_id: str
-    producer_id: str
-    data_classification: str = "internal"
-    feature_schema_version: str = "1"
-    head: ChainHead = GENESIS
-    codec: Codec = field(default_factory=default_codec)
-    clock: Callable[[], int] = now_micros
-    id_prefix: str = field(default_factory=event_id_prefix)
+    __slots__ = ("topic", "chain_id", "run_id", "producer_id", "data_classification", "feature_schema_version",
+                 "codec", "clock", "id_prefix", "_seq", "_hash", "_chain", "_event_id_prefix", "_tail_const",
+                 "_types", "_classes", "_sealers")
 
-    def __post_init__(self) -> None:
-        if self.data_classification not in CLASSIFICATIONS:
-            raise ValueError(
-                f"data_classification {self.data_classification!r} is not one of {CLASSIFICATIONS}")
-        self._chain = _string(self.chain_id)
+    def __init__(self, topic: str, chain_id: str, run_id: str, producer_id: str,
+                 data_classification: str = "internal", feature_schema_version: str = "1",
+                 head: ChainHead = GENESIS, codec: Codec | None = None, clock: Callable[[], int] = now_micros,
+                 id_prefix: str | None = None):
+        if data_classification not in CLASSIFICATIONS:
+            raise ValueError(f"data_classification {data_classification!r} is not one of {CLASSIFICATIONS}")
+        self.topic = topic
+        self.chain_id = chain_id
+        self.run_id = run_id
+        self.producer_id = producer_id
+        self.data_classification = data_classification
+        self.feature_schema_version = feature_schema_version
+        self.codec = codec if codec is not None else default_codec()
+        self.clock = clock
+        self.id_prefix = id_prefix if id_prefix is not None else event_id_prefix()
+        self._seq, self._hash = head
+        self._chain = _string(chain_id)
         self._event_id_prefix = b"\x48" + self.id_prefix.encode()  # event_id: 36 chars, length 36 -> 0x48
-        self._tail_const = _string(self.feature_schema_version)
+        self._tail_const = _string(feature_schema_version)
         self._types: dict[str, tuple[str, bytes, bytes]] = {}
-        self._classes = {c: (_string(self.producer_id) + _string(c), RETENTION_DAYS[c] * MICROS_PER_DAY)
+        self._classes = {c: (_string(producer_id) + _string(c), RETENTION_DAYS[c] * MICROS_PER_DAY)
                          for c in CLASSIFICATIONS}
+        self._sealers: dict[tuple, Callable[..., Event]] = {}
+
+    @property
+    def head(self) -> ChainHead:
+        """The last event written (``seq == -1``: none yet)."""
+        return ChainHead(self._seq, self._hash)
+
+    @head.setter
+    def head(self, head: ChainHead) -> None:
+        self._seq, self._hash = head
+
+    @property
+    def next_seq(self) -> int:
+        """The seq the next event will get."""
+        return self._seq + 1
+
+    def __repr__(self) -> str:
+        return (f"ChainWriter(topic={self.topic!r}, chain_id={self.chain_id!r}, run_id={self.run_id!r}, "
+                f"producer_id={self.producer_id!r}, data_classification={self.data_classification!r}, "
+                f"head={self.head!r})")
 
     def _type(self, event_type: str) -> tuple[str, bytes, bytes]:
         t = self._types.get(event_type)
@@ -96,32 +127,93 @@ class ChainWriter:
                                            _string(event_type) + _string(self.run_id))
         return t
 
-    def append(self, event_type: str, payload: dict, *, policy_version: str = "", rule_version: str = "",
-               source_event_hashes: Iterable[bytes] = (), data_classification: str | None = None) -> Event:
-        """Encode ``payload`` (the schema's fields after the header) as the chain's next event."""
-        name, prefix, type_run = self._types.get(event_type) or self._type(event_type)
+    def _payload_encoder(self, name: str) -> Callable[[dict, list[bytes]], None]:
+        """``into(payload, parts)``: the schema's compiled payload encoder, appending its pieces to ``parts``."""
+        encoders = getattr(self.codec, "_payload_encoders", None)
+        into = getattr(encoders.get(name), "into", None) if encoders is not None else None
+        if into is not None:
+            return into
+        encode_payload = self.codec.encode_payload
+        return lambda payload, parts: parts.append(encode_payload(name, payload))
+
+    def sealer(self, event_type: str, *, policy_version: str = "", rule_version: str = "",
+               data_classification: str | None = None) -> Callable[..., Event]:
+        """``seal(payload, source_event_hashes=(), produced_at=None)``: the chain's next event of
+        ``event_type`` with these header strings; the same bytes as ``append`` with the same
+        arguments, with the header's constant parts encoded once. Sealers of one writer share its head.
+
+        ``source_event_hashes``: a list or tuple of 32-byte digests. ``produced_at`` (microseconds):
+        a reading of this writer's ``clock`` taken when the event's data was captured, for callers
+        that seal a few events later in one go; None reads the clock now."""
+        name, prefix, type_run = self._type(event_type)
         try:
             producer_class, retention = self._classes[data_classification or self.data_classification]
         except KeyError:
             raise ValueError(f"data_classification {data_classification!r} is not one of {CLASSIFICATIONS}") from None
-        head_seq, head_hash = self.head
-        seq = head_seq + 1
-        produced_at = self.clock()
-        if source_event_hashes:
-            sources = list(source_event_hashes)
-            if any(len(h) != 32 for h in sources):
-                raise ValueError("source_event_hashes must be 32-byte SHA-256 digests")
-        else:
-            sources = ()
-        body = b"".join((
-            prefix, head_hash, long_bytes(seq), self._chain,
-            self._event_id_prefix, b"%012x" % seq,
-            type_run, long_bytes(produced_at), producer_class, long_bytes(produced_at + retention),
-            self._tail_const, _string(policy_version) if policy_version else b"\x00",
-            _string(rule_version) if rule_version else b"\x00",
-            (long_bytes(len(sources)) + b"".join(sources) + b"\x00") if sources else b"\x00",
-            self.codec.encode_payload(name, payload),
-        ))
-        event_hash = sha256(body).digest()
-        self.head = ChainHead(seq, event_hash)
-        return Event(self.topic, self.chain_id, seq, event_hash, body + event_hash, event_type)
+        encode_into = self._payload_encoder(name)
+        chain_and_id = self._chain + self._event_id_prefix
+        tail = (self._tail_const + (_string(policy_version) if policy_version else b"\x00")
+                + (_string(rule_version) if rule_version else b"\x00"))
+        ret2 = retention << 1
+        ts_end = _TS_END - ret2  # produced_at and retention_expiry both 8-byte varints below this
+        clock = self.clock
+        own_clock, time_ns = clock is now_micros, time.time_ns  # the default clock, inline
+        topic, chain_id = self.topic, self.chain_id
+        small, small_off, low14 = _SMALL_LONGS, _SMALL, _LOW14
+        join, digest_of, new_tuple = b"".join, sha256, tuple.__new__
+        writer = self
+        # high parts (z >> 14) of the last produced_at and retention_expiry varints, and their bytes
+        p_hi = e_hi = -1
+        p_bytes = e_bytes = b""
+
+        def seal(payload: dict, source_event_hashes: Sequence[bytes] = (), produced_at: int | None = None) -> Event:
+            nonlocal p_hi, p_bytes, e_hi, e_bytes
+            seq = writer._seq + 1
+            t = produced_at if produced_at is not None else time_ns() // 1000 if own_clock else clock()
+            z = t << 1  # zigzag of t >= 0
+            if _TS_MIN <= z < ts_end:
+                if z >> 14 != p_hi:
+                    p_hi = z >> 14
+                    p_bytes = ts_high(p_hi)
+                produced = low14[z & 0x3FFF] + p_bytes
+                z += ret2
+                if z >> 14 != e_hi:
+                    e_hi = z >> 14
+                    e_bytes = ts_high(e_hi)
+                expiry = low14[z & 0x3FFF] + e_bytes
+            else:
+                produced, expiry = long_bytes(t), long_bytes(t + retention)
+            parts = [prefix, writer._hash, small[seq + small_off] if seq < small_off else long_bytes(seq),
+                     chain_and_id, b"%012x" % seq, type_run, produced, producer_class, expiry, tail]
+            if source_event_hashes:
+                n = len(source_event_hashes)
+                if n == 1:
+                    if len(source_event_hashes[0]) != 32:
+                        raise ValueError("source_event_hashes must be 32-byte SHA-256 digests")
+                elif {*map(len, source_event_hashes)} != _ONLY_32:
+                    raise ValueError("source_event_hashes must be 32-byte SHA-256 digests")
+                parts.append(small[n + small_off] if n < small_off else long_bytes(n))
+                parts += source_event_hashes
+            parts.append(b"\x00")
+            encode_into(payload, parts)
+            body = join(parts)
+            event_hash = digest_of(body).digest()
+            writer._seq, writer._hash = seq, event_hash
+            return new_tuple(Event, (topic, chain_id, seq, event_hash, body + event_hash, event_type))
+
+        return seal
+
+    def append(self, event_type: str, payload: dict, *, policy_version: str = "", rule_version: str = "",
+               source_event_hashes: Iterable[bytes] = (), data_classification: str | None = None) -> Event:
+        """Encode ``payload`` (the schema's fields after the header) as the chain's next event."""
+        key = (event_type, policy_version, rule_version, data_classification)
+        seal = self._sealers.get(key)
+        if seal is None:
+            seal = self.sealer(event_type, policy_version=policy_version, rule_version=rule_version,
+                               data_classification=data_classification)
+            if len(self._sealers) >= _SEALERS_MAX:
+                self._sealers.clear()
+            self._sealers[key] = seal
+        if source_event_hashes and not isinstance(source_event_hashes, (list, tuple)):
+            source_event_hashes = list(source_event_hashes)
+        return seal(payload, source_event_hashes)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import schemas as schema_files
 
@@ -80,12 +80,50 @@ class EventLog:
         if self.signer is not None and topic != CHECKPOINT_TOPIC:
             pending = self._pending.get((topic, chain_id))
             if pending is None:
-                prev = event.value[10:42]
-                pending = self._pending[(topic, chain_id)] = _Pending(event.seq, bytes(prev), [])
+                pending = self._pending[(topic, chain_id)] = _Pending(event.seq, event.value[10:42], [])
             pending.hashes.append(event.event_hash)
             if len(pending.hashes) >= self.checkpoint_every:
                 self._checkpoint_one(topic, chain_id)
         return event
+
+    def appender(self, chain_id: str, event_type: str, *, policy_version: str = "", rule_version: str = "",
+                 data_classification: str | None = None) -> Callable[..., Event]:
+        """``append(payload, source_event_hashes=(), produced_at=None)``: ``append`` for one chain,
+        event type and set of header strings, with everything constant encoded once (hot loops: the
+        harness's step). See ``ChainWriter.sealer`` for the arguments. The events are the same
+        bytes, sent and checkpointed the same way, as through ``append``; the sink, signer and
+        ``checkpoint_every`` are the ones set when the appender is made."""
+        topic = schema_files.topic_of(event_type)
+        w = self._writers.get((topic, chain_id)) or self.writer(topic, chain_id)
+        return self._deliver(topic, chain_id, w.sealer(event_type, policy_version=policy_version,
+                                                       rule_version=rule_version,
+                                                       data_classification=data_classification))
+
+    def _deliver(self, topic: str, chain_id: str, seal: Callable[..., Event]) -> Callable[..., Event]:
+        """``seal`` followed by sending the event and recording its checkpoint leaf."""
+        send = self.sink.send
+        if self.signer is None or topic == CHECKPOINT_TOPIC:
+            def append(payload: dict, source_event_hashes: Sequence[bytes] = (),
+                       produced_at: int | None = None) -> Event:
+                event = seal(payload, source_event_hashes, produced_at)
+                send(topic, chain_id, event.value)
+                return event
+            return append
+        key, pending_of, every = (topic, chain_id), self._pending, self.checkpoint_every
+
+        def append_checkpointed(payload: dict, source_event_hashes: Sequence[bytes] = (),
+                                produced_at: int | None = None) -> Event:
+            event = seal(payload, source_event_hashes, produced_at)
+            send(topic, chain_id, event.value)
+            pending = pending_of.get(key)
+            if pending is None:
+                pending = pending_of[key] = _Pending(event.seq, event.value[10:42], [])
+            hashes = pending.hashes
+            hashes.append(event.event_hash)
+            if len(hashes) >= every:
+                self._checkpoint_one(topic, chain_id)
+            return event
+        return append_checkpointed
 
     def heads(self) -> dict[tuple[str, str], ChainHead]:
         return {k: w.head for k, w in self._writers.items()}

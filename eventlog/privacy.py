@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
-from typing import Iterable, NamedTuple, Protocol
+from typing import Iterable, NamedTuple, Protocol, Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 NONCE_LEN = 12
 KEY_LEN = 32
 KEYSTORE_KEY_ENV = "MARLGRC_KEYSTORE_KEY"
+_IN_BATCH = 500  # blind indexes per SELECT ... IN (...) (SQLite allows 32766 parameters)
 
 
 class PrivacyError(RuntimeError):
@@ -215,6 +216,36 @@ class LocalKeyStore:
                 raise
             return key
 
+    def subject_keys(self, subjects: Sequence[tuple[str, str]]) -> list[bytes]:
+        """The keys of ``subjects`` ((namespace, raw_id) pairs), in order: one query finds the known
+        ones and one transaction creates the rest, committed before this returns."""
+        bis = [blind_index(self._index_key, ns, raw) for ns, raw in subjects]
+        unique = list(dict.fromkeys(bis))
+        with self._lock:
+            found: dict[bytes, bytes] = {}
+            for i in range(0, len(unique), _IN_BATCH):
+                chunk = unique[i:i + _IN_BATCH]
+                found.update((bytes(b), bytes(k)) for b, k in self._db.execute(
+                    "SELECT b.blind_index, k.subject_key FROM blind_index b JOIN subject_keys k USING (subject_ref) "
+                    f"WHERE b.blind_index IN ({','.join('?' * len(chunk))})", chunk))
+            new = [(bi, ns, raw) for bi, (ns, raw) in dict(zip(bis, subjects)).items() if bi not in found]
+            if new:
+                rows = []
+                for bi, ns, raw in new:
+                    key = secrets.token_bytes(KEY_LEN)
+                    found[bi] = key
+                    rows.append((bi, ns, pseudonym(key, ns, raw), key))
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany("INSERT INTO blind_index VALUES (?, ?, ?)", [r[:3] for r in rows])
+                    self._db.executemany("INSERT INTO subject_keys (subject_ref, subject_key) VALUES (?, ?)",
+                                         [(r[2], r[3]) for r in rows])
+                    self._db.execute("COMMIT")
+                except Exception:
+                    self._db.execute("ROLLBACK")
+                    raise
+        return [found[bi] for bi in bis]
+
     def key_for_ref(self, namespace: str, subject_ref: bytes) -> bytes | None:
         with self._lock:
             row = self._db.execute(
@@ -263,7 +294,10 @@ class FieldProtector:
     """Turns ``ProtectedValue`` items into the contract's ``ProtectedField`` records for one event.
 
     Keys are cached in memory per (namespace, raw_id) for the harness's step loop; ``forget`` drops
-    a subject from the cache as well as from the key store.
+    a subject from the cache as well as from the key store. The subjects of one ``protect`` call
+    that are not cached yet (or of one ``prepare`` call) are looked up and created together when
+    the key provider has ``subject_keys`` (``LocalKeyStore`` has): one query and at most one
+    transaction, committed before the call returns.
     """
 
     def __init__(self, keys: KeyProvider):
@@ -279,15 +313,41 @@ class FieldProtector:
             hit = self._cache[(namespace, raw_id)] = (AESGCM(key), pseudonym(key, namespace, raw_id))
         return hit
 
+    def prepare(self, values: Iterable[ProtectedValue]) -> None:
+        """Find (or create) the keys of every subject in ``values`` not cached yet, together: for a
+        caller about to ``protect`` several events (the harness's batch of steps)."""
+        cache = self._cache
+        missing = [(v.namespace, v.raw_id) for v in values if (v.namespace, v.raw_id) not in cache]
+        if missing:
+            self._load(list(dict.fromkeys(missing)))
+
+    def _load(self, subjects: list[tuple[str, str]]) -> None:
+        """Cache the keys of ``subjects`` (not cached yet), in one batch where the provider can."""
+        batch = getattr(self.keys, "subject_keys", None)
+        if batch is None or len(subjects) == 1:
+            for ns, raw in subjects:
+                self._key(ns, raw)
+            return
+        for (ns, raw), key in zip(subjects, batch(subjects)):
+            if key is None:
+                raise PrivacyError(f"the key provider gave no key for a subject in namespace {ns!r}")
+            self._cache[(ns, raw)] = (AESGCM(key), pseudonym(key, ns, raw))
+
     def subject_ref(self, namespace: str, raw_id: str) -> bytes:
         return self._key(namespace, raw_id)[1]
 
     def protect(self, chain_id: str, seq: int, values: Iterable[ProtectedValue]) -> list[dict]:
+        values = values if isinstance(values, (list, tuple)) else list(values)
+        cache = self._cache
+        missing = [(v.namespace, v.raw_id) for v in values if (v.namespace, v.raw_id) not in cache]
+        if missing:
+            self._load(list(dict.fromkeys(missing)))
         out = []
         prefix = chain_id.encode() + b"\x00" + struct.pack(">Q", seq)
+        urandom = os.urandom
         for v in values:
-            aead, ref = self._key(v.namespace, v.raw_id)
-            nonce = os.urandom(NONCE_LEN)
+            aead, ref = cache[(v.namespace, v.raw_id)]
+            nonce = urandom(NONCE_LEN)
             out.append({"namespace": v.namespace, "field": v.field, "subject_ref": ref,
                         "ciphertext": nonce + aead.encrypt(nonce, v.plaintext, prefix + v.field.encode())})
         return out
