@@ -314,6 +314,31 @@ def test_file_is_0600_and_wrong_key_is_one_clear_error(tmp_path, capfd):
     assert "hmac check failed" not in capfd.readouterr().err
 
 
+def test_a_ledger_made_with_sqlcipher4_defaults_still_opens_and_a_new_one_uses_v2(tmp_path, monkeypatch):
+    import ledger.store as store
+
+    old = tmp_path / "old.db"
+    monkeypatch.setattr(store, "CIPHER_PROFILES", store.CIPHER_PROFILES[1:])  # as before 2026-11-21
+    led = SqliteLedger(old, KEY)
+    Materializer(led).ingest(RECORDS[:30])
+    before = led.content_hash()
+    led.close()
+    monkeypatch.undo()
+    reopened = SqliteLedger(old, KEY)
+    assert reopened.cipher_profile == "sqlcipher4" and reopened.content_hash() == before
+    Materializer(reopened).ingest(RECORDS[30:60])          # and it keeps growing in its own format
+    assert reopened.count("runs") + reopened.count("environment_states") > 0
+    reopened.close()
+    assert SqliteLedger(old, KEY).cipher_profile == "sqlcipher4"
+    with pytest.raises(LedgerKeyError, match="does not decrypt"):
+        SqliteLedger(old, StaticKey(bytes(32)))
+    new = SqliteLedger(tmp_path / "new.db", KEY)
+    assert new.cipher_profile == "v2"
+    assert int(new.query("PRAGMA page_size")[0][0]) == store.PAGE_SIZE
+    plain = SqliteLedger(tmp_path / "plain.db", None, encrypted=False)
+    assert int(plain.query("PRAGMA page_size")[0][0]) == store.PAGE_SIZE   # the benchmark's baseline: same pages
+
+
 def test_a_ledger_readable_by_others_is_refused(tmp_path):
     path = tmp_path / "l.db"
     SqliteLedger(path, KEY).close()
