@@ -129,12 +129,7 @@ class ChainWriter:
 
     def _payload_encoder(self, name: str) -> Callable[[dict, list[bytes]], None]:
         """``into(payload, parts)``: the schema's compiled payload encoder, appending its pieces to ``parts``."""
-        encoders = getattr(self.codec, "_payload_encoders", None)
-        into = getattr(encoders.get(name), "into", None) if encoders is not None else None
-        if into is not None:
-            return into
-        encode_payload = self.codec.encode_payload
-        return lambda payload, parts: parts.append(encode_payload(name, payload))
+        return self.codec.payload_encoder_into(name)
 
     def sealer(self, event_type: str, *, policy_version: str = "", rule_version: str = "",
                data_classification: str | None = None) -> Callable[..., Event]:

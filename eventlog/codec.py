@@ -115,6 +115,11 @@ class Codec:
         """``C3 01`` + fingerprint of the current schema ``name``."""
         return MAGIC + self._fingerprints[name]
 
+    def payload_encoder_into(self, name: str):
+        """``into(payload, parts)``: the compiled payload encoder of ``name`` that appends its pieces to
+        the list ``parts`` (the chain writer's sealers join header and payload pieces once)."""
+        return self._payload_encoders[name].into
+
     def encode_payload(self, name: str, payload: dict) -> bytes:
         """Avro binary of the fields between the header and ``event_hash`` (the chain writer's hot path)."""
         return self._payload_encoders[name](payload)
