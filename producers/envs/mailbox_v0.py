@@ -168,11 +168,17 @@ class MailboxEnv(ParallelEnv):
         user = self._users[it["user"][i]]
         sender = self._senders[it["sender"][i]]
         item = it["item_id"][i]
-        user_id = ProtectedValue("user", "user_id", user, user.encode())
         item_id = ProtectedValue("user", "item_id", user, item.encode())
-        sender_address = ProtectedValue("sender", "sender_address", sender, sender.encode())
-        return {None: [user_id, item_id, sender_address], "get": [user_id, item_id],
-                "open": [item_id], "bin": [sender_address, item_id]}[agent]
+        if agent == "open":
+            return [item_id]
+        if agent == "bin":
+            return [ProtectedValue("sender", "sender_address", sender, sender.encode()), item_id]
+        user_id = ProtectedValue("user", "user_id", user, user.encode())
+        if agent == "get":
+            return [user_id, item_id]
+        if agent is None:
+            return [user_id, item_id, ProtectedValue("sender", "sender_address", sender, sender.encode())]
+        raise KeyError(agent)
 
     def raw_identifiers(self) -> set[str]:
         """Every raw identifier of the current episode (for leak scans in tests)."""
