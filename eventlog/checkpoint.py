@@ -57,7 +57,18 @@ def statement_for(topic: str, chain_id: str, first_seq: int, prev_head_hash: byt
     if not event_hashes:
         raise ValueError("a checkpoint covers at least one event")
     return CheckpointStatement(topic, chain_id, first_seq, first_seq + len(event_hashes) - 1,
-                               prev_head_hash, event_hashes[-1], merkle_root(event_hashes))
+                               prev_head_hash, event_hashes[-1], _merkle_root(event_hashes))
+
+
+def _merkle_root(event_hashes: list[bytes]) -> bytes:
+    """``merkle.merkle_root``, with the tree's inner nodes hashed by the verifier's C fast path when it
+    is built (the writer signs a checkpoint per chain every N events; tests check both agree)."""
+    from . import fastpath  # noqa: PLC0415 - fastpath imports merkle; imported on first use
+
+    if not fastpath.NATIVE:
+        return merkle_root(event_hashes)
+    leaves = bytearray().join(sha256(b"\x00" + h).digest() for h in event_hashes)
+    return fastpath.merkle_root_from_leaves(leaves, 0, len(event_hashes))
 
 
 def public_key_raw(key: Ed25519PublicKey) -> bytes:

@@ -11,7 +11,7 @@ Per run: ``run.started`` and ``run.finished`` on ``{run}:lifecycle``. Per step:
 
 A step's events are captured during the step (their data copied, ``produced_at`` read from the
 log's clock at that moment) and sealed in order a few steps later, in one batch (``SEAL_BATCH_STEPS``
-steps or ``SEAL_BATCH_MICROS``, and at every episode's end): the same bytes as sealing each at once
+steps or ``SEAL_BATCH_MICROS``, whichever comes first, across episodes, and at the run's end): the same bytes as sealing each at once
 with the same clock readings, at about half the cost per event, since the encoders stay in the CPU
 caches. Personal data is protected as its event is sealed; the batch's new data subjects get their
 keys in one key store transaction first (committed before any event naming them exists). If a step
@@ -47,7 +47,7 @@ _EMPTY: dict = {}
 _NO_FLOATS = np.zeros(0, np.float32)
 # a step's events are captured during the step and sealed (encoded, hashed, sent) together with those
 # of the next steps: after at most this many steps or this long (µs of the log's clock), and at the
-# end of every episode. Sealing in a batch keeps the encoders in the CPU caches (one event sealed
+# end of the run. Sealing in a batch keeps the encoders in the CPU caches (one event sealed
 # right after an env step costs about 3x one sealed after another event).
 SEAL_BATCH_STEPS = 16
 SEAL_BATCH_MICROS = 20_000
@@ -253,8 +253,8 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                     progress(1)
                 if cut:
                     break
-            seal_pending()
             returns.append(ep_return)
+        seal_pending()
     except KeyboardInterrupt as exc:
         status, reason = "interrupted", "KeyboardInterrupt"
         _seal_after_failure(seal_pending, exc)

@@ -48,3 +48,12 @@ def test_leaf_range_outside_buffer_is_refused():
         fastpath.merkle_root_from_leaves(bytearray(64), 1, 2)
     with pytest.raises(ValueError):
         fastpath.py_merkle_root_from_leaves(bytearray(64), 1, 2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=300))
+def test_checkpoint_merkle_root_agrees_with_the_reference(hashes):
+    from eventlog.checkpoint import _merkle_root
+    from eventlog.merkle import merkle_root
+
+    assert _merkle_root(hashes) == merkle_root(hashes)
