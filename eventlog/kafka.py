@@ -265,34 +265,28 @@ def read_records(bootstrap: str, topics: Iterable[str], *, prefix: str = "",
 
     Records come per partition in offset order; partitions are interleaved. Keys are chain ids.
     """
-    ends: dict[tuple[str, int], int] = {}
-    plen = len(prefix)
-    for msgs in message_batches(bootstrap, topics, prefix=prefix, start_offsets=start_offsets,
-                                start_timestamp_ms=start_timestamp_ms, end_offsets=end_offsets, batch=batch,
-                                timeout=timeout, ends_out=ends):
-        for m in msgs:
-            if m.error() is not None:
-                if m.error().code() == KafkaError._PARTITION_EOF:
-                    continue
-                raise KafkaException(m.error())
-            t, p, o = m.topic(), m.partition(), m.offset()
-            if o >= ends.get((t, p), -1):
-                continue
-            k = m.key()
-            yield Record(t[plen:], p, o, k.decode("utf-8", "backslashreplace") if k is not None else "", m.value(),
-                         m.timestamp()[1])
+    for batch_ in record_batches(bootstrap, topics, prefix=prefix, start_offsets=start_offsets,
+                                 start_timestamp_ms=start_timestamp_ms, end_offsets=end_offsets, batch=batch,
+                                 timeout=timeout, timestamps=True):
+        for r in batch_:
+            yield Record(*r)
 
 
 def record_batches(bootstrap: str, topics: Iterable[str], *, prefix: str = "",
-                   start_offsets: dict[tuple[str, int], int] | None = None, batch: int = 10000,
-                   timeout: float = 30.0) -> Iterator[list[tuple[str, int, int, str, bytes]]]:
+                   start_offsets: dict[tuple[str, int], int] | None = None,
+                   start_timestamp_ms: int | None = None,
+                   end_offsets: dict[tuple[str, int], int] | None = None,
+                   batch: int = 10000, timeout: float = 30.0,
+                   timestamps: bool = False) -> Iterator[list[tuple]]:
     """What ``read_records`` reads, as lists of plain ``(topic, partition, offset, key, value)``
-    tuples (logical topic, key decoded): the bulk readers' path, with no per-record object."""
+    tuples (logical topic, key decoded; ``+ (timestamp,)`` with ``timestamps``): the bulk readers'
+    path, with no per-record object. A key that is not UTF-8 is kept with backslash escapes."""
     ends: dict[tuple[str, int], int] = {}
     plen = len(prefix)
     names: dict[str, str] = {}
     keys: dict[bytes | None, str] = {None: ""}
-    for msgs in message_batches(bootstrap, topics, prefix=prefix, start_offsets=start_offsets, batch=batch,
+    for msgs in message_batches(bootstrap, topics, prefix=prefix, start_offsets=start_offsets,
+                                start_timestamp_ms=start_timestamp_ms, end_offsets=end_offsets, batch=batch,
                                 timeout=timeout, ends_out=ends):
         out = []
         append = out.append
@@ -313,7 +307,7 @@ def record_batches(bootstrap: str, topics: Iterable[str], *, prefix: str = "",
             name = names.get(t)
             if name is None:
                 name = names[t] = t[plen:]
-            append((name, p, o, key, m.value()))
+            append((name, p, o, key, m.value(), m.timestamp()[1]) if timestamps else (name, p, o, key, m.value()))
         if out:
             yield out
 
