@@ -6,6 +6,7 @@ the same name, so events written under an older schema are read by the newer one
 from __future__ import annotations
 
 import io
+import re
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
@@ -140,9 +141,9 @@ class Codec:
         try:
             record = fastavro.schemaless_reader(buf, writer.parsed, reader if writer.parsed is not reader else None)
         except (EOFError, StopIteration, IndexError, struct.error) as exc:
-            raise DecodeError("truncated", f"{writer.name} body ends early ({len(value)} bytes): {exc!r}") from None
+            raise DecodeError("truncated", f"{writer.name} body ends early ({len(value)} bytes): {_said(exc)}") from None
         except Exception as exc:  # fastavro raises assorted errors on garbage
-            raise DecodeError("malformed", f"{writer.name} body does not decode: {exc!r}") from None
+            raise DecodeError("malformed", f"{writer.name} body does not decode: {_said(exc)}") from None
         if buf.tell() != len(value):
             raise DecodeError("malformed", f"{writer.name}: {len(value) - buf.tell()} trailing bytes after the record")
         return writer.name, record
@@ -155,6 +156,12 @@ class Codec:
         if writer is None:
             raise DecodeError("unknown_fingerprint", f"no known schema has fingerprint {fp.hex()}")
         return writer
+
+
+def _said(exc: BaseException) -> str:
+    """An exception's repr without object addresses, so the same bad input gives the same text
+    (it is stored in ledger findings and dead letters)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(exc))
 
 
 def check_contract(name: str, schema: dict) -> None:

@@ -11,6 +11,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -875,19 +876,20 @@ static const Program *find_program(const unsigned char *fp)
     return NULL;
 }
 
-/* (name, [(table, row)]), Py_None when this event is left to the reference, NULL on error. */
-static PyObject *native_rows(PyObject *const *args)
+/* The row of one event: OK with *prog_out and a new reference in *row_out, BAIL when this event is
+ * left to the reference, FAIL with a Python exception set. args: value, topic, partition, offset. */
+static int native_row(PyObject *const *args, const Program **prog_out, PyObject **row_out)
 {
     PyObject *value = args[0];
     if (!PyBytes_CheckExact(value))
-        Py_RETURN_NONE;
+        return BAIL;
     const unsigned char *v = (const unsigned char *)PyBytes_AS_STRING(value);
     Py_ssize_t len = PyBytes_GET_SIZE(value);
     if (len < 10 + 32 || v[0] != 0xC3 || v[1] != 0x01)
-        Py_RETURN_NONE;
+        return BAIL;
     const Program *prog = find_program(v + 2);
     if (!prog)
-        Py_RETURN_NONE;
+        return BAIL;
 
     PyObject *slots[MAX_SLOTS] = {NULL};
     Out o;
@@ -895,15 +897,13 @@ static PyObject *native_rows(PyObject *const *args)
     o.len = 0;
     o.cap = sizeof o.small;
     Src s = {v + 10, v + len};
-    PyObject *result = NULL;
     int rc = decode_event(prog, &s, slots, &o);
-    if (rc == BAIL) {
-        result = Py_None;
-        Py_INCREF(result);
-    } else if (rc == OK) {
+    if (rc == OK) {
         PyObject *row = PyTuple_New(prog->ncols);
-        if (!row)
+        if (!row) {
+            rc = FAIL;
             goto done;
+        }
         for (Py_ssize_t i = 0; i < prog->ncols; i++) {
             int32_t col = prog->cols[i];
             PyObject *x;
@@ -917,6 +917,7 @@ static PyObject *native_rows(PyObject *const *args)
                 x = PyBytes_FromStringAndSize((const char *)v + len - 32, 32);
                 if (!x) {
                     Py_DECREF(row);
+                    rc = FAIL;
                     goto done;
                 }
                 break;
@@ -924,24 +925,39 @@ static PyObject *native_rows(PyObject *const *args)
             }
             PyTuple_SET_ITEM(row, i, x);
         }
-        PyObject *pair = PyTuple_Pack(2, prog->table, row);
-        Py_DECREF(row);
-        if (!pair)
-            goto done;
-        PyObject *list = PyList_New(1);
-        if (!list) {
-            Py_DECREF(pair);
-            goto done;
-        }
-        PyList_SET_ITEM(list, 0, pair);
-        result = PyTuple_Pack(2, prog->name, list);
-        Py_DECREF(list);
+        *prog_out = prog;
+        *row_out = row;
     }
 done:
     for (int i = 0; i < prog->nslots; i++)
         Py_XDECREF(slots[i]);
     if (o.buf != o.small)
         PyMem_Free(o.buf);
+    return rc;
+}
+
+/* (name, [(table, row)]), Py_None when this event is left to the reference, NULL on error. */
+static PyObject *native_rows(PyObject *const *args)
+{
+    const Program *prog;
+    PyObject *row;
+    int rc = native_row(args, &prog, &row);
+    if (rc == BAIL)
+        Py_RETURN_NONE;
+    if (rc != OK)
+        return NULL;
+    PyObject *pair = PyTuple_Pack(2, prog->table, row);
+    Py_DECREF(row);
+    if (!pair)
+        return NULL;
+    PyObject *list = PyList_New(1);
+    if (!list) {
+        Py_DECREF(pair);
+        return NULL;
+    }
+    PyList_SET_ITEM(list, 0, pair);
+    PyObject *result = PyTuple_Pack(2, prog->name, list);
+    Py_DECREF(list);
     return result;
 }
 
@@ -982,6 +998,232 @@ static PyObject *decode_rows(PyObject *self, PyObject *const *args, Py_ssize_t n
 static PyObject *counts(PyObject *self, PyObject *unused)
 {
     return Py_BuildValue("(KK)", n_native, n_fallback);
+}
+
+/* ---- the materializer's per-event checks, common case only (ledger.materialize.check_batch) ---- */
+
+/* OpenSSL's low-level SHA256_Init/Update/Final (as eventlog/_chaincheck.c: the one-shot SHA256() of
+ * OpenSSL 3 fetches an EVP implementation on every call), passed in by set_sha256(init, update, final). */
+typedef int (*sha_init_fn)(void *ctx);
+typedef int (*sha_update_fn)(void *ctx, const void *data, size_t len);
+typedef int (*sha_final_fn)(unsigned char *md, void *ctx);
+static sha_init_fn SHA_INIT = NULL;
+static sha_update_fn SHA_UPDATE = NULL;
+static sha_final_fn SHA_FINAL = NULL;
+static int SHA_READY = 0;
+
+static void sha256_of(const unsigned char *d, size_t n, unsigned char *md)
+{
+    unsigned char ctx[256] __attribute__((aligned(16))); /* SHA256_CTX is 112 bytes */
+    SHA_INIT(ctx);
+    SHA_UPDATE(ctx, d, n);
+    SHA_FINAL(md, ctx);
+}
+
+static PyObject *set_sha256(PyObject *self, PyObject *args)
+{
+    unsigned long long a, b, c;
+    if (!PyArg_ParseTuple(args, "KKK:set_sha256", &a, &b, &c))
+        return NULL;
+    if (!a || !b || !c) {
+        PyErr_SetString(PyExc_ValueError, "set_sha256: null function pointer");
+        return NULL;
+    }
+    SHA_INIT = (sha_init_fn)(uintptr_t)a;
+    SHA_UPDATE = (sha_update_fn)(uintptr_t)b;
+    SHA_FINAL = (sha_final_fn)(uintptr_t)c;
+    unsigned char md[32];
+    sha256_of((const unsigned char *)"abc", 3, md);
+    static const unsigned char want[8] = {0xba, 0x78, 0x16, 0xbf, 0x8f, 0x01, 0xcf, 0xea};
+    SHA_READY = memcmp(md, want, 8) == 0;
+    if (!SHA_READY) {
+        PyErr_SetString(PyExc_RuntimeError, "set_sha256: the given functions do not compute SHA-256");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* Row columns check_batch reads (ledger/fastrows.py _HEADER; every program starts with it). */
+enum { R_EVENT_ID = 0, R_CHAIN = 4, R_SEQ = 5, R_EVENT_TYPE = 7, R_PREV = 16, R_HASH = 17, R_MIN = 18 };
+
+/* 1 if equal, 0 if not, -1 with an exception (a and b are exact str). */
+static inline int str_eq(PyObject *a, PyObject *b)
+{
+    if (a == b)
+        return 1;
+    return PyObject_RichCompareBool(a, b, Py_EQ);
+}
+
+/* One record, handled only when it is the normal case: OK (everything recorded), BAIL (nothing
+ * touched: the Python loop handles it), FAIL (exception). */
+static int check_one(PyObject *rec, PyObject *heads, PyObject *changed, PyObject *offsets, PyObject *rows,
+                     PyObject *topic_of, PyObject *seen)
+{
+    if (!PyTuple_CheckExact(rec) || PyTuple_GET_SIZE(rec) != 5)
+        return BAIL;
+    PyObject *topic = PyTuple_GET_ITEM(rec, 0), *partition = PyTuple_GET_ITEM(rec, 1);
+    PyObject *offset = PyTuple_GET_ITEM(rec, 2), *key = PyTuple_GET_ITEM(rec, 3);
+    PyObject *value = PyTuple_GET_ITEM(rec, 4);
+    if (!PyUnicode_CheckExact(topic) || !PyLong_CheckExact(partition) || !PyLong_CheckExact(offset) ||
+        !PyUnicode_CheckExact(key) || !PyBytes_CheckExact(value))
+        return BAIL;
+    int overflow;
+    long long off = PyLong_AsLongLongAndOverflow(offset, &overflow);
+    if (overflow || off == LLONG_MAX || (off == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return BAIL;
+    }
+    PyObject *dargs[4] = {value, topic, partition, offset};
+    const Program *prog;
+    PyObject *row = NULL, *hkey = NULL, *okey = NULL, *next_off = NULL, *head_new = NULL, *list = NULL;
+    int rc = native_row(dargs, &prog, &row);
+    if (rc != OK)
+        return rc;
+    rc = BAIL;
+    if (PyTuple_GET_SIZE(row) < R_MIN)
+        goto done;
+    PyObject *event_id = PyTuple_GET_ITEM(row, R_EVENT_ID), *chain = PyTuple_GET_ITEM(row, R_CHAIN);
+    PyObject *seqo = PyTuple_GET_ITEM(row, R_SEQ), *event_type = PyTuple_GET_ITEM(row, R_EVENT_TYPE);
+    PyObject *prev = PyTuple_GET_ITEM(row, R_PREV), *hash = PyTuple_GET_ITEM(row, R_HASH);
+    if (!PyUnicode_CheckExact(event_id) || !PyUnicode_CheckExact(chain) || !PyLong_CheckExact(seqo) ||
+        !PyUnicode_CheckExact(event_type) || !PyBytes_CheckExact(prev) || !PyBytes_CheckExact(hash) ||
+        PyBytes_GET_SIZE(hash) != 32)
+        goto done;
+    /* hash, topic, key */
+    const unsigned char *v = (const unsigned char *)PyBytes_AS_STRING(value);
+    Py_ssize_t vlen = PyBytes_GET_SIZE(value);
+    unsigned char md[32];
+    sha256_of(v, (size_t)(vlen - 32), md);
+    if (memcmp(md, PyBytes_AS_STRING(hash), 32) != 0)
+        goto done;
+    PyObject *want_topic = PyDict_GetItemWithError(topic_of, event_type);
+    if (!want_topic) {
+        if (PyErr_Occurred())
+            PyErr_Clear();
+        goto done;
+    }
+    if (!PyUnicode_CheckExact(want_topic))
+        goto done;
+    int eq = str_eq(want_topic, topic);
+    if (eq == 1)
+        eq = str_eq(key, chain);
+    if (eq != 1) {
+        rc = eq < 0 ? FAIL : BAIL;
+        goto done;
+    }
+    /* the chain's next event? */
+    long long seq = PyLong_AsLongLongAndOverflow(seqo, &overflow);
+    if (overflow || (seq == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        goto done;
+    }
+    if (!(hkey = PyTuple_Pack(2, topic, chain))) {
+        rc = FAIL;
+        goto done;
+    }
+    PyObject *head = PyDict_GetItemWithError(heads, hkey);
+    if (!head && PyErr_Occurred()) {
+        rc = FAIL;
+        goto done;
+    }
+    if (!head || head == Py_None) {
+        static const unsigned char zero[32] = {0};
+        if (seq != 0 || PyBytes_GET_SIZE(prev) != 32 || memcmp(PyBytes_AS_STRING(prev), zero, 32) != 0)
+            goto done;
+    } else {
+        if (!PyTuple_CheckExact(head) || PyTuple_GET_SIZE(head) != 2)
+            goto done;
+        PyObject *hseq = PyTuple_GET_ITEM(head, 0), *hhash = PyTuple_GET_ITEM(head, 1);
+        if (!PyLong_CheckExact(hseq) || !PyBytes_CheckExact(hhash))
+            goto done;
+        long long h = PyLong_AsLongLongAndOverflow(hseq, &overflow);
+        if (overflow || (h == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            goto done;
+        }
+        if (h == LLONG_MAX || seq != h + 1 || PyBytes_GET_SIZE(prev) != PyBytes_GET_SIZE(hhash) ||
+            memcmp(PyBytes_AS_STRING(prev), PyBytes_AS_STRING(hhash), PyBytes_GET_SIZE(prev)) != 0)
+            goto done;
+    }
+    list = PyDict_GetItemWithError(rows, prog->table);
+    if (!list && PyErr_Occurred()) {
+        rc = FAIL;
+        goto done;
+    }
+    if (list && !PyList_CheckExact(list)) {
+        list = NULL;
+        goto done;
+    }
+    Py_XINCREF(list); /* held across the dict updates below */
+    /* the normal case: record it */
+    rc = FAIL;
+    if (!(okey = PyTuple_Pack(2, topic, partition)) || !(next_off = PyLong_FromLongLong(off + 1)) ||
+        PyDict_SetItem(offsets, okey, next_off))
+        goto done;
+    if (!(head_new = PyTuple_Pack(2, seqo, hash)) || PyDict_SetItem(heads, hkey, head_new) ||
+        PyDict_SetItem(changed, hkey, head_new))
+        goto done;
+    if (seen != Py_None && PySet_Add(seen, event_id))
+        goto done;
+    if (list) {
+        if (PyList_Append(list, row))
+            goto done;
+    } else {
+        if (!(list = PyList_New(1)))
+            goto done;
+        Py_INCREF(row);
+        PyList_SET_ITEM(list, 0, row);
+        if (PyDict_SetItem(rows, prog->table, list))
+            goto done;
+    }
+    n_native++;
+    rc = OK;
+done:
+    Py_XDECREF(row);
+    Py_XDECREF(hkey);
+    Py_XDECREF(okey);
+    Py_XDECREF(next_off);
+    Py_XDECREF(head_new);
+    Py_XDECREF(list);
+    return rc;
+}
+
+/* check_rows(records, start, heads, changed, offsets, rows, topic_of, seen) -> index of the first
+ * record not handled. Each record from `start` that is the normal case (decoded by a program here,
+ * hash right, on its event type's topic, keyed by its chain, the chain's next event) is recorded as
+ * check_batch records it: offsets[(topic, partition)] = offset + 1, heads[(topic, chain)] =
+ * changed[(topic, chain)] = (seq, event_hash), seen.add(event_id) unless seen is None, and
+ * rows[table].append(row). Stops at the first record that is anything else, touching nothing for it. */
+static PyObject *check_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 8) {
+        PyErr_Format(PyExc_TypeError,
+                     "check_rows(records, start, heads, changed, offsets, rows, topic_of, seen) takes 8 arguments, "
+                     "got %zd", nargs);
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    if (start < 0) {
+        PyErr_SetString(PyExc_ValueError, "check_rows: start must be >= 0");
+        return NULL;
+    }
+    PyObject *records = args[0], *heads = args[2], *changed = args[3], *offsets = args[4], *rows = args[5];
+    PyObject *topic_of = args[6], *seen = args[7];
+    if (!programs || !SHA_READY || !PyList_CheckExact(records) || !PyDict_CheckExact(heads) ||
+        !PyDict_CheckExact(changed) || !PyDict_CheckExact(offsets) || !PyDict_CheckExact(rows) ||
+        !PyDict_CheckExact(topic_of) || (seen != Py_None && !PySet_CheckExact(seen)))
+        return PyLong_FromSsize_t(start); /* nothing handled here: the caller's Python path does it all */
+    Py_ssize_t i = start;
+    for (; i < PyList_GET_SIZE(records); i++) {
+        int rc = check_one(PyList_GET_ITEM(records, i), heads, changed, offsets, rows, topic_of, seen);
+        if (rc == FAIL)
+            return NULL;
+        if (rc == BAIL)
+            break;
+    }
+    return PyLong_FromSsize_t(i);
 }
 
 /* ---- programs --------------------------------------------------------------------------------- */
@@ -1233,6 +1475,9 @@ static PyMethodDef methods[] = {
     {"decode_rows_native", (PyCFunction)(void (*)(void))decode_rows_native, METH_FASTCALL,
      "As decode_rows, but None where the event is left to the Python reference."},
     {"_g17", g17_text, METH_O, "Test hook: the fast %#.17g text of a float32 value, or None where it declines."},
+    {"set_sha256", set_sha256, METH_VARARGS, "set_sha256(init, update, final): OpenSSL's SHA256_* addresses."},
+    {"check_rows", (PyCFunction)(void (*)(void))check_rows, METH_FASTCALL,
+     "check_rows(records, start, heads, changed, offsets, rows, topic_of, seen) -> first index not handled."},
     {"counts", counts, METH_NOARGS, "(events decoded here, events passed to the fallback) by decode_rows."},
     {NULL, NULL, 0, NULL},
 };

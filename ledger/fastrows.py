@@ -12,9 +12,18 @@ builders of ledger/tables.py). Whatever it does not handle (older writer schemas
 with their lineage rows, truncated or malformed values, ...) it hands to ``py_decode_rows``.
 At import every program is checked against the reference on sample events; a program that
 disagrees is dropped with a warning, so a change to tables.py cannot silently change the rows.
+
+``check_rows(records, start, heads, changed, offsets, rows, topic_of, seen) -> int`` (None without
+the C build or without libcrypto's SHA256_* functions) is the common case of
+``ledger.materialize.check_batch`` in C: from ``records[start]`` on, each record that decodes in C,
+hashes right, sits on its event type's topic under its chain's key and is its chain's next event is
+recorded as check_batch records it (offsets, heads, changed, seen, rows); it stops at the first
+record that is anything else, touching nothing for it, and returns that record's index.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import math
@@ -29,7 +38,8 @@ from .tables import SCHEMA_TABLE, TABLES, row_tuples_for_event
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("_rowdecode.c")
 
-__all__ = ["decode_rows", "decode_rows_native", "py_decode_rows", "NATIVE", "native_schemas", "native_counts"]
+__all__ = ["decode_rows", "decode_rows_native", "py_decode_rows", "NATIVE", "native_schemas", "native_counts",
+           "check_rows"]
 
 
 def py_decode_rows(value: bytes, topic: str, partition: int, offset: int) -> tuple[str, list[tuple[str, tuple]]]:
@@ -311,6 +321,16 @@ def _load():
                         "the Python path (update ledger/fastrows.py _COLUMNS to match tables.py)", prog[1])
     if len(good) != len(programs):
         mod.set_programs(good, py_decode_rows)
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("crypto") or "libcrypto.so.3")
+        mod.set_sha256(*(ctypes.cast(getattr(lib, f), ctypes.c_void_p).value
+                         for f in ("SHA256_Init", "SHA256_Update", "SHA256_Final")))
+    except Exception as exc:  # noqa: BLE001 - check_batch then keeps its Python loop
+        log.warning("ledger chain checks in C unavailable (no usable libcrypto SHA-256: %s); "
+                    "ledger.materialize.check_batch uses its Python loop", exc)
+        mod.has_sha256 = False
+    else:
+        mod.has_sha256 = True
     return mod, good
 
 
@@ -326,7 +346,9 @@ if NATIVE:
     decode_rows = _native.decode_rows
     decode_rows_native = _native.decode_rows_native
     native_counts = _native.counts
+    check_rows = _native.check_rows if _native.has_sha256 else None
 else:
+    check_rows = None
     decode_rows = py_decode_rows
 
     def decode_rows_native(value, topic, partition, offset):

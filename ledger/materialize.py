@@ -23,7 +23,7 @@ import schemas as schema_files
 from eventlog.codec import ZERO_HASH, Codec, DecodeError, default_codec
 from eventlog.kafka import Record, record_batches
 
-from .fastrows import decode_rows
+from .fastrows import check_rows, decode_rows
 from .store import Finding, LedgerStore
 from .tables import row_tuples_for_event
 
@@ -80,18 +80,30 @@ def check_batch(records: Iterable, heads: dict[tuple[str, str], tuple[int, bytes
                 ) -> CheckedBatch:
     """Decode and check one batch of records (``(topic, partition, offset, key, value)`` tuples or
     ``eventlog.kafka.Record``) against ``heads`` (updated in place): every event's hash is recomputed
-    and its link checked against its chain's head. A pure function of the records and the heads."""
+    and its link checked against its chain's head. A pure function of the records and the heads.
+
+    With the C build and the default ``decode``, runs of normal events (the chain's next event, hash
+    right, right topic and key, decoded in C) are handled by ``fastrows.check_rows``; every other
+    record goes through the loop below, with exactly the same results."""
     records = list(records)
     if records and len(records[0]) != 5:
         records = [r[:5] for r in records]
-    rows: dict[str, list[tuple]] = defaultdict(list)
+    rows: dict[str, list[tuple]] = {}
     findings: list[tuple | None] = []
     pending: list[tuple[int, str, list[tuple[str, int]], tuple, tuple]] = []
     offsets: dict[tuple[str, int], int] = {}
     changed: dict[tuple[str, str], tuple[int, bytes]] = {}
     seen_ids: set[str] | None = None  # event ids met in this batch, collected once one arrives behind its head
     topic_of = _TOPIC_OF_TYPE
-    for topic, partition, offset, key, v in records:
+    fast = check_rows if decode is decode_rows else None
+    i, n = 0, len(records)
+    while i < n:
+        if fast is not None:
+            i = fast(records, i, heads, changed, offsets, rows, topic_of, seen_ids)
+            if i >= n:
+                break
+        topic, partition, offset, key, v = records[i]
+        i += 1
         offsets[(topic, partition)] = offset + 1
         try:
             name, event_rows = decode(v, topic, partition, offset)
@@ -128,8 +140,9 @@ def check_batch(records: Iterable, heads: dict[tuple[str, str], tuple[int, bytes
                          f"seq {seq} arrives after seq {head[0]}")
             positions = []
             for table, trow in event_rows:
-                positions.append((table, len(rows[table])))
-                rows[table].append(trow)
+                table_rows = rows.setdefault(table, [])
+                positions.append((table, len(table_rows)))
+                table_rows.append(trow)
             pending.append((len(findings), event_id, positions, duplicated, reordered))
             findings.append(None)
             seen_ids.add(event_id)
@@ -145,8 +158,8 @@ def check_batch(records: Iterable, heads: dict[tuple[str, str], tuple[int, bytes
         if seen_ids is not None:
             seen_ids.add(event_id)
         for table, trow in event_rows:
-            rows[table].append(trow)
-    return CheckedBatch(len(records), dict(rows), offsets, findings, pending, changed)
+            rows.setdefault(table, []).append(trow)
+    return CheckedBatch(len(records), rows, offsets, findings, pending, changed)
 
 
 class Materializer:
