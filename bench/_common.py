@@ -36,6 +36,13 @@ def timed(fn, *args, **kwargs):
     return time.perf_counter() - t, result
 
 
+def best_of(n: int, fn, *args, **kwargs):
+    """(fastest time, its result) of ``n`` runs: on a shared machine the fastest run is the one least
+    disturbed by other processes; apply it to both sides of a ratio."""
+    runs = [timed(fn, *args, **kwargs) for _ in range(n)]
+    return min(runs, key=lambda r: r[0])
+
+
 def report(name: str, *, events: int, seconds: float, limit_name: str, limit_seconds: float,
            min_ratio: float, min_rate: float | None = None, extra: dict | None = None) -> bool:
     """Ratio = limit's time / our time (1.0 = as fast as the limit). Prints one JSON line."""

@@ -15,7 +15,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from _common import broker, report, timed
+from _common import best_of, broker, report, timed
 from confluent_kafka import Consumer, TopicPartition
 
 from eventlog.audit import verify_bundle, verify_kafka
@@ -65,8 +65,10 @@ def main() -> int:
         ensure_topics(boot, prefix)
         write(boot, prefix, signer)
         raw_consume(boot, prefix, N)  # warm the page cache and the broker
-        t_raw, n = timed(raw_consume, boot, prefix, N)
-        t_ver, (rep, _) = timed(verify_kafka, boot, prefix=prefix, topics=TOPICS, public_key=signer.public_key)
+        # best of 3 on both sides: a single read of 300k events takes well under a second, and one
+        # fetch that waits on the broker moves either time by half
+        t_raw, n = best_of(3, raw_consume, boot, prefix, N)
+        t_ver, (rep, _) = best_of(3, verify_kafka, boot, prefix=prefix, topics=TOPICS, public_key=signer.public_key)
         assert rep.ok and sum(c.events for c in rep.chains if c.topic == "marl.joint.action") == N
         ok &= report("verify_kafka", events=N, seconds=t_ver, limit_name="raw confluent-kafka consume of the same topic",
                      limit_seconds=t_raw, min_ratio=0.7, min_rate=150_000)
