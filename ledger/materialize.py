@@ -190,9 +190,8 @@ class Materializer:
 
         Each transaction's COMMIT (SQLCipher encrypts and writes its pages then, with the GIL
         released) runs on a second thread while this one produces the next batch (reads and checks
-        it); the next batch is written only after that
-        commit succeeded, so transactions stay in order and a failed commit stops the ingest with
-        nothing after it written."""
+        it); the next batch is written only after that commit succeeded, so transactions stay in
+        order and a failed commit stops the ingest with nothing after it written."""
         stats = IngestStats()
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-commit") as committer:
@@ -211,6 +210,7 @@ class Materializer:
                 if committing is not None:  # an error on this thread while a commit ran: let it end
                     try:
                         committing[0].result()
+                        self._advance(committing[1])  # committed: offsets and heads move with it
                     except Exception:  # noqa: BLE001 - the error being raised here says more
                         pass
         stats.seconds = time.perf_counter() - t0

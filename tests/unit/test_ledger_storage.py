@@ -390,3 +390,34 @@ def test_erasure_leaves_no_trace_of_the_subject_on_disk(tmp_path):
     for (raw,) in led.query("SELECT raw FROM agent_observations"):
         assert SUBJECT_A not in bytes(raw)
     assert (tmp_path / "l.db-wal").stat().st_size == 0   # checkpointed and truncated after the erasure
+
+
+def test_a_failed_commit_stops_the_ingest_and_nothing_after_it_is_written(tmp_path):
+    """The commit runs on a second thread while the next batch is checked: when one fails, that
+    batch is rolled back, no later batch is written, and a restart from the stored offsets ends
+    with exactly what a clean ingest gives."""
+
+    class FailingCommit(SqliteLedger):
+        commits = 0
+
+        def commit(self):
+            type(self).commits += 1
+            if type(self).commits == 3:
+                self._rollback()
+                raise LedgerError("disk full (simulated)")
+            super().commit()
+
+    led = FailingCommit(tmp_path / "l.db", KEY)
+    with pytest.raises(LedgerError, match="simulated"):
+        Materializer(led).ingest(RECORDS, commit_every=20)
+    assert sum(led.offsets().values()) == 40                       # two batches, not the third or later
+    stored = sum(led.count(t) for t in ("runs", "environment_states", "agent_observations", "joint_actions",
+                                        "di_credit_assignment", "fairness_metrics", "policy_updates",
+                                        "audit_checkpoints"))
+    assert stored == 40
+    stats = Materializer(led).ingest([r for r in RECORDS if r.offset >= led.offsets().get((r.topic, r.partition), 0)],
+                                     commit_every=20)
+    assert stats.findings == []
+    clean = SqliteLedger(tmp_path / "clean.db", KEY)
+    Materializer(clean).ingest(RECORDS, commit_every=20)
+    assert led.content_hash() == clean.content_hash()
