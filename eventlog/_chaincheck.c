@@ -7,6 +7,13 @@
  *   For each accepted event, appends SHA-256(0x00 || event_hash) (its Merkle leaf) to `leaves`.
  * merkle_root_from_leaves(leaves: bytes-like, start: int, count: int) -> bytes
  *   RFC 6962 root over `count` 32-byte leaves starting at leaf index `start`.
+ * group_messages(msgs: list, start: int, bufs: dict, chunk: int, untrack: type | None) -> (stop, what, topic, key)
+ *   The Kafka reader's grouping loop (eventlog/fastpath.py: py_group_messages defines it): from
+ *   msgs[start] on, appends each message m to bufs[m.topic()][m.key()] = (messages, values) and
+ *   m.value() to its values, until a message with m.error() not None (what 1, stop = its index), a
+ *   topic or key not in bufs (what 2, stop = its index), a buffer reaching `chunk` messages (what 3,
+ *   stop = the index after it) or the end (what 0, stop = len(msgs)). Messages of exactly the type
+ *   `untrack` are untracked by the cyclic GC once buffered (the only thing the Python twin omits).
  * SHA-256 comes from the process's libcrypto (the one hashlib uses), passed in by set_sha256(init, update, final).
  */
 #define PY_SSIZE_T_CLEAN
@@ -124,13 +131,74 @@ static PyObject *merkle_root_from_leaves(PyObject *self, PyObject *args) {
     return PyBytes_FromStringAndSize((const char *)root, HL);
 }
 
+static PyObject *S_ERROR, *S_TOPIC, *S_KEY, *S_VALUE;
+
+static PyObject *stop(Py_ssize_t i, int what, PyObject *topic, PyObject *key) {
+    return Py_BuildValue("(niOO)", i, what, topic ? topic : Py_None, key ? key : Py_None);
+}
+
+static PyObject *group_messages(PyObject *self, PyObject *args) {
+    PyObject *msgs, *bufs, *untrack = Py_None;
+    Py_ssize_t start, chunk;
+    if (!PyArg_ParseTuple(args, "O!nO!n|O", &PyList_Type, &msgs, &start, &PyDict_Type, &bufs, &chunk, &untrack))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(msgs), i;
+    if (start < 0) start = 0;
+    for (i = start; i < n; i++) {
+        PyObject *m = PyList_GET_ITEM(msgs, i), *r = NULL;
+        PyObject *err = PyObject_CallMethodNoArgs(m, S_ERROR);
+        if (err == NULL) return NULL;
+        int has_err = err != Py_None;
+        Py_DECREF(err);
+        if (has_err) return stop(i, 1, NULL, NULL);
+        PyObject *topic = PyObject_CallMethodNoArgs(m, S_TOPIC);
+        if (topic == NULL) return NULL;
+        PyObject *key = PyObject_CallMethodNoArgs(m, S_KEY);
+        if (key == NULL) { Py_DECREF(topic); return NULL; }
+        PyObject *keys = PyDict_GetItemWithError(bufs, topic);  /* borrowed */
+        PyObject *entry = keys == NULL ? NULL : PyDict_Check(keys) ? PyDict_GetItemWithError(keys, key) : NULL;
+        if (keys != NULL && !PyDict_Check(keys)) {
+            PyErr_SetString(PyExc_TypeError, "bufs must map topic -> {key: (messages, values)}");
+        } else if (entry == NULL) {
+            if (!PyErr_Occurred()) r = stop(i, 2, topic, key);
+        } else if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2 || !PyList_Check(PyTuple_GET_ITEM(entry, 0))
+                   || !PyList_Check(PyTuple_GET_ITEM(entry, 1))) {
+            PyErr_SetString(PyExc_TypeError, "bufs must map topic -> {key: (messages, values)}");
+        } else {
+            PyObject *ms = PyTuple_GET_ITEM(entry, 0), *vs = PyTuple_GET_ITEM(entry, 1);
+            PyObject *v = PyObject_CallMethodNoArgs(m, S_VALUE);
+            if (v != NULL) {
+                if (PyList_Append(ms, m) == 0 && PyList_Append(vs, v) == 0) {
+                    /* a buffered Message refers to nothing that refers back: keep it out of the
+                     * cyclic GC's traversals, which otherwise revisit every buffered message */
+                    if ((PyObject *)Py_TYPE(m) == untrack && PyObject_GC_IsTracked(m)) PyObject_GC_UnTrack(m);
+                    r = PyList_GET_SIZE(ms) >= chunk ? stop(i + 1, 3, topic, key) : Py_None;
+                }
+                Py_DECREF(v);
+            }
+        }
+        Py_DECREF(topic);
+        Py_DECREF(key);
+        if (r != Py_None) return r;  /* a stop, or NULL with an exception set */
+    }
+    return stop(n, 0, NULL, NULL);
+}
+
 static PyMethodDef methods[] = {
     {"set_sha256", set_sha256, METH_VARARGS, "use the SHA256() at this address (libcrypto)"},
     {"check_chain", check_chain, METH_VARARGS, "accept the longest valid prefix of a chain"},
     {"merkle_root_from_leaves", merkle_root_from_leaves, METH_VARARGS, "RFC 6962 root over leaf hashes"},
+    {"group_messages", group_messages, METH_VARARGS, "group Kafka messages per (topic, key)"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_chaincheck", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__chaincheck(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__chaincheck(void) {
+    S_ERROR = PyUnicode_InternFromString("error");
+    S_TOPIC = PyUnicode_InternFromString("topic");
+    S_KEY = PyUnicode_InternFromString("key");
+    S_VALUE = PyUnicode_InternFromString("value");
+    if (!S_ERROR || !S_TOPIC || !S_KEY || !S_VALUE) return NULL;
+    return PyModule_Create(&module);
+}

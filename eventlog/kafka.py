@@ -163,16 +163,23 @@ def _consumer(bootstrap: str, **extra) -> Consumer:
         "fetch.max.bytes": 52428800,
         "max.partition.fetch.bytes": 10485760,
         "queued.min.messages": 200000,
+        # connect to the brokers as soon as they are known: with sparse connections, the handle's
+        # first metadata request waits ~50 ms (librdkafka's connection suppression) after the
+        # bootstrap connection is replaced by the broker's own
+        "enable.sparse.connections": False,
         "log_level": 3,
     }
     conf.update(extra)
     return Consumer(conf)
 
 
-def partitions_of(bootstrap: str, topics: Iterable[str], prefix: str = "", timeout: float = 10.0) -> list[TopicPartition]:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+def partitions_of(bootstrap: str, topics: Iterable[str], prefix: str = "", timeout: float = 10.0,
+                  client: Consumer | AdminClient | None = None) -> list[TopicPartition]:
+    """Every partition of ``topics``, in order; the metadata comes from ``client`` (a consumer
+    about to read them saves a connection) or from a new AdminClient."""
+    client = client or AdminClient({"bootstrap.servers": bootstrap})
     try:
-        md = admin.list_topics(timeout=timeout)
+        md = client.list_topics(timeout=timeout)
     except KafkaException as exc:
         raise _unavailable(bootstrap, "reading metadata", exc) from None
     out = []
@@ -190,7 +197,7 @@ def _plan(consumer: Consumer, bootstrap: str, topics: Iterable[str], prefix: str
           timeout: float) -> tuple[list[TopicPartition], dict[tuple[str, int], int], int]:
     """(partitions to assign at their start offsets, {(physical topic, partition): end offset}, messages
     between start and end) for a read from the start (beginning, offsets or a timestamp) to the end."""
-    tps = partitions_of(bootstrap, topics, prefix)
+    tps = partitions_of(bootstrap, topics, prefix, client=consumer)
     if start_timestamp_ms is not None:
         tps = consumer.offsets_for_times([TopicPartition(tp.topic, tp.partition, start_timestamp_ms)
                                           for tp in tps], timeout=timeout)

@@ -14,17 +14,19 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from confluent_kafka import Message as ConfluentMessage
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .checkpoint import CheckpointStatement, key_id, signature_valid
 from .codec import DecodeError, ZERO_HASH, Codec, default_codec
 from .hashing import MIN_EVENT_LEN, PREV_END, PREV_START, seq_and_chain
 from .kafka import Record
-from .fastpath import check_chain, merkle_root_from_leaves
+from .fastpath import GROUP_DONE, GROUP_ERROR, GROUP_NEW_KEY, check_chain, group_messages, merkle_root_from_leaves
 
 CHECKPOINT_TOPIC = "marl.audit.checkpoints"
 _LOOKAHEAD = 64      # records kept after a break to classify it
 _CHUNK = 2048        # records accepted per call of the fast path; the last two chunks classify a break
+_MESSAGE_TYPE = ConfluentMessage  # buffered Messages of this type are kept off the cyclic GC's lists
 
 
 class BreakKind(str, Enum):
@@ -155,7 +157,7 @@ class Verifier:
         self.codec = codec or default_codec()
         self._chains: dict[tuple[str, str], _Chain] = {}
         self._pending_cps: dict[tuple[str, str], list[tuple[CheckpointStatement, Record]]] = {}
-        self._mbufs: dict[tuple[str, bytes], list] = {}
+        self._mbufs: dict[str, dict[bytes, tuple[list, list]]] = {}  # topic -> key -> (messages, values)
         self._mchain: dict[tuple[str, bytes], _Chain] = {}
         self.notes: list[str] = []
 
@@ -271,37 +273,42 @@ class Verifier:
 
     def feed_messages(self, msgs: list, prefix: str = "") -> None:
         """Like ``feed``, for a batch of confluent-kafka Messages: the Kafka reader's hot path, which
-        turns into a Record only the few messages a report or a break needs."""
+        turns into a Record only the few messages a report or a break needs. ``group_messages`` (C,
+        or its Python twin) sorts the messages per (topic, key) and stops for what Python handles."""
         bufs = self._mbufs
-        for m in msgs:
-            if m.error() is not None:
-                raise RuntimeError(f"Kafka error while reading: {m.error()}")
-            key = (m.topic(), m.key())
-            b = bufs.get(key)
-            if b is None:
-                b = bufs[key] = []
-                topic, chain = key[0][len(prefix):], (key[1] or b"").decode()
-                self._mchain[key] = self._chains.get((topic, chain)) or self._new_chain(topic, chain)
-            b.append(m)
-            if len(b) >= _CHUNK:
-                self._flush(self._mchain[key], b, self._conv(prefix))
-                bufs[key] = []
+        i = 0
+        while True:
+            i, what, topic, key = group_messages(msgs, i, bufs, _CHUNK, _MESSAGE_TYPE)
+            if what == GROUP_DONE:
+                return
+            if what == GROUP_ERROR:
+                raise RuntimeError(f"Kafka error while reading: {msgs[i].error()}")
+            if what == GROUP_NEW_KEY:
+                name, chain = topic[len(prefix):], (key or b"").decode("utf-8", "backslashreplace")
+                self._mchain[(topic, key)] = self._chains.get((name, chain)) or self._new_chain(name, chain)
+                bufs.setdefault(topic, {})[key] = ([], [])
+            else:  # GROUP_FULL
+                ms, vs = bufs[topic][key]
+                bufs[topic][key] = ([], [])
+                self._flush(self._mchain[(topic, key)], ms, self._conv(prefix), vs)
 
     def flush_messages(self, prefix: str = "") -> None:
-        for key, b in self._mbufs.items():
-            if b:
-                self._flush(self._mchain[key], b, self._conv(prefix))
+        for topic, keys in self._mbufs.items():
+            for key, (ms, vs) in keys.items():
+                if ms:
+                    self._flush(self._mchain[(topic, key)], ms, self._conv(prefix), vs)
         self._mbufs.clear()
 
     @staticmethod
     def _conv(prefix: str):
         n = len(prefix)
-        return lambda m: Record(m.topic()[n:], m.partition(), m.offset(), (m.key() or b"").decode(), m.value(),
-                                m.timestamp()[1])
+        return lambda m: Record(m.topic()[n:], m.partition(), m.offset(),
+                                (m.key() or b"").decode("utf-8", "backslashreplace"), m.value(), m.timestamp()[1])
 
-    def _flush(self, st: _Chain, items: list, conv=None) -> None:
+    def _flush(self, st: _Chain, items: list, conv=None, values: list | None = None) -> None:
         """Accept the longest valid prefix of a chain's next ``items`` (Records, or Messages with
-        ``conv`` to turn one into a Record) in one call of the fast path; a break stops the chain."""
+        ``conv`` to turn one into a Record; ``values``: their values, if already taken) in one call
+        of the fast path; a break stops the chain."""
         rec = conv or (lambda x: x)
         if st.broken is not None:
             if st.suspect is not None and len(st.lookahead) < _LOOKAHEAD:
@@ -309,7 +316,8 @@ class Verifier:
             return
         first = st.next_seq
         want_leaves = st.cp_index < len(st.checkpoints)
-        values = [x.value for x in items] if conv is None else [x.value() for x in items]
+        if values is None:
+            values = [x.value for x in items] if conv is None else [x.value() for x in items]
         try:
             n, last = check_chain(values, st.last_hash, st.leaves if want_leaves else None)
         except TypeError:  # a value that is not bytes (a tombstone): accept nothing, classify below

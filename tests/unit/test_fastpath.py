@@ -57,3 +57,86 @@ def test_checkpoint_merkle_root_agrees_with_the_reference(hashes):
     from eventlog.merkle import merkle_root
 
     assert _merkle_root(hashes) == merkle_root(hashes)
+
+
+class FakeMessage:
+    """Stands in for a confluent-kafka Message (which cannot be constructed): the same methods."""
+
+    def __init__(self, topic, key, value, partition=0, offset=0, err=None):
+        self._t, self._k, self._v, self._p, self._o, self._e = topic, key, value, partition, offset, err
+
+    def error(self):
+        return self._e
+
+    def topic(self):
+        return self._t
+
+    def key(self):
+        return self._k
+
+    def value(self):
+        return self._v
+
+    def partition(self):
+        return self._p
+
+    def offset(self):
+        return self._o
+
+    def timestamp(self):
+        return (1, 0)
+
+
+def _drive(group, msgs, chunk, untrack=None):
+    """Feed ``msgs`` through ``group`` as Verifier.feed_messages does; log every stop and every
+    emptied buffer (by the messages' identities)."""
+    bufs, log, i = {}, [], 0
+    while True:
+        i, what, topic, key = group(msgs, i, bufs, chunk, untrack)
+        log.append((i, what, topic, key))
+        if what == fastpath.GROUP_DONE:
+            break
+        if what == fastpath.GROUP_ERROR:
+            i += 1  # skip it, to exercise the resume from an index
+        elif what == fastpath.GROUP_NEW_KEY:
+            bufs.setdefault(topic, {})[key] = ([], [])
+        else:
+            ms, vs = bufs[topic][key]
+            log.append(([id(m) for m in ms], vs))
+            bufs[topic][key] = ([], [])
+    rest = {(t, k): ([id(m) for m in ms], vs) for t, keys in bufs.items() for k, (ms, vs) in keys.items()}
+    return log, rest
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["p.a", "p.b"]), st.sampled_from([b"c1", b"c2", b"c3", None]),
+                          st.binary(max_size=8), st.integers(0, 12)), max_size=60),
+       st.integers(1, 5))
+def test_native_and_python_grouping_agree(rows, chunk):
+    msgs = [FakeMessage(t, k, v, err=("broken" if e == 0 else None)) for t, k, v, e in rows]
+    assert _drive(fastpath.group_messages, msgs, chunk) == _drive(fastpath.py_group_messages, msgs, chunk)
+    log, rest = _drive(fastpath.group_messages, msgs, chunk)
+    # every message without an error lands exactly once, in its (topic, key) buffer, in order
+    landed = [i for entry in log if isinstance(entry[0], list) for i in entry[0]]
+    landed += [i for ms, _ in rest.values() for i in ms]
+    assert sorted(landed) == sorted(id(m) for m in msgs if m.error() is None)
+
+
+def test_native_grouping_takes_only_the_named_type_off_the_gc():
+    import gc
+
+    class Other(FakeMessage):
+        pass
+
+    a, b = FakeMessage("t", b"k", b"v"), Other("t", b"k", b"w")
+    bufs = {"t": {b"k": ([], [])}}
+    assert fastpath.group_messages([a, b], 0, bufs, 10, FakeMessage) == (2, fastpath.GROUP_DONE, None, None)
+    assert bufs["t"][b"k"] == ([a, b], [b"v", b"w"])
+    assert not gc.is_tracked(a) and gc.is_tracked(b)  # exactly the type: a subclass may hold cycles
+
+
+def test_native_grouping_refuses_malformed_buffers():
+    with pytest.raises(TypeError):
+        fastpath.group_messages([FakeMessage("t", b"k", b"v")], 0, {"t": {b"k": [[], []]}}, 10)
+    with pytest.raises(TypeError):
+        fastpath.group_messages([FakeMessage("t", b"k", b"v")], 0, {"t": [1]}, 10)

@@ -115,3 +115,58 @@ def test_any_byte_flip_or_drop_is_detected(data):
         k = data.draw(st.sampled_from(same))
         recs[i], recs[k] = recs[k], recs[i]
     assert not verify_records(corruptions.renumber(recs), SIGNER.public_key).ok
+
+
+def _as_messages(records, prefix):
+    from tests.unit.test_fastpath import FakeMessage
+
+    return [FakeMessage(prefix + r.topic, r.key.encode(), r.value, r.partition, r.offset) for r in records]
+
+
+def _verify_messages(records, batch, prefix="x."):
+    """What verify_kafka does with Kafka batches, on records given as stand-in Messages."""
+    cps = [r for r in records if r.topic == "marl.audit.checkpoints"]
+    msgs = _as_messages([r for r in records if r.topic != "marl.audit.checkpoints"], prefix)
+    v = Verifier(SIGNER.public_key)
+    v.add_checkpoints(cps)
+    for i in range(0, len(msgs), batch):
+        v.feed_messages(msgs[i:i + batch], prefix)
+    v.flush_messages(prefix)
+    return v.finish()
+
+
+@pytest.mark.parametrize("grouping", ["native", "python"])
+@pytest.mark.parametrize("name", ["clean"] + sorted(CASES))
+def test_messages_path_reports_what_the_records_path_reports(name, grouping, monkeypatch):
+    from eventlog import fastpath, verify
+
+    if grouping == "python":
+        monkeypatch.setattr(verify, "group_messages", fastpath.py_group_messages)
+    monkeypatch.setattr(verify, "_CHUNK", 7)  # many flushes per chain, breaks across chunk edges
+    records = STREAM if name == "clean" else CASES[name](STREAM)[0]
+    want = verify_records(records, SIGNER.public_key)
+    for batch in (5, 64, len(records)):
+        got = _verify_messages(records, batch)
+        assert got.to_json() == want.to_json(), (name, batch)
+
+
+def test_a_kafka_error_in_a_batch_is_raised():
+    from tests.unit.test_fastpath import FakeMessage
+
+    v = Verifier(SIGNER.public_key)
+    with pytest.raises(RuntimeError, match="Kafka error while reading: boom"):
+        v.feed_messages([FakeMessage("x.t", b"k", b"v", err="boom")], "x.")
+
+
+def test_a_key_that_is_not_utf8_is_reported_not_a_crash():
+    from tests.unit.test_fastpath import FakeMessage
+
+    good = [r for r in STREAM if r.topic != "marl.audit.checkpoints"]
+    stray = FakeMessage("x." + good[0].topic, b"\xff\xfe", good[0].value, 0, 10_000)
+    v = Verifier(SIGNER.public_key)
+    v.feed_messages(_as_messages(good, "x.") + [stray], "x.")
+    v.flush_messages("x.")
+    report = v.finish()
+    stray_chain = [c for c in report.chains if "\\xff" in c.chain_id]
+    assert len(stray_chain) == 1 and stray_chain[0].events == 1
+    assert stray_chain[0].signed_through_seq == -1  # no signed checkpoint covers it
