@@ -39,6 +39,7 @@ class BreakKind(str, Enum):
     BAD_SIGNATURE = "bad_signature"
     CHECKPOINT_MISMATCH = "checkpoint_mismatch"      # chain differs from its signed checkpoint (rewritten)
     INCONSISTENT = "inconsistent_with_trusted"       # history does not extend the trusted checkpoint
+    WRONG_KEY = "wrong_key"                          # an event found under a Kafka key that is not its chain id
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ class _Chain:
     broken: Break | None = None
     suspect: Record | None = None
     lookahead: list = field(default_factory=list)
+    key_checked: bool = False   # the first event read under this key names this chain
 
 
 class Verifier:
@@ -318,6 +320,19 @@ class Verifier:
         want_leaves = st.cp_index < len(st.checkpoints)
         if values is None:
             values = [x.value for x in items] if conv is None else [x.value() for x in items]
+        if not st.key_checked and values:
+            # events are grouped by Kafka key: the first under a key must name that chain (later ones
+            # must link to it, which the chain check sees), else a valid event copied under another
+            # key would pass as a chain of its own
+            st.key_checked = True
+            try:
+                named = seq_and_chain(values[0])[1]
+            except (ValueError, UnicodeDecodeError, TypeError):
+                named = st.chain_id  # unreadable: the hash check below reports it
+            if named != st.chain_id:
+                self._break_at(st, BreakKind.WRONG_KEY, rec(items[0]), _seq_or(values[0], first),
+                               f"the event names chain {named!r} but was found under key {st.chain_id!r}")
+                return
         try:
             n, last = check_chain(values, st.last_hash, st.leaves if want_leaves else None)
         except TypeError:  # a value that is not bytes (a tombstone): accept nothing, classify below

@@ -158,7 +158,7 @@ def test_a_kafka_error_in_a_batch_is_raised():
         v.feed_messages([FakeMessage("x.t", b"k", b"v", err="boom")], "x.")
 
 
-def test_a_key_that_is_not_utf8_is_reported_not_a_crash():
+def test_a_key_that_is_not_utf8_is_a_wrong_key_break_not_a_crash():
     from tests.unit.test_fastpath import FakeMessage
 
     good = [r for r in STREAM if r.topic != "marl.audit.checkpoints"]
@@ -167,6 +167,18 @@ def test_a_key_that_is_not_utf8_is_reported_not_a_crash():
     v.feed_messages(_as_messages(good, "x.") + [stray], "x.")
     v.flush_messages("x.")
     report = v.finish()
+    assert not report.ok
     stray_chain = [c for c in report.chains if "\\xff" in c.chain_id]
-    assert len(stray_chain) == 1 and stray_chain[0].events == 1
-    assert stray_chain[0].signed_through_seq == -1  # no signed checkpoint covers it
+    assert len(stray_chain) == 1 and stray_chain[0].first_break.kind == BreakKind.WRONG_KEY
+    assert stray_chain[0].first_break.offset == 10_000
+
+
+def test_a_valid_event_copied_under_another_key_is_a_wrong_key_break():
+    good = list(STREAM)
+    victim = next(r for r in good if r.topic == "marl.joint.action")
+    copy = victim._replace(key="someone-else", offset=99_999)
+    report = verify_records(good + [copy], SIGNER.public_key)
+    assert not report.ok
+    (chain,) = [c for c in report.chains if c.chain_id == "someone-else"]
+    assert chain.first_break.kind == BreakKind.WRONG_KEY and chain.first_break.offset == 99_999
+    assert all(c.first_break is None for c in report.chains if c.chain_id != "someone-else")
