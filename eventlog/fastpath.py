@@ -12,15 +12,13 @@ below must agree; tests check both.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 from hashlib import sha256
 from pathlib import Path
 
 from .hashing import MIN_EVENT_LEN
 from .merkle import root_from_leaves
-from .native import build_extension
+from .native import build_extension, sha256_functions
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("_chaincheck.c")
@@ -82,9 +80,7 @@ def _build() -> object | None:
     mod = build_extension(SOURCE, "_chaincheck", purpose="the verifier's fast path")
     if mod is None:
         return None
-    lib = ctypes.CDLL(ctypes.util.find_library("crypto") or "libcrypto.so.3")
-    mod.set_sha256(*(ctypes.cast(getattr(lib, f), ctypes.c_void_p).value
-                     for f in ("SHA256_Init", "SHA256_Update", "SHA256_Final")))
+    mod.set_sha256(*sha256_functions())
     return mod
 
 

@@ -50,3 +50,15 @@ def build_extension(source: Path, name: str, *, purpose: str = "") -> ModuleType
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def sha256_functions() -> tuple[int, int, int]:
+    """Addresses of the process's libcrypto ``SHA256_Init``, ``SHA256_Update`` and ``SHA256_Final``
+    (the library hashlib uses), for C modules that hash in their loops: OpenSSL 3's one-shot
+    ``SHA256()`` fetches an implementation on every call, which costs more than hashing an event."""
+    import ctypes
+    import ctypes.util
+
+    lib = ctypes.CDLL(ctypes.util.find_library("crypto") or "libcrypto.so.3")
+    return tuple(ctypes.cast(getattr(lib, f), ctypes.c_void_p).value
+                 for f in ("SHA256_Init", "SHA256_Update", "SHA256_Final"))

@@ -22,8 +22,6 @@ record that is anything else, touching nothing for it, and returns that record's
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import logging
 import math
@@ -31,7 +29,7 @@ from pathlib import Path
 
 import schemas as schema_files
 from eventlog.codec import default_codec
-from eventlog.native import build_extension
+from eventlog.native import build_extension, sha256_functions
 
 from .tables import SCHEMA_TABLE, TABLES, row_tuples_for_event
 
@@ -322,9 +320,7 @@ def _load():
     if len(good) != len(programs):
         mod.set_programs(good, py_decode_rows)
     try:
-        lib = ctypes.CDLL(ctypes.util.find_library("crypto") or "libcrypto.so.3")
-        mod.set_sha256(*(ctypes.cast(getattr(lib, f), ctypes.c_void_p).value
-                         for f in ("SHA256_Init", "SHA256_Update", "SHA256_Final")))
+        mod.set_sha256(*sha256_functions())
     except Exception as exc:  # noqa: BLE001 - check_batch then keeps its Python loop
         log.warning("ledger chain checks in C unavailable (no usable libcrypto SHA-256: %s); "
                     "ledger.materialize.check_batch uses its Python loop", exc)
