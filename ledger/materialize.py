@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from itertools import chain
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections import defaultdict
 from dataclasses import dataclass, field
 from hashlib import sha256
@@ -24,7 +23,7 @@ from eventlog.codec import ZERO_HASH, Codec, DecodeError, default_codec
 from eventlog.kafka import Record, record_batches
 
 from .fastrows import check_rows, decode_rows
-from .store import Finding, LedgerStore
+from .store import Finding, LedgerStore, PendingWrite
 from .tables import row_tuples_for_event
 
 
@@ -188,56 +187,53 @@ class Materializer:
                       on_batch: Callable[[IngestStats], None] | None = None) -> IngestStats:
         """Write checked batches, one transaction each, in order.
 
-        Each transaction's COMMIT (SQLCipher encrypts and writes its pages then, with the GIL
-        released) runs on a second thread while this one produces the next batch (reads and checks
-        it); the next batch is written only after that commit succeeded, so transactions stay in
-        order and a failed commit stops the ingest with nothing after it written."""
+        Each batch is written with ``store.begin_write`` (SQLCipher: inserts and COMMIT on a thread
+        of their own, without the GIL) while this thread produces the next batch (reads and checks
+        it); the next batch is written only after that one committed, so transactions stay in order
+        and a failed write stops the ingest with nothing after it written."""
         stats = IngestStats()
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-commit") as committer:
-            committing: tuple[Future, CheckedBatch, list[Finding]] | None = None
-            try:
-                for checked in checked_batches:
-                    if committing is not None:
-                        self._committed(stats, *committing, on_batch)
-                        committing = None
-                    findings = self._write(checked, commit=False)
-                    committing = (committer.submit(self.store.commit), checked, findings)
-                if committing is not None:
-                    self._committed(stats, *committing, on_batch)
-                    committing = None
-            finally:
-                if committing is not None:  # an error on this thread while a commit ran: let it end
-                    try:
-                        committing[0].result()
-                        self._advance(committing[1])  # committed: offsets and heads move with it
-                    except Exception:  # noqa: BLE001 - the error being raised here says more
-                        pass
+        writing: tuple[PendingWrite, CheckedBatch, list[Finding]] | None = None
+        try:
+            for checked in checked_batches:
+                if writing is not None:
+                    self._committed(stats, *writing, on_batch)
+                    writing = None
+                findings = self._resolve(checked)
+                writing = (self.store.begin_write(checked.rows, checked.offsets, findings), checked, findings)
+            if writing is not None:
+                self._committed(stats, *writing, on_batch)
+                writing = None
+        finally:
+            if writing is not None:  # an error on this thread while a batch was written: let it end
+                try:
+                    writing[0].wait()
+                    self._advance(writing[1])  # committed: offsets and heads move with it
+                except Exception:  # noqa: BLE001 - the error being raised here says more
+                    pass
         stats.seconds = time.perf_counter() - t0
         return stats
 
     def ingest_batch(self, batch: list[Record]) -> list[Finding]:
         """Rows, offsets and findings of ``batch`` in one transaction; returns the findings."""
         checked = check_batch(batch, dict(self.heads), self._decode)
-        findings = self._write(checked, commit=True)
+        findings = self._resolve(checked)
+        self.store.write(checked.rows, checked.offsets, findings)
         self._advance(checked)
         return findings
 
-    def _write(self, checked: CheckedBatch, *, commit: bool) -> list[Finding]:
-        """Resolve a checked batch's pending events against the store and write it in one transaction
-        (left open when ``commit`` is false: the caller commits with ``store.commit()``)."""
+    def _resolve(self, checked: CheckedBatch) -> list[Finding]:
+        """Resolve a checked batch's pending events against the store; its findings."""
         stored = self.store.event_ids([p[1] for p in checked.pending]) if checked.pending else set()
-        findings = checked.resolve(stored)
-        self.store.write(checked.rows, checked.offsets, findings, commit=commit)
-        return findings
+        return checked.resolve(stored)
 
     def _advance(self, checked: CheckedBatch) -> None:
         self.heads.update(checked.heads)
         self.offsets.update(checked.offsets)
 
-    def _committed(self, stats: IngestStats, done: Future, checked: CheckedBatch, findings: list[Finding],
+    def _committed(self, stats: IngestStats, done: PendingWrite, checked: CheckedBatch, findings: list[Finding],
                    on_batch: Callable[[IngestStats], None] | None) -> None:
-        done.result()  # raises the commit's error
+        done.wait()  # raises the write's error
         self._advance(checked)
         stats.records += checked.records
         stats.batches += 1

@@ -9,16 +9,18 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from eventlog.merkle import merkle_root
 
 from .keys import KeyProvider, LedgerKeyError
+from .nativewrite import attach as attach_writer, write_error
 from .tables import (ALL_TABLES, DELETION_EVENTS, EVENT_TABLES, INGEST_OFFSETS, INTEGRITY_FINDINGS, LINEAGE,
                      TABLES, Table)
 
@@ -109,6 +111,36 @@ def contiguous_ranges(rows: Iterable[tuple]) -> list[list[tuple]]:
     return out
 
 
+class PendingWrite:
+    """A batch being written (``LedgerStore.begin_write``): ``wait()`` returns once it is committed and
+    raises what stopped it otherwise."""
+
+    def __init__(self, wait: Callable[[], None]):
+        self._wait = wait
+
+    @classmethod
+    def on_thread(cls, work: Callable[[], None]) -> "PendingWrite":
+        box: list[BaseException] = []
+
+        def run():
+            try:
+                work()
+            except BaseException as exc:  # noqa: BLE001 - handed to wait()
+                box.append(exc)
+
+        t = threading.Thread(target=run, name="ledger-commit", daemon=True)
+        t.start()
+
+        def wait():
+            t.join()
+            if box:
+                raise box[0]
+        return cls(wait)
+
+    def wait(self) -> None:
+        self._wait()
+
+
 class LedgerStore(ABC):
     """A ledger backend. Subclasses supply the connection and their SQL dialect."""
 
@@ -144,6 +176,34 @@ class LedgerStore(ABC):
         params = ", ".join(self._json_param(c) if k == "json" else self.ph for c, k in table.columns)
         return f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES ({params}) ON CONFLICT DO NOTHING"
 
+    def _statements(self, rows: dict[str, list[dict] | list[tuple]], offsets: dict[tuple[str, int], int],
+                    findings: Iterable[Finding] = ()) -> list[tuple[str, list[tuple]]]:
+        """The ``(sql, parameter rows)`` of one batch's transaction, in order: event rows (lineage after
+        its policy updates), findings, then the consumer offsets."""
+        out: list[tuple[str, list[tuple]]] = []
+        for name in _WRITE_ORDER:
+            batch = rows.get(name)
+            if not batch:
+                continue
+            table = TABLES[name]
+            if not isinstance(batch[0], tuple):
+                cols = table.column_names
+                batch = [tuple(r.get(c) for c in cols) for r in batch]
+            out.append((self._insert_sql(table), batch))
+        if findings:
+            now = _now_micros()
+            out.append((
+                f"INSERT INTO integrity_findings ({', '.join(_FINDING_COLS)}) "
+                f"VALUES ({', '.join([self.ph] * len(_FINDING_COLS))})",
+                [(now, f.kind, f.topic, f.partition, f.offset, f.chain_id, f.seq, f.event_id, f.detail)
+                 for f in findings]))
+        if offsets:
+            out.append((
+                f"INSERT INTO ingest_offsets (topic, kafka_partition, next_offset) VALUES ({self.ph}, {self.ph}, "
+                f"{self.ph}) ON CONFLICT (topic, kafka_partition) DO UPDATE SET next_offset = excluded.next_offset",
+                [(t, p, o) for (t, p), o in sorted(offsets.items())]))
+        return out
+
     def write(self, rows: dict[str, list[dict] | list[tuple]], offsets: dict[tuple[str, int], int],
               findings: list[Finding] = (), *, commit: bool = True) -> None:
         """Rows, consumer offsets (next offset to read) and findings, in one transaction. A table's
@@ -153,32 +213,23 @@ class LedgerStore(ABC):
         cur = self._cursor()
         self._begin()
         try:
-            for name in _WRITE_ORDER:
-                batch = rows.get(name)
-                if not batch:
-                    continue
-                table = TABLES[name]
-                if not isinstance(batch[0], tuple):
-                    cols = table.column_names
-                    batch = [tuple(r.get(c) for c in cols) for r in batch]
-                cur.executemany(self._insert_sql(table), batch)
-            if findings:
-                now = _now_micros()
-                cur.executemany(
-                    f"INSERT INTO integrity_findings ({', '.join(_FINDING_COLS)}) "
-                    f"VALUES ({', '.join([self.ph] * len(_FINDING_COLS))})",
-                    [(now, f.kind, f.topic, f.partition, f.offset, f.chain_id, f.seq, f.event_id, f.detail)
-                     for f in findings])
-            if offsets:
-                cur.executemany(
-                    f"INSERT INTO ingest_offsets (topic, kafka_partition, next_offset) VALUES ({self.ph}, {self.ph}, "
-                    f"{self.ph}) ON CONFLICT (topic, kafka_partition) DO UPDATE SET next_offset = excluded.next_offset",
-                    [(t, p, o) for (t, p), o in sorted(offsets.items())])
+            for sql, params in self._statements(rows, offsets, findings):
+                cur.executemany(sql, params)
             if commit:
                 self._commit()
         except BaseException:
             self._rollback()
             raise
+
+    def begin_write(self, rows: dict[str, list[dict] | list[tuple]], offsets: dict[tuple[str, int], int],
+                    findings: list[Finding] = ()) -> "PendingWrite":
+        """Start writing one batch as ``write`` does, in its own transaction, and return at once; the
+        result's ``wait()`` returns when it is committed and raises (after the rollback) when it is not.
+        Nothing else may use the store until then. Here: the rows are inserted on this thread and the
+        COMMIT runs on another (the GIL is free while the database writes); backends that can do more
+        of the work off the GIL override this."""
+        self.write(rows, offsets, findings, commit=False)
+        return PendingWrite.on_thread(self.commit)
 
     def commit(self) -> None:
         """Commit the transaction a ``write(..., commit=False)`` left open (rolled back if that fails)."""
@@ -498,6 +549,8 @@ class SqliteLedger(LedgerStore):
             self._install()
         finally:
             os.umask(old_umask)
+        # the C batch writer (ledger/nativewrite.py) where the connection allows it, else executemany
+        self._writer = attach_writer(self.conn, self.path) if encrypted else None
 
     def _opens(self, module, *, last: bool) -> bool:
         """Whether the connection reads the file (key and settings right); raises on the last try."""
@@ -529,10 +582,30 @@ class SqliteLedger(LedgerStore):
             self.conn.execute("ROLLBACK")
 
     def write(self, rows, offsets, findings=(), *, commit=True):
+        if commit and self._writer is not None:
+            return self.begin_write(rows, offsets, findings).wait()
         try:
             super().write(rows, offsets, findings, commit=commit)
         except self._module.IntegrityError as exc:
             raise LedgerError(f"ledger {self.path} refused a batch: {exc}") from None
+
+    def begin_write(self, rows, offsets, findings=()):
+        """With the C batch writer: the inserts and the COMMIT both run on its own thread, without the
+        GIL (``ledger/_rowwrite.c``)."""
+        if self._writer is None:
+            return super().begin_write(rows, offsets, findings)
+        job = self._job = self._writer.start(self._statements(rows, offsets, findings))
+
+        def wait():
+            try:
+                job.wait()
+            except write_error() as exc:
+                code, message, _ = exc.args
+                if code & 0xFF == 19:  # SQLITE_CONSTRAINT
+                    raise LedgerError(f"ledger {self.path} refused a batch: {message}") from None
+                raise LedgerError(f"ledger {self.path}: writing a batch failed (SQLite code {code}): {message}; "
+                                  f"it was rolled back, and a restart continues from the stored offsets") from None
+        return PendingWrite(wait)
 
     def commit(self):
         try:
@@ -583,6 +656,13 @@ class SqliteLedger(LedgerStore):
         self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
+        job, self._job = getattr(self, "_job", None), None
+        if job is not None and not job.joined:
+            try:
+                job.wait()  # its thread uses the connection: let it end first
+            except Exception:  # noqa: BLE001 - rolled back; the caller that started it hears of it
+                pass
+        self._writer = None  # holds the connection's handle: gone before the connection
         try:
             self.conn.close()
         except Exception:  # noqa: BLE001 - closing twice is harmless

@@ -151,18 +151,19 @@ class LedgerStorageContract:
         clean = self.ingested()
         led = self.new_ledger()
         m = Materializer(led)
-        real_commit, calls = led._commit, {"n": 0}
+        real_statements, calls = led._statements, {"n": 0}
 
-        def crashing_commit():
+        def crashing_statements(*args):
+            # the fourth transaction fails after its rows and offsets, just before its COMMIT: a real
+            # failure inside the backend's transaction (SQLCipher: on the C writer's thread)
             calls["n"] += 1
-            if calls["n"] == 4:
-                raise RuntimeError("simulated crash before COMMIT")
-            real_commit()
+            out = real_statements(*args)
+            return out + [("SELECT no_such_column FROM ingest_offsets", [()])] if calls["n"] == 4 else out
 
-        led._commit = crashing_commit
-        with pytest.raises(RuntimeError):
+        led._statements = crashing_statements
+        with pytest.raises(Exception, match="no_such_column"):
             m.ingest(RECORDS, commit_every=37)
-        led._commit = real_commit
+        led._statements = real_statements
         committed = led.offsets()
         assert 0 < sum(committed.values()) < len(RECORDS)
         rest = [r for r in RECORDS if r.offset >= committed.get((r.topic, r.partition), 0)]
@@ -298,6 +299,21 @@ class TestSqlCipherStorage(LedgerStorageContract):
         led.conn.execute(f"DELETE FROM {table} WHERE chain_id = ? AND seq = ?", (chain, seq))
 
 
+class TestSqlCipherStorageWithoutTheCWriter(TestSqlCipherStorage):
+    """The same contract on the executemany path (no C compiler, or a connection that cannot load it)."""
+
+    def new_ledger(self):
+        led = super().new_ledger()
+        assert led._writer is not None   # the default path above really is the C writer
+        led._writer = None
+        return led
+
+    def reopen(self, led):
+        again = super().reopen(led)
+        again._writer = None
+        return again
+
+
 # ------------------------------------------------------------------ SQLCipher only
 def test_file_is_0600_and_wrong_key_is_one_clear_error(tmp_path, capfd):
     path = tmp_path / "l.db"
@@ -392,24 +408,33 @@ def test_erasure_leaves_no_trace_of_the_subject_on_disk(tmp_path):
     assert (tmp_path / "l.db-wal").stat().st_size == 0   # checkpointed and truncated after the erasure
 
 
-def test_a_failed_commit_stops_the_ingest_and_nothing_after_it_is_written(tmp_path):
-    """The commit runs on a second thread while the next batch is checked: when one fails, that
-    batch is rolled back, no later batch is written, and a restart from the stored offsets ends
-    with exactly what a clean ingest gives."""
+@pytest.mark.parametrize("c_writer", [True, False])
+def test_a_failed_commit_stops_the_ingest_and_nothing_after_it_is_written(tmp_path, c_writer):
+    """Each batch is written (and committed) while the next one is checked: when a COMMIT fails, that
+    batch is rolled back, no later batch is written, and a restart from the stored offsets ends with
+    exactly what a clean ingest gives. The failure is SQLite's own: the third transaction defers its
+    foreign keys and adds a lineage row whose policy update does not exist, so only COMMIT refuses it."""
+    from ledger.tables import TABLES
 
     class FailingCommit(SqliteLedger):
-        commits = 0
+        batches = 0
 
-        def commit(self):
-            type(self).commits += 1
-            if type(self).commits == 3:
-                self._rollback()
-                raise LedgerError("disk full (simulated)")
-            super().commit()
+        def _statements(self, rows, offsets, findings=()):
+            out = super()._statements(rows, offsets, findings)
+            type(self).batches += 1
+            if type(self).batches == 3:
+                orphan = ("no-such-policy-update", 0, "marl.env.state", 0, 0, 1, "c", 0, 1, bytes(32))
+                out = [("PRAGMA defer_foreign_keys = ON", [()])] + out + [
+                    (self._insert_sql(TABLES["policy_update_lineage"]), [orphan])]
+            return out
 
     led = FailingCommit(tmp_path / "l.db", KEY)
-    with pytest.raises(LedgerError, match="simulated"):
+    assert led._writer is not None
+    if not c_writer:
+        led._writer = None
+    with pytest.raises(LedgerError, match="FOREIGN KEY constraint failed"):
         Materializer(led).ingest(RECORDS, commit_every=20)
+    assert not led.conn.in_transaction
     assert sum(led.offsets().values()) == 40                       # two batches, not the third or later
     stored = sum(led.count(t) for t in ("runs", "environment_states", "agent_observations", "joint_actions",
                                         "di_credit_assignment", "fairness_metrics", "policy_updates",
