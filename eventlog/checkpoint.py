@@ -60,6 +60,18 @@ def statement_for(topic: str, chain_id: str, first_seq: int, prev_head_hash: byt
                                prev_head_hash, event_hashes[-1], _merkle_root(event_hashes))
 
 
+def checkpoint_payload(stmt: CheckpointStatement, signer: "Signer") -> dict:
+    """The ``audit.checkpoint`` payload signing ``stmt`` (appended with ``source_event_hashes`` =
+    ``[stmt.head_event_hash]``); shared by every writer that signs its chains."""
+    return {
+        "checked_topic": stmt.topic, "checked_chain_id": stmt.chain_id,
+        "first_seq": stmt.first_seq, "last_seq": stmt.last_seq,
+        "prev_head_hash": stmt.prev_head_hash, "head_event_hash": stmt.head_event_hash,
+        "merkle_root": stmt.merkle_root, "signer_key_id": signer.key_id,
+        "signature": signer.sign(stmt),
+    }
+
+
 def _merkle_root(event_hashes: list[bytes]) -> bytes:
     """``merkle.merkle_root``, with the tree's inner nodes hashed by the verifier's C fast path when it
     is built (the writer signs a checkpoint per chain every N events; tests check both agree)."""

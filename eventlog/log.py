@@ -7,7 +7,7 @@ from typing import Callable, Protocol, Sequence
 import schemas as schema_files
 
 from .chain import GENESIS, ChainHead, ChainWriter, Event, event_id_prefix, now_micros
-from .checkpoint import Signer, statement_for
+from .checkpoint import Signer, checkpoint_payload, statement_for
 from .codec import Codec, default_codec
 from .topics import TOPIC_CLASSIFICATION
 
@@ -136,13 +136,7 @@ class EventLog:
         pending = self._pending.pop((topic, chain_id))
         stmt = statement_for(topic, chain_id, pending.first_seq, pending.prev_head_hash, pending.hashes)
         assert self.signer is not None
-        payload = {
-            "checked_topic": stmt.topic, "checked_chain_id": stmt.chain_id,
-            "first_seq": stmt.first_seq, "last_seq": stmt.last_seq,
-            "prev_head_hash": stmt.prev_head_hash, "head_event_hash": stmt.head_event_hash,
-            "merkle_root": stmt.merkle_root, "signer_key_id": self.signer.key_id,
-            "signature": self.signer.sign(stmt),
-        }
+        payload = checkpoint_payload(stmt, self.signer)
         return self.append(self._checkpoint_chain, "audit.checkpoint", payload,
                            source_event_hashes=[stmt.head_event_hash])
 

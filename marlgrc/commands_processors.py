@@ -63,6 +63,7 @@ def register(app: typer.Typer) -> None:
         """Run the decision interpreter and fairness metrics, exactly once, until Ctrl-C."""
         from confluent_kafka import KafkaException
 
+        from eventlog.checkpoint import Signer
         from eventlog.kafka import BrokerUnavailable, ensure_topics
         from stream_processors.rules import RULE_SETS
         from stream_processors.worker import WorkerConfig, serve
@@ -81,8 +82,10 @@ def register(app: typer.Typer) -> None:
         child = _start_faust_fairness(boot, s.prefix, (metrics_port + 1) if metrics_port else 0) \
             if faust_fairness else None
         try:
+            signing_key = s.signing_key
+            Signer.load_or_create(signing_key)   # the producers' key: one key for auditors to pin
             serve(WorkerConfig(boot, s.prefix, name, batch, default_env=default_env,
-                               metrics_port=metrics_port or None))
+                               metrics_port=metrics_port or None, signing_key=str(signing_key)))
         except (KafkaException, OSError, RuntimeError) as exc:
             _fail(f"processor {name!r} stopped: {exc}", 1)
         finally:

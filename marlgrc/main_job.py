@@ -72,7 +72,8 @@ def run_main_job(bootstrap: str, prefix: str, home: Path, *, episodes: int = 3, 
 
     # 2. stream processors: a real worker process, stopped once every joint action is scored
     worker = subprocess.Popen([sys.executable, "-m", "stream_processors", "--bootstrap", bootstrap,
-                               "--prefix", prefix, "--name", "demo-di"],
+                               "--prefix", prefix, "--name", "demo-di",
+                               "--signing-key", str(home / "keys" / "signing.pem")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + worker_timeout

@@ -1,4 +1,5 @@
-"""``python -m stream_processors --bootstrap HOST:PORT [--prefix P] [--name N] [--metrics-port PORT]``:
+"""``python -m stream_processors --bootstrap HOST:PORT [--prefix P] [--name N] [--metrics-port PORT]
+[--signing-key PEM]``:
 the live worker, for supervisors and tests (``marlgrc process`` is the same with the CLI's settings)."""
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2000)
     ap.add_argument("--default-env", default="passthrough")
     ap.add_argument("--metrics-port", type=int, default=None)
+    ap.add_argument("--signing-key", default=None, help="Ed25519 PEM key: sign the output chains' checkpoints")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve(WorkerConfig(a.bootstrap, a.prefix, a.name, a.batch, default_env=a.default_env,
-                       metrics_port=a.metrics_port))
+                       metrics_port=a.metrics_port, signing_key=a.signing_key))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,12 @@ Determinism: for one run, credit events come out in the order of the run's joint
 whatever the interleaving of the input topics, because a joint action waits (in ``pending``) until
 its state and the run's ``run.started`` have been seen. The live worker and ``marlgrc reprocess``
 both drive this class, so the same input and rule version give the same payloads.
+
+Signed checkpoints: with a ``signer``, ``checkpoint()`` signs what the credit and fairness chains got
+since the last call (one ``audit.checkpoint`` per chain: seq range, Merkle root, head) onto the run's
+``{run}:checkpoints:{producer_id}`` chain, as ``eventlog.EventLog`` does for the producers' chains; the
+worker calls it once per transaction, so a checkpoint commits with the events it covers and an
+auditor detects a chain truncated after it.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from hashlib import sha256
 from typing import Callable, Iterable
 
 from eventlog.chain import ChainHead, ChainWriter, Event, now_micros
+from eventlog.checkpoint import Signer, checkpoint_payload, statement_for
 from eventlog.codec import Codec, DecodeError, default_codec
 
 from . import fairness as fair
@@ -32,6 +39,7 @@ INPUT_TOPICS = ("marl.run.lifecycle", "marl.env.state", "marl.joint.action")
 EXPECTED = {"marl.run.lifecycle": ("run_started", "run_finished"), "marl.env.state": ("env_state",),
             "marl.joint.action": ("joint_action",)}
 DLQ_TOPIC = "marl.dlq"
+CHECKPOINT_TOPIC = "marl.audit.checkpoints"
 
 
 @dataclass
@@ -50,6 +58,7 @@ class RunState:
     ep_hashes: list = field(default_factory=list)       # [first, last] credit hash hex of the episode
     window: deque = field(default_factory=deque)        # [outcome json, credit hash hex]
     credits: int = 0
+    checkpoint_head: ChainHead = field(default_factory=ChainHead)   # of {run}:checkpoints:{producer}
 
     def to_json(self) -> dict:
         return {
@@ -60,6 +69,7 @@ class RunState:
             "episode": self.episode,
             "ep_tally": self.ep_tally.to_json(), "ep_hashes": self.ep_hashes, "window": list(self.window),
             "credits": self.credits,
+            "checkpoint_head": [self.checkpoint_head.seq, self.checkpoint_head.event_hash.hex()],
         }
 
     @classmethod
@@ -69,7 +79,9 @@ class RunState:
             ChainHead(d["credit_head"][0], bytes.fromhex(d["credit_head"][1])),
             ChainHead(d["fairness_head"][0], bytes.fromhex(d["fairness_head"][1])),
             deque(d.get("pending", ())), dict(d.get("states", {})), d["episode"], fair.Tally.from_json(d["ep_tally"]),
-            list(d["ep_hashes"]), deque(d["window"]), d["credits"])
+            list(d["ep_hashes"]), deque(d["window"]), d["credits"],
+            ChainHead(d["checkpoint_head"][0], bytes.fromhex(d["checkpoint_head"][1])) if "checkpoint_head" in d
+            else ChainHead())   # states written before checkpoints were signed
 
 
 def _outcome_json(credit_payload: dict, acted: list[str]) -> list:
@@ -96,7 +108,8 @@ class Processor:
                  window: int = 100, hop: int = 25, max_pending: int | None = 1000,
                  max_states: int | None = 1000,
                  credit_stream: str = "credit", fairness_stream: str = "fairness",
-                 codec: Codec | None = None, clock: Callable[[], int] = now_micros, track_joins: bool = False):
+                 codec: Codec | None = None, clock: Callable[[], int] = now_micros, track_joins: bool = False,
+                 signer: Signer | None = None):
         self.consumer = consumer
         self.producer_id = producer_id
         self.default_env = default_env
@@ -115,6 +128,9 @@ class Processor:
         self._join_changes: dict[tuple[str, str, str], bytes | None] = {}
         self._join_persisted: set[tuple[str, str, str]] = set()
         self._arrival = 0
+        self.signer = signer
+        # (topic, chain) -> [run id, first seq, head before it, event hashes]: not checkpointed yet
+        self._unsigned: dict[tuple[str, str], list] = {}
         rules_for(rules_override or default_env)  # fail fast on an unknown name
 
     # -- state -----------------------------------------------------------------------------
@@ -125,6 +141,32 @@ class Processor:
     def restore(self, run_id: str, data: bytes) -> None:
         self.runs[run_id] = RunState.from_json(json.loads(data))
         self._writers = {k: w for k, w in self._writers.items() if not k[1].startswith(f"{run_id}:")}
+        self._unsigned = {k: v for k, v in self._unsigned.items() if v[0] != run_id}
+
+    # -- signed checkpoints ----------------------------------------------------------------
+
+    def _sealed(self, run_id: str, topic: str, chain_id: str, prev: ChainHead, ev: Event) -> None:
+        if self.signer is None:
+            return
+        entry = self._unsigned.get((topic, chain_id))
+        if entry is None:
+            self._unsigned[(topic, chain_id)] = [run_id, ev.seq, prev.event_hash, [ev.event_hash]]
+        else:
+            entry[3].append(ev.event_hash)
+
+    def checkpoint(self) -> list[Event]:
+        """Sign every chain's events since the last call: one ``audit.checkpoint`` per chain on its
+        run's checkpoint chain (nothing without a signer, or when nothing was sealed)."""
+        out = []
+        for (topic, chain_id), (run_id, first_seq, prev_hash, hashes) in self._unsigned.items():
+            r = self._run(run_id)
+            stmt = statement_for(topic, chain_id, first_seq, prev_hash, hashes)
+            w = self._writer(CHECKPOINT_TOPIC, f"{run_id}:checkpoints:{self.producer_id}", run_id, r.checkpoint_head)
+            out.append(w.append("audit.checkpoint", checkpoint_payload(stmt, self.signer),
+                                source_event_hashes=[stmt.head_event_hash]))
+            r.checkpoint_head = w.head
+        self._unsigned = {}
+        return out
 
     def snapshot_dlq(self) -> bytes:
         return json.dumps([self.dlq_head.seq, self.dlq_head.event_hash.hex()]).encode()
@@ -322,6 +364,7 @@ class Processor:
         w = self._writer("marl.di.credit", f"{r.run_id}:{self.credit_stream}", r.run_id, r.credit_head)
         ev = w.append("di.credit", payload, policy_version=ja["policy_version"], rule_version=rules.version,
                       source_event_hashes=[jah, bytes.fromhex(state_hash)])
+        self._sealed(r.run_id, w.topic, w.chain_id, r.credit_head, ev)
         r.credit_head = w.head
         r.credits += 1
         out = [ev]
@@ -347,6 +390,7 @@ class Processor:
         w = self._writer("marl.fairness.metrics", f"{r.run_id}:{self.fairness_stream}", r.run_id, r.fairness_head)
         ev = w.append("fairness.metrics", payload, rule_version=f"{rule_version};{fair.VERSION}",
                       source_event_hashes=[bytes.fromhex(h) for h in sources])
+        self._sealed(r.run_id, w.topic, w.chain_id, r.fairness_head, ev)
         r.fairness_head = w.head
         return ev
 

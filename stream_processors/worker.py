@@ -23,10 +23,12 @@ import logging
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from eventlog.checkpoint import Signer
 from eventlog.kafka import ensure_topics, partitions_of, read_records
 from eventlog.topics import TopicSpec
 
@@ -54,6 +56,9 @@ class WorkerConfig:
     default_env: str = "passthrough"
     metrics_port: int | None = None
     """Prometheus HTTP port; None for no endpoint."""
+    signing_key: str | None = None
+    """Ed25519 key file (PEM, the producers' ``keys/signing.pem``): sign the credit and fairness chains
+    with one checkpoint per chain per transaction; None leaves them unsigned."""
 
     @property
     def transactional_id(self) -> str:
@@ -106,9 +111,10 @@ class Worker:
         # ``backlog``: the join limits must hold that much, or a state is evicted before its action
         # arrives (and the action then waits for ever)
         limit = max(1000, 2 * (config.backlog + config.batch))
+        signer = Signer.load(Path(config.signing_key)) if config.signing_key and processor is None else None
         self.processor = processor or Processor(consumer=config.name, producer_id=f"marlgrc-{config.name}",
                                                 default_env=config.default_env, track_joins=True,
-                                                max_pending=limit, max_states=limit)
+                                                max_pending=limit, max_states=limit, signer=signer)
         self.processor.track_joins = True
         self.metrics = metrics or Metrics(config.metrics_port)
         self.offsets: dict[tuple[str, int], int] = {}  # (logical topic, partition) -> next offset
@@ -229,6 +235,10 @@ class Worker:
                 if ev.topic == "marl.dlq":
                     m.dead.labels(p.codec.decode(ev.value)[1]["error_kind"]).inc()
             n_out += len(outs)
+        for ev in p.checkpoint():  # signed with the events they cover, in this transaction
+            self._produce(producer, prefix + ev.topic, ev.chain_id, ev.value)
+            m.events_out.labels(ev.topic).inc()
+            n_out += 1
         state_topic = prefix + STATE_TOPIC
         for (run_id, kind, h), entry in p.take_join_changes().items():
             self._produce(producer, state_topic, self._key(f"join:{run_id}:{kind}:{h}"), entry)

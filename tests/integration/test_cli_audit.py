@@ -33,6 +33,7 @@ def test_demo_export_verify_prove_import(kafka, topics, tmp_path):
     # one episode of 20 items: per step a state, an observation per agent, a joint action, a credit
     assert chains["marl.joint.action"]["events"] == chains["marl.di.credit"]["events"] == 20
     assert chains["marl.env.state"]["events"] == 20 and chains["marl.joint.action"]["signed_through_seq"] == 19
+    assert chains["marl.di.credit"]["signed_through_seq"] == 19      # the DI worker signs its chains too
 
     code, out = invoke("public-key", "--home", tmp_path)
     assert code == 0 and out.startswith("-----BEGIN PUBLIC KEY-----")

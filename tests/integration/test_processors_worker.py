@@ -16,6 +16,8 @@ import pytest
 from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from eventlog.audit import verify_kafka
+from eventlog.checkpoint import Signer
 from eventlog.codec import default_codec
 from eventlog.kafka import EventProducer, ensure_topics, read_records
 from eventlog.log import EventLog
@@ -33,7 +35,8 @@ POISON = b"\x00not an avro event\xff"
 def _worker(bootstrap: str, prefix: str, log_path: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "stream_processors", "--bootstrap", bootstrap, "--prefix", prefix,
-                             "--batch", "100"], cwd=ROOT, env=env, stdout=open(log_path, "ab"),
+                             "--batch", "100", "--signing-key", str(log_path.parent / "signing.pem")],
+                            cwd=ROOT, env=env, stdout=open(log_path, "ab"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -71,6 +74,7 @@ def live(kafka, tmp_path_factory):
     sink.flush()
 
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    Signer.load_or_create(log_path.parent / "signing.pem")
     credit_topic = prefix + "marl.di.credit"
     w = _worker(bootstrap, prefix, log_path)
     try:
@@ -153,6 +157,25 @@ def test_exactly_one_credit_per_joint_action_across_sigkill(live):
     kinds = [codec.decode(r.value)[1]["window"] for r in sorted(fairness, key=lambda r: codec.decode(r.value)[1]["seq"])]
     assert kinds.count("episode") == EPISODES
     assert kinds.count("sliding") == (EPISODES * STEPS - 100) // 25 + 1
+
+
+def test_credit_and_fairness_chains_are_signed_through_their_heads_across_the_sigkill(live):
+    """One checkpoint per chain per transaction, committed with the events it covers: after the
+    SIGKILL and restart, the auditor verifies every credit and fairness event under a checkpoint
+    signed by the worker's key, and the checkpoint chain itself links up."""
+    bootstrap, prefix, run_id, credits, fairness, _, _, log_path = live
+    key = Signer.load(log_path.parent / "signing.pem").public_key
+    report, _ = verify_kafka(bootstrap, prefix=prefix, run_id=run_id, public_key=key,
+                             topics=["marl.di.credit", "marl.fairness.metrics"])
+    assert report.ok, report.lines()
+    chains = {c.chain_id: c for c in report.chains}
+    assert chains[f"{run_id}:credit"].events == len(credits)
+    for chain, n in ((f"{run_id}:credit", len(credits)), (f"{run_id}:fairness", len(fairness))):
+        c = chains[chain]
+        assert c.signed_through_seq == n - 1 and c.checkpoints_verified >= 10, (chain, c)
+    cps = _committed(bootstrap, prefix, "marl.audit.checkpoints", run_id)
+    assert {r.key for r in cps} == {f"{run_id}:checkpoints:marlgrc-di"}
+    assert _chain_ok(cps) == list(range(len(cps)))
 
 
 def test_poison_goes_to_dead_letters_and_the_stream_goes_on(live):

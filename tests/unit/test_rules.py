@@ -273,3 +273,76 @@ def test_rules_override_sets_rule_version():
     outs = _feed(Processor(rules_override="sandbox_v0"), recs)
     assert {default_codec().decode(e.value)[1]["rule_version"] for e in outs if e.event_type == "di.credit"} == \
         {"sandbox_v0/di-2"}
+
+
+# ------------------------------------------------------------------ signed checkpoints of the output chains
+
+
+def _feed_checkpointed(p, recs, every):
+    """Feed as the worker does: one checkpoint() per ``every`` records (a transaction)."""
+    out = []
+    for i, (t, k, v) in enumerate(recs):
+        out += p.feed(t, 0, i, k, v)
+        if (i + 1) % every == 0:
+            out += p.checkpoint()
+    return out + p.checkpoint()
+
+
+def _as_records(events):
+    from eventlog.kafka import Record
+
+    offsets: dict[str, int] = {}
+    recs = []
+    for e in events:
+        o = offsets[e.topic] = offsets.get(e.topic, -1) + 1
+        recs.append(Record(e.topic, 0, o, e.chain_id, e.value, 0))
+    return recs
+
+
+def test_processor_signs_its_credit_and_fairness_chains_and_a_truncation_after_a_checkpoint_is_caught():
+    from eventlog.checkpoint import Signer
+    from eventlog.verify import BreakKind, verify_records
+
+    signer = Signer.from_seed(b"di-worker")
+    recs = _run_records()
+    signed = _feed_checkpointed(Processor(signer=signer), recs, every=40)
+    unsigned = _feed(Processor(), recs)
+    data = [e for e in signed if e.event_type != "audit.checkpoint"]
+    assert [comparable(e.value) for e in data] == [comparable(e.value) for e in unsigned]   # same outputs
+    cps = [e for e in signed if e.event_type == "audit.checkpoint"]
+    assert {e.chain_id for e in cps} == {"r:checkpoints:marlgrc-di"}
+    report = verify_records(_as_records(signed), signer.public_key)
+    assert report.ok, report.lines()
+    by_chain = {c.chain_id: c for c in report.chains}
+    for chain in ("r:credit", "r:fairness"):
+        c = by_chain[chain]
+        assert c.checkpoints_verified >= 2 and c.signed_through_seq == c.last_seq, (chain, c)
+    # drop the credit chain's last event, which a checkpoint covers: the auditor sees the truncation
+    last_credit = max((e for e in data if e.chain_id == "r:credit"), key=lambda e: e.seq)
+    cut = verify_records(_as_records([e for e in signed if e is not last_credit]), signer.public_key)
+    assert not cut.ok
+    assert any(c.first_break and c.first_break.kind == BreakKind.TRUNCATED and c.chain_id == "r:credit"
+               for c in cut.chains)
+    # a checkpoint signed by another key is refused
+    forged = _feed_checkpointed(Processor(signer=Signer.from_seed(b"someone else")), recs, every=40)
+    assert not verify_records(_as_records(forged), signer.public_key).ok
+
+
+def test_processor_checkpoint_head_survives_snapshot_and_restore():
+    from eventlog.checkpoint import Signer
+    from eventlog.verify import verify_records
+
+    signer = Signer.from_seed(b"di-worker")
+    recs = _run_records()
+    a = Processor(track_joins=True, signer=signer)
+    first = _feed_checkpointed(a, recs[:70], every=35)
+    b = Processor(signer=signer)
+    b.restore("r", a.snapshot("r"))
+    b.restore_dlq(a.snapshot_dlq())
+    b.restore_joins([(run, kind, h, v) for (run, kind, h), v in a.take_join_changes().items() if v is not None])
+    rest = []
+    for i, (t, k, v) in enumerate(recs[70:], start=70):
+        rest += b.feed(t, 0, i, k, v)
+    rest += b.checkpoint()
+    report = verify_records(_as_records(first + rest), signer.public_key)
+    assert report.ok, report.lines()
