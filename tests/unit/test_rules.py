@@ -186,18 +186,21 @@ def test_processor_output_does_not_depend_on_topic_interleaving():
     assert sum(e.event_type == "di.credit" for e in in_order) == 60
 
 
+def _restored(a, b):
+    """``b`` with ``a``'s committed state of run ``r`` (what a worker restores after a restart)."""
+    b.restore("r", a.snapshot("r"))
+    b.restore_dlq(a.snapshot_dlq())
+    b.restore_joins([(run, kind, h, v) for (run, kind, h), v in a.take_join_changes().items() if v is not None])
+    return b
+
+
 def test_processor_snapshot_restore_continues_the_chain():
     recs = _run_records()
     whole = _feed(Processor(), recs)
     a = Processor(track_joins=True)
     first = _feed(a, recs[:70])
-    b = Processor()
-    b.restore("r", a.snapshot("r"))
-    b.restore_dlq(a.snapshot_dlq())
-    b.restore_joins([(run, kind, h, v) for (run, kind, h), v in a.take_join_changes().items() if v is not None])
-    rest = []
-    for i, (t, k, v) in enumerate(recs[70:], start=70):
-        rest += b.feed(t, 0, i, k, v)
+    b = _restored(a, Processor())
+    rest = [e for i, (t, k, v) in enumerate(recs[70:], start=70) for e in b.feed(t, 0, i, k, v)]
     assert [comparable(e.value) for e in first + rest] == [comparable(e.value) for e in whole]
     # the restored writer links to the head it restored: no fork
     codec = default_codec()
@@ -336,13 +339,8 @@ def test_processor_checkpoint_head_survives_snapshot_and_restore():
     recs = _run_records()
     a = Processor(track_joins=True, signer=signer)
     first = _feed_checkpointed(a, recs[:70], every=35)
-    b = Processor(signer=signer)
-    b.restore("r", a.snapshot("r"))
-    b.restore_dlq(a.snapshot_dlq())
-    b.restore_joins([(run, kind, h, v) for (run, kind, h), v in a.take_join_changes().items() if v is not None])
-    rest = []
-    for i, (t, k, v) in enumerate(recs[70:], start=70):
-        rest += b.feed(t, 0, i, k, v)
+    b = _restored(a, Processor(signer=signer))
+    rest = [e for i, (t, k, v) in enumerate(recs[70:], start=70) for e in b.feed(t, 0, i, k, v)]
     rest += b.checkpoint()
     report = verify_records(_as_records(first + rest), signer.public_key)
     assert report.ok, report.lines()
