@@ -41,9 +41,10 @@ def attach(conn, path: Path):
     mod = module()
     if mod is None or not hasattr(conn, "enable_load_extension"):
         return None
-    library = importlib.import_module(type(conn).__module__.rsplit(".", 1)[0] + "._sqlite3")
     with _lock:
         try:
+            # the compiled module of the DB-API package the connection comes from (sqlcipher3._sqlite3)
+            library = importlib.import_module(type(conn).__module__.rsplit(".", 1)[0] + "._sqlite3")
             conn.enable_load_extension(True)
             try:
                 conn.load_extension(mod.__file__)

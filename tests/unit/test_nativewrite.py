@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ledger import nativewrite
+import sqlcipher3.dbapi2 as sqlcipher   # a dependency (requirements.lock): missing it fails, never skips
 
-sqlcipher = pytest.importorskip("sqlcipher3.dbapi2")
+from ledger import nativewrite
 
 SQL = "INSERT INTO t (a, b, c, d) VALUES (?, ?, ?, ?)"
 

@@ -42,6 +42,13 @@ def _harness_events(env, policy, env_id, tmp_path, **kw):
     return sink.sent
 
 
+def _processed(sent):
+    """The processor's outputs for a harness's events (its input topics, in the order sent)."""
+    p = Processor()
+    return [e for i, (topic, key, value) in enumerate(sent) if topic in INPUT_TOPICS
+            for e in p.feed(topic, 0, i, key, value)]
+
+
 def test_mailbox_breach_and_conflict_from_harness_events(tmp_path):
     sent = _harness_events(mailbox_v0.parallel_env(inbox_size=INBOX), ScriptedMailbox(), "mailbox_v0", tmp_path,
                            inbox_size=INBOX)
@@ -62,11 +69,7 @@ def test_mailbox_breach_and_conflict_from_harness_events(tmp_path):
         if topic == "marl.agent.observation":
             assert b"label:" not in value and "flags" not in rec
 
-    p = Processor()
-    outs = []
-    for i, (topic, key, value) in enumerate(sent):
-        if topic in INPUT_TOPICS:
-            outs += p.feed(topic, 0, i, key, value)
+    outs = _processed(sent)
     credits = [codec.decode(e.value)[1] for e in outs if e.event_type == "di.credit"]
     assert not [e for e in outs if e.event_type == "dead.letter"]
     assert len(credits) == EPISODES * INBOX
@@ -93,11 +96,7 @@ def test_sandbox_harness_events_score_with_the_sandbox_rules(tmp_path):
     env = sandbox_v0.parallel_env(n_sandboxes=3, max_cycles=8)
     sent = _harness_events(env, RandomPolicy(env, seed=4), "sandbox_v0", tmp_path, n_sandboxes=3)
     codec = default_codec()
-    p = Processor()
-    outs = []
-    for i, (topic, key, value) in enumerate(sent):
-        if topic in INPUT_TOPICS:
-            outs += p.feed(topic, 0, i, key, value)
+    outs = _processed(sent)
     credits = [codec.decode(e.value)[1] for e in outs if e.event_type == "di.credit"]
     actions = [codec.decode(v)[1] for t, _, v in sent if t == "marl.joint.action"]
     assert not [e for e in outs if e.event_type == "dead.letter"]
