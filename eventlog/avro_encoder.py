@@ -269,3 +269,56 @@ def compile_encoder(schema: dict, prefix: bytes = b"", predefine=()) -> Callable
     fn.source = src
     fn.into = env["encode_into"]
     return fn
+
+
+# Opcodes of a payload program: the compiled form of a schema that eventlog/_seal.c walks (a tree of
+# tuples ``(op, ...)``: FIXED carries its size, ARRAY its items' node, RECORD a tuple of fields
+# ``(name, node)`` or ``(name, node, default)``; arrays of float or double are FLOAT_ARRAY and
+# DOUBLE_ARRAY). The same traversal as the Python encoder's ``_Gen.type``, with the same defaults.
+(OP_NULL, OP_BOOL, OP_INT, OP_LONG, OP_FLOAT, OP_DOUBLE, OP_BYTES, OP_STRING, OP_FIXED, OP_ARRAY, OP_FLOAT_ARRAY,
+ OP_DOUBLE_ARRAY, OP_RECORD) = range(13)
+_PRIM_OPS = {"null": (OP_NULL,), "boolean": (OP_BOOL,), "int": (OP_INT,), "long": (OP_LONG,), "float": (OP_FLOAT,),
+             "double": (OP_DOUBLE,), "bytes": (OP_BYTES,), "string": (OP_STRING,)}
+
+
+def compile_program(schema: dict, predefine=()) -> tuple:
+    """The payload program of ``schema`` (see the opcodes above); ``predefine`` as in ``compile_encoder``."""
+    g = _Gen()
+    for t in predefine:
+        g.register(t, schema.get("namespace", ""))
+
+    def node(t, ns: str) -> tuple:
+        if isinstance(t, str) and t not in _PRIMS:
+            full = t if "." in t else f"{ns}.{t}" if ns else t
+            t = g.named.get(full) or g.named[t]
+        if isinstance(t, list):
+            raise EncodeError("unions are not supported by the compiled encoder")
+        if isinstance(t, str):
+            return _PRIM_OPS[t]
+        kind = t["type"]
+        if kind in _PRIMS:
+            return _PRIM_OPS[kind]
+        if kind == "record":
+            full = g.register(t, ns)
+            rns = full.rpartition(".")[0]
+            fields = []
+            for f in t["fields"]:
+                sub = node(f["type"], rns)
+                if "default" in f:
+                    fields.append((f["name"], sub, () if f["default"] == [] else f["default"]))
+                else:
+                    fields.append((f["name"], sub))
+            return (OP_RECORD, tuple(fields))
+        if kind == "fixed":
+            g.register(t, ns)
+            return (OP_FIXED, int(t["size"]))
+        if kind == "array":
+            items = t["items"]
+            if items == "float":
+                return (OP_FLOAT_ARRAY,)
+            if items == "double":
+                return (OP_DOUBLE_ARRAY,)
+            return (OP_ARRAY, node(items, ns))
+        raise EncodeError(f"type {kind!r} is not supported by the compiled encoder")
+
+    return node(schema, schema.get("namespace", ""))

@@ -10,6 +10,7 @@ import schemas as schema_files
 
 from .avro_encoder import _LOW14, _SMALL, _SMALL_LONGS, long_bytes, ts_high
 from .codec import ZERO_HASH, Codec, default_codec
+from . import fastseal
 
 CLASSIFICATIONS = ("public", "internal", "confidential", "restricted")
 # days an event of each classification is kept (topic retention.ms and each event's retention_expiry)
@@ -71,7 +72,7 @@ class ChainWriter:
     """
 
     __slots__ = ("topic", "chain_id", "run_id", "producer_id", "data_classification", "feature_schema_version",
-                 "codec", "clock", "id_prefix", "_seq", "_hash", "_chain", "_event_id_prefix", "_tail_const",
+                 "codec", "clock", "id_prefix", "_head", "_chain", "_event_id_prefix", "_tail_const",
                  "_types", "_classes", "_sealers")
 
     def __init__(self, topic: str, chain_id: str, run_id: str, producer_id: str,
@@ -89,7 +90,7 @@ class ChainWriter:
         self.codec = codec if codec is not None else default_codec()
         self.clock = clock
         self.id_prefix = id_prefix if id_prefix is not None else event_id_prefix()
-        self._seq, self._hash = head
+        self._head = fastseal.Head(*head)
         self._chain = _string(chain_id)
         self._event_id_prefix = b"\x48" + self.id_prefix.encode()  # event_id: 36 chars, length 36 -> 0x48
         self._tail_const = _string(feature_schema_version)
@@ -101,16 +102,17 @@ class ChainWriter:
     @property
     def head(self) -> ChainHead:
         """The last event written (``seq == -1``: none yet)."""
-        return ChainHead(self._seq, self._hash)
+        h = self._head
+        return ChainHead(h.seq, h.hash)
 
     @head.setter
     def head(self, head: ChainHead) -> None:
-        self._seq, self._hash = head
+        self._head.seq, self._head.hash = head
 
     @property
     def next_seq(self) -> int:
         """The seq the next event will get."""
-        return self._seq + 1
+        return self._head.seq + 1
 
     def __repr__(self) -> str:
         return (f"ChainWriter(topic={self.topic!r}, chain_id={self.chain_id!r}, run_id={self.run_id!r}, "
@@ -132,14 +134,18 @@ class ChainWriter:
         return self.codec.payload_encoder_into(name)
 
     def sealer(self, event_type: str, *, policy_version: str = "", rule_version: str = "",
-               data_classification: str | None = None) -> Callable[..., Event]:
+               data_classification: str | None = None, native: bool = True) -> Callable[..., Event]:
         """``seal(payload, source_event_hashes=(), produced_at=None)``: the chain's next event of
         ``event_type`` with these header strings; the same bytes as ``append`` with the same
         arguments, with the header's constant parts encoded once. Sealers of one writer share its head.
 
         ``source_event_hashes``: a list or tuple of 32-byte digests. ``produced_at`` (microseconds):
         a reading of this writer's ``clock`` taken when the event's data was captured, for callers
-        that seal a few events later in one go; None reads the clock now."""
+        that seal a few events later in one go; None reads the clock now.
+
+        With ``native`` (the default) and the C sealer built (eventlog/fastseal.py), the C sealer
+        wraps the Python closure below, which defines the bytes and takes every call the C sealer
+        hands back."""
         name, prefix, type_run = self._type(event_type)
         try:
             producer_class, retention = self._classes[data_classification or self.data_classification]
@@ -156,14 +162,14 @@ class ChainWriter:
         topic, chain_id = self.topic, self.chain_id
         small, small_off, low14 = _SMALL_LONGS, _SMALL, _LOW14
         join, digest_of, new_tuple = b"".join, sha256, tuple.__new__
-        writer = self
+        head = self._head
         # high parts (z >> 14) of the last produced_at and retention_expiry varints, and their bytes
         p_hi = e_hi = -1
         p_bytes = e_bytes = b""
 
         def seal(payload: dict, source_event_hashes: Sequence[bytes] = (), produced_at: int | None = None) -> Event:
             nonlocal p_hi, p_bytes, e_hi, e_bytes
-            seq = writer._seq + 1
+            seq = head.seq + 1
             t = produced_at if produced_at is not None else time_ns() // 1000 if own_clock else clock()
             z = t << 1  # zigzag of t >= 0
             if _TS_MIN <= z < ts_end:
@@ -178,7 +184,7 @@ class ChainWriter:
                 expiry = low14[z & 0x3FFF] + e_bytes
             else:
                 produced, expiry = long_bytes(t), long_bytes(t + retention)
-            parts = [prefix, writer._hash, small[seq + small_off] if seq < small_off else long_bytes(seq),
+            parts = [prefix, head.hash, small[seq + small_off] if seq < small_off else long_bytes(seq),
                      chain_and_id, b"%012x" % seq, type_run, produced, producer_class, expiry, tail]
             if source_event_hashes:
                 n = len(source_event_hashes)
@@ -193,10 +199,14 @@ class ChainWriter:
             encode_into(payload, parts)
             body = join(parts)
             event_hash = digest_of(body).digest()
-            writer._seq, writer._hash = seq, event_hash
+            head.seq, head.hash = seq, event_hash
             return new_tuple(Event, (topic, chain_id, seq, event_hash, body + event_hash, event_type))
 
-        return seal
+        if not native or not fastseal.NATIVE:
+            return seal
+        return fastseal.Sealer(head, seal, prefix, chain_and_id, type_run, producer_class, tail, retention,
+                               self.codec.payload_program(name), Event, topic, chain_id, event_type,
+                               None if own_clock else clock)
 
     def append(self, event_type: str, payload: dict, *, policy_version: str = "", rule_version: str = "",
                source_event_hashes: Iterable[bytes] = (), data_classification: str | None = None) -> Event:

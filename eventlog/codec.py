@@ -16,7 +16,7 @@ from fastavro.schema import to_parsing_canonical_form
 
 import schemas as schema_files
 
-from .avro_encoder import compile_encoder
+from .avro_encoder import compile_encoder, compile_program
 
 MAGIC = b"\xc3\x01"
 PREFIX_LEN = 10  # magic + fingerprint
@@ -93,6 +93,8 @@ class Codec:
             self._writers[fp] = _Writer(name, "current", self._parsed[name])
         self._encoders = {name: compile_encoder(s, MAGIC + self._fingerprints[name]) for name, s in current.items()}
         self._payload_encoders = {name: compile_encoder(_payload_schema(s), predefine=[s["fields"][0]["type"]]) for name, s in current.items()}
+        self._payload_programs = {name: compile_program(_payload_schema(s), predefine=[s["fields"][0]["type"]])
+                                  for name, s in current.items()}
 
     @property
     def names(self) -> list[str]:
@@ -120,6 +122,10 @@ class Codec:
         """``into(payload, parts)``: the compiled payload encoder of ``name`` that appends its pieces to
         the list ``parts`` (the chain writer's sealers join header and payload pieces once)."""
         return self._payload_encoders[name].into
+
+    def payload_program(self, name: str) -> tuple:
+        """The payload of ``name`` compiled for the C sealer (``avro_encoder.compile_program``)."""
+        return self._payload_programs[name]
 
     def encode_payload(self, name: str, payload: dict) -> bytes:
         """Avro binary of the fields between the header and ``event_hash`` (the chain writer's hot path)."""
