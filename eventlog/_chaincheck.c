@@ -7,6 +7,8 @@
  *   For each accepted event, appends SHA-256(0x00 || event_hash) (its Merkle leaf) to `leaves`.
  * merkle_root_from_leaves(leaves: bytes-like, start: int, count: int) -> bytes
  *   RFC 6962 root over `count` 32-byte leaves starting at leaf index `start`.
+ * merkle_root_of_event_hashes(hashes: list[bytes]) -> bytes
+ *   The same root over the leaves SHA-256(0x00 || h) of a non-empty list of 32-byte event hashes.
  * group_messages(msgs: list, start: int, bufs: dict, chunk: int, untrack: type | None) -> (stop, what, topic, key)
  *   The Kafka reader's grouping loop (eventlog/fastpath.py: py_group_messages defines it): from
  *   msgs[start] on, appends each message m to bufs[m.topic()][m.key()] = (messages, values) and
@@ -131,6 +133,37 @@ static PyObject *merkle_root_from_leaves(PyObject *self, PyObject *args) {
     return PyBytes_FromStringAndSize((const char *)root, HL);
 }
 
+/* merkle_root_of_event_hashes(hashes: list[bytes]) -> bytes: the RFC 6962 root over the leaves
+ * SHA-256(0x00 || h) of a non-empty list of 32-byte event hashes (a writer's checkpoint). */
+static PyObject *merkle_root_of_event_hashes(PyObject *self, PyObject *args) {
+    PyObject *hashes;
+    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &hashes)) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(hashes), i;
+    if (!SHA_READY || n == 0) {
+        PyErr_SetString(PyExc_ValueError, "a root needs at least one event hash (or SHA-256 is not set)");
+        return NULL;
+    }
+    unsigned char *leaves = PyMem_Malloc((size_t)n * HL), buf[1 + HL], root[HL];
+    if (leaves == NULL) return PyErr_NoMemory();
+    buf[0] = 0x00;
+    for (i = 0; i < n; i++) {
+        PyObject *h = PyList_GET_ITEM(hashes, i);
+        Py_buffer v;
+        if (PyObject_GetBuffer(h, &v, PyBUF_SIMPLE) < 0 || v.len != HL) {
+            if (PyErr_Occurred()) PyErr_Clear(); else PyBuffer_Release(&v);
+            PyMem_Free(leaves);
+            PyErr_SetString(PyExc_ValueError, "event hashes must be 32-byte digests");
+            return NULL;
+        }
+        memcpy(buf + 1, v.buf, HL);
+        PyBuffer_Release(&v);
+        SHA(buf, sizeof buf, leaves + i * HL);
+    }
+    mth(leaves, n, root);
+    PyMem_Free(leaves);
+    return PyBytes_FromStringAndSize((const char *)root, HL);
+}
+
 static PyObject *S_ERROR, *S_TOPIC, *S_KEY, *S_VALUE;
 
 static PyObject *stop(Py_ssize_t i, int what, PyObject *topic, PyObject *key) {
@@ -188,6 +221,7 @@ static PyMethodDef methods[] = {
     {"set_sha256", set_sha256, METH_VARARGS, "use the SHA256() at this address (libcrypto)"},
     {"check_chain", check_chain, METH_VARARGS, "accept the longest valid prefix of a chain"},
     {"merkle_root_from_leaves", merkle_root_from_leaves, METH_VARARGS, "RFC 6962 root over leaf hashes"},
+    {"merkle_root_of_event_hashes", merkle_root_of_event_hashes, METH_VARARGS, "RFC 6962 root over event hashes"},
     {"group_messages", group_messages, METH_VARARGS, "group Kafka messages per (topic, key)"},
     {NULL, NULL, 0, NULL},
 };

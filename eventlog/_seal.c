@@ -11,6 +11,8 @@
  *   out-of-range number, a non-dict record, sources that are not 32-byte bytes objects in a list or
  *   tuple) is handed, with nothing changed, to python_seal with the same arguments (produced_at
  *   already read from the clock), which gives the same bytes or raises the reference error.
+ * sealer.set_delivery(send, hashes, every, mark): from then on each call also sends the event and
+ *   records its hash for the chain's next checkpoint, as EventLog's Python appender does (see deliver).
  * SHA-256 comes from the process's libcrypto (the one hashlib uses), passed in by set_sha256.
  */
 #define PY_SSIZE_T_CLEAN
@@ -286,6 +288,11 @@ typedef struct {
     PyTypeObject *event_class;  /* a tuple subclass of 6 fields */
     PyObject *topic, *chain_id, *event_type;
     PyObject *clock;            /* None: the wall clock in µs, as time.time_ns() // 1000 */
+    /* delivery (set_delivery), all NULL until set */
+    PyObject *send;             /* send(topic, chain_id, value) */
+    PyObject *hashes;           /* list: the chain's event hashes since its last checkpoint */
+    PyObject *mark;             /* mark(event, n) when the event made len(hashes) 1 or >= every */
+    Py_ssize_t every;
 } SealerObject;
 
 static int Sealer_init(SealerObject *self, PyObject *args, PyObject *kw) {
@@ -316,7 +323,7 @@ static int Sealer_init(SealerObject *self, PyObject *args, PyObject *kw) {
 
 static int Sealer_traverse(SealerObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->head); Py_VISIT(self->python_seal); Py_VISIT(self->program); Py_VISIT(self->event_class);
-    Py_VISIT(self->clock);
+    Py_VISIT(self->clock); Py_VISIT(self->send); Py_VISIT(self->hashes); Py_VISIT(self->mark);
     return 0;
 }
 
@@ -324,7 +331,7 @@ static int Sealer_clear(SealerObject *self) {
     Py_CLEAR(self->head); Py_CLEAR(self->python_seal); Py_CLEAR(self->prefix); Py_CLEAR(self->chain_and_id);
     Py_CLEAR(self->type_run); Py_CLEAR(self->producer_class); Py_CLEAR(self->tail); Py_CLEAR(self->program);
     Py_CLEAR(self->event_class); Py_CLEAR(self->topic); Py_CLEAR(self->chain_id); Py_CLEAR(self->event_type);
-    Py_CLEAR(self->clock);
+    Py_CLEAR(self->clock); Py_CLEAR(self->send); Py_CLEAR(self->hashes); Py_CLEAR(self->mark);
     return 0;
 }
 
@@ -336,8 +343,45 @@ static void Sealer_dealloc(SealerObject *self) {
 
 static inline int put_bytes(Buf *b, PyObject *o) { return buf_put(b, PyBytes_AS_STRING(o), (size_t)PyBytes_GET_SIZE(o)); }
 
-/* seal(payload, source_event_hashes=(), produced_at=None) */
+/* After an event is sealed: send it (if that fails, the head goes back and the error is raised), record its hash for the next checkpoint, and call mark on the
+ * first hash since the last checkpoint and when `every` are pending (the delivery set by set_delivery,
+ * the same steps as EventLog's Python appender). Steals `event`. */
+static PyObject *deliver(SealerObject *self, PyObject *event) {
+    if (event == NULL || self->send == NULL) return event;
+    PyObject *value = PyTuple_GET_ITEM(event, 4);
+    PyObject *r = PyObject_CallFunctionObjArgs(self->send, self->topic, self->chain_id, value, NULL);
+    if (r == NULL) {  /* not sent: the event never happened, the head goes back to the one before it */
+        PyObject *prev = PyBytes_Check(value) && PyBytes_GET_SIZE(value) >= 42
+                         ? PyBytes_FromStringAndSize(PyBytes_AS_STRING(value) + 10, 32) : NULL;
+        if (prev != NULL) {
+            self->head->seq -= 1;
+            Py_SETREF(self->head->hash, prev);
+        }
+        Py_DECREF(event);
+        return NULL;
+    }
+    Py_DECREF(r);
+    if (self->hashes == NULL) return event;
+    if (PyList_Append(self->hashes, PyTuple_GET_ITEM(event, 3)) < 0) { Py_DECREF(event); return NULL; }
+    Py_ssize_t n = PyList_GET_SIZE(self->hashes);
+    if (n == 1 || n >= self->every) {
+        PyObject *count = PyLong_FromSsize_t(n);
+        r = count == NULL ? NULL : PyObject_CallFunctionObjArgs(self->mark, event, count, NULL);
+        Py_XDECREF(count);
+        if (r == NULL) { Py_DECREF(event); return NULL; }
+        Py_DECREF(r);
+    }
+    return event;
+}
+
+static PyObject *Sealer_seal(SealerObject *self, PyObject *args, PyObject *kw);
+
 static PyObject *Sealer_call(SealerObject *self, PyObject *args, PyObject *kw) {
+    return deliver(self, Sealer_seal(self, args, kw));
+}
+
+/* seal(payload, source_event_hashes=(), produced_at=None) */
+static PyObject *Sealer_seal(SealerObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"payload", "source_event_hashes", "produced_at", NULL};
     PyObject *payload, *sources = NULL, *produced_at = Py_None;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OO", kwlist, &payload, &sources, &produced_at)) return NULL;
@@ -437,6 +481,31 @@ static PyObject *Sealer_call(SealerObject *self, PyObject *args, PyObject *kw) {
     return event;
 }
 
+static PyObject *Sealer_set_delivery(SealerObject *self, PyObject *args) {
+    PyObject *send, *hashes, *mark;
+    Py_ssize_t every;
+    if (!PyArg_ParseTuple(args, "OOnO", &send, &hashes, &every, &mark)) return NULL;
+    if (!PyCallable_Check(send) || (hashes != Py_None && (!PyList_CheckExact(hashes) || !PyCallable_Check(mark)))) {
+        PyErr_SetString(PyExc_TypeError, "set_delivery(send, hashes: list | None, every, mark) needs callables");
+        return NULL;
+    }
+    Py_INCREF(send);
+    Py_XSETREF(self->send, send);
+    if (hashes != Py_None) {
+        Py_INCREF(hashes); Py_INCREF(mark);
+        Py_XSETREF(self->hashes, hashes);
+        Py_XSETREF(self->mark, mark);
+    }
+    self->every = every;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Sealer_methods[] = {
+    {"set_delivery", (PyCFunction)Sealer_set_delivery, METH_VARARGS,
+     "set_delivery(send, hashes, every, mark): after each event, send(topic, chain_id, value); then, with a "
+     "list `hashes`, append its event_hash and call mark(event, len(hashes)) when that is 1 or >= every"},
+    {NULL}};
+
 static PyTypeObject SealerType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "_seal.Sealer",
@@ -449,6 +518,7 @@ static PyTypeObject SealerType = {
     .tp_traverse = (traverseproc)Sealer_traverse,
     .tp_clear = (inquiry)Sealer_clear,
     .tp_call = (ternaryfunc)Sealer_call,
+    .tp_methods = Sealer_methods,
 };
 
 static PyObject *set_ndarray(PyObject *self, PyObject *cls) {

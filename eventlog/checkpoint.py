@@ -73,14 +73,13 @@ def checkpoint_payload(stmt: CheckpointStatement, signer: "Signer") -> dict:
 
 
 def _merkle_root(event_hashes: list[bytes]) -> bytes:
-    """``merkle.merkle_root``, with the tree's inner nodes hashed by the verifier's C fast path when it
+    """``merkle.merkle_root``, with the leaves and inner nodes hashed by the verifier's C fast path when it
     is built (the writer signs a checkpoint per chain every N events; tests check both agree)."""
     from . import fastpath  # noqa: PLC0415 - fastpath imports merkle; imported on first use
 
-    if not fastpath.NATIVE:
+    if not fastpath.NATIVE or type(event_hashes) is not list:
         return merkle_root(event_hashes)
-    leaves = bytearray().join(sha256(b"\x00" + h).digest() for h in event_hashes)
-    return fastpath.merkle_root_from_leaves(leaves, 0, len(event_hashes))
+    return fastpath.merkle_root_of_event_hashes(event_hashes)
 
 
 def public_key_raw(key: Ed25519PublicKey) -> bytes:

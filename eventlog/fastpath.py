@@ -4,7 +4,8 @@
 SHA-256(value[:-32]) equals value[-32:] and value[10:42] links to the previous hash (the first to
 ``prev``), appending each accepted event's Merkle leaf to ``leaves`` (a bytearray, or None). It
 returns (number accepted, hash of the last accepted). ``merkle_root_from_leaves(leaves, start,
-count)`` is the RFC 6962 root over 32-byte leaves. ``group_messages(msgs, start, bufs, chunk)`` is
+count)`` is the RFC 6962 root over 32-byte leaves; ``merkle_root_of_event_hashes(hashes)`` the root
+over a list of event hashes (a writer's checkpoint). ``group_messages(msgs, start, bufs, chunk)`` is
 the Kafka reader's per-message loop: it sorts confluent-kafka Messages into per-(topic, key) buffers
 and stops at whatever Python must handle (an error, a new key, a full buffer). The C build
 (eventlog/_chaincheck.c, compiled on first use into the user's cache) and the Python definitions
@@ -17,7 +18,7 @@ from hashlib import sha256
 from pathlib import Path
 
 from .hashing import MIN_EVENT_LEN
-from .merkle import root_from_leaves
+from .merkle import merkle_root, root_from_leaves
 from .native import build_extension, sha256_functions
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,14 @@ def py_merkle_root_from_leaves(leaves, start: int, count: int) -> bytes:
     return root_from_leaves([bytes(mv[i * 32:(i + 1) * 32]) for i in range(start, start + count)])
 
 
+def py_merkle_root_of_event_hashes(hashes: list[bytes]) -> bytes:
+    if not hashes:
+        raise ValueError("a root needs at least one event hash")
+    if any(len(h) != 32 for h in hashes):
+        raise ValueError("event hashes must be 32-byte digests")
+    return merkle_root(hashes)
+
+
 def _build() -> object | None:
     """Compile (once per source version and Python) and load the C module; None if impossible."""
     mod = build_extension(SOURCE, "_chaincheck", purpose="the verifier's fast path")
@@ -94,3 +103,4 @@ NATIVE = _native is not None
 check_chain = _native.check_chain if NATIVE else py_check_chain
 merkle_root_from_leaves = _native.merkle_root_from_leaves if NATIVE else py_merkle_root_from_leaves
 group_messages = _native.group_messages if NATIVE else py_group_messages
+merkle_root_of_event_hashes = _native.merkle_root_of_event_hashes if NATIVE else py_merkle_root_of_event_hashes

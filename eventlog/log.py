@@ -1,11 +1,13 @@
 """EventLog: the chain writers of one process, where they send, and their signed checkpoints."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import schemas as schema_files
 
+from . import fastseal
 from .chain import GENESIS, ChainHead, ChainWriter, Event, event_id_prefix, now_micros
 from .checkpoint import Signer, checkpoint_payload, statement_for
 from .codec import Codec, default_codec
@@ -32,9 +34,22 @@ class MemorySink:
 
 @dataclass
 class _Pending:
-    first_seq: int
-    prev_head_hash: bytes
-    hashes: list[bytes]
+    """A chain's events since its last checkpoint: ``first_seq`` and ``prev_head_hash`` are set by
+    the first of them (``EventLog._mark``); ``hashes`` is emptied in place by each checkpoint."""
+
+    first_seq: int = -1
+    prev_head_hash: bytes = b""
+    hashes: list[bytes] = field(default_factory=list)
+
+
+def _send(send: Callable[[str, str, bytes], None], writer: ChainWriter, event: Event) -> None:
+    """Send a sealed event; if the sink refuses it, the event never happened: the writer's head goes
+    back to the event before it (the C sealer does the same) and the sink's error is raised."""
+    try:
+        send(event.topic, event.chain_id, event.value)
+    except BaseException:
+        writer.head = ChainHead(event.seq - 1, event.value[10:42])
+        raise
 
 
 class EventLog:
@@ -58,6 +73,8 @@ class EventLog:
         self._id_prefixes = id_prefixes  # deterministic ones only for test vectors
         self._writers: dict[tuple[str, str], ChainWriter] = {}
         self._pending: dict[tuple[str, str], _Pending] = {}
+        # chains with events since their last checkpoint, in the order of the first of them
+        self._active: dict[tuple[str, str], _Pending] = {}
         self._checkpoint_chain = f"{run_id}:checkpoints:{producer_id}"
 
     def writer(self, topic: str, chain_id: str, *, head: ChainHead = GENESIS,
@@ -76,15 +93,33 @@ class EventLog:
         topic = schema_files.topic_of(event_type)
         w = self._writers.get((topic, chain_id)) or self.writer(topic, chain_id)
         event = w.append(event_type, payload, **header)
-        self.sink.send(topic, chain_id, event.value)
-        if self.signer is not None and topic != CHECKPOINT_TOPIC:
-            pending = self._pending.get((topic, chain_id))
-            if pending is None:
-                pending = self._pending[(topic, chain_id)] = _Pending(event.seq, event.value[10:42], [])
+        _send(self.sink.send, w, event)
+        pending = self._pending_of(topic, chain_id)
+        if pending is not None:
             pending.hashes.append(event.event_hash)
-            if len(pending.hashes) >= self.checkpoint_every:
-                self._checkpoint_one(topic, chain_id)
+            n = len(pending.hashes)
+            if n == 1 or n >= self.checkpoint_every:
+                self._mark(topic, chain_id, pending, self.checkpoint_every, event, n)
         return event
+
+    def _pending_of(self, topic: str, chain_id: str) -> _Pending | None:
+        """The chain's record of events to checkpoint; None when nothing is signed (no signer, or
+        the checkpoint chain itself)."""
+        if self.signer is None or topic == CHECKPOINT_TOPIC:
+            return None
+        pending = self._pending.get((topic, chain_id))
+        if pending is None:
+            pending = self._pending[(topic, chain_id)] = _Pending()
+        return pending
+
+    def _mark(self, topic: str, chain_id: str, pending: _Pending, every: int, event: Event, n: int) -> None:
+        """After ``event`` made ``n`` hashes pending on its chain: the first one opens the range the
+        next checkpoint covers; ``every`` of them sign it."""
+        if n == 1:
+            pending.first_seq, pending.prev_head_hash = event.seq, event.value[10:42]
+            self._active[(topic, chain_id)] = pending
+        if n >= every:
+            self._checkpoint_one(topic, chain_id)
 
     def appender(self, chain_id: str, event_type: str, *, policy_version: str = "", rule_version: str = "",
                  data_classification: str | None = None) -> Callable[..., Event]:
@@ -95,33 +130,37 @@ class EventLog:
         ``checkpoint_every`` are the ones set when the appender is made."""
         topic = schema_files.topic_of(event_type)
         w = self._writers.get((topic, chain_id)) or self.writer(topic, chain_id)
-        return self._deliver(topic, chain_id, w.sealer(event_type, policy_version=policy_version,
+        return self._deliver(w, w.sealer(event_type, policy_version=policy_version,
                                                        rule_version=rule_version,
                                                        data_classification=data_classification))
 
-    def _deliver(self, topic: str, chain_id: str, seal: Callable[..., Event]) -> Callable[..., Event]:
-        """``seal`` followed by sending the event and recording its checkpoint leaf."""
-        send = self.sink.send
-        if self.signer is None or topic == CHECKPOINT_TOPIC:
+    def _deliver(self, w: ChainWriter, seal: Callable[..., Event]) -> Callable[..., Event]:
+        """``seal`` followed by sending the event and recording its checkpoint leaf (inside the C
+        sealer, when ``seal`` is one: the same steps, in the same order)."""
+        topic, chain_id, send = w.topic, w.chain_id, self.sink.send
+        pending = self._pending_of(topic, chain_id)
+        every = self.checkpoint_every
+        mark = None if pending is None else functools.partial(self._mark, topic, chain_id, pending, every)
+        if fastseal.Sealer is not None and isinstance(seal, fastseal.Sealer):
+            seal.set_delivery(send, None if pending is None else pending.hashes, every, mark)
+            return seal
+        if pending is None:
             def append(payload: dict, source_event_hashes: Sequence[bytes] = (),
                        produced_at: int | None = None) -> Event:
                 event = seal(payload, source_event_hashes, produced_at)
-                send(topic, chain_id, event.value)
+                _send(send, w, event)
                 return event
             return append
-        key, pending_of, every = (topic, chain_id), self._pending, self.checkpoint_every
+        hashes = pending.hashes
 
         def append_checkpointed(payload: dict, source_event_hashes: Sequence[bytes] = (),
                                 produced_at: int | None = None) -> Event:
             event = seal(payload, source_event_hashes, produced_at)
-            send(topic, chain_id, event.value)
-            pending = pending_of.get(key)
-            if pending is None:
-                pending = pending_of[key] = _Pending(event.seq, event.value[10:42], [])
-            hashes = pending.hashes
+            _send(send, w, event)
             hashes.append(event.event_hash)
-            if len(hashes) >= every:
-                self._checkpoint_one(topic, chain_id)
+            n = len(hashes)
+            if n == 1 or n >= every:
+                mark(event, n)
             return event
         return append_checkpointed
 
@@ -130,11 +169,12 @@ class EventLog:
 
     def checkpoint(self) -> list[Event]:
         """Sign a checkpoint for every chain with events since its last checkpoint."""
-        return [self._checkpoint_one(t, c) for (t, c) in list(self._pending)]
+        return [self._checkpoint_one(t, c) for (t, c) in list(self._active)]
 
     def _checkpoint_one(self, topic: str, chain_id: str) -> Event:
-        pending = self._pending.pop((topic, chain_id))
+        pending = self._active.pop((topic, chain_id))
         stmt = statement_for(topic, chain_id, pending.first_seq, pending.prev_head_hash, pending.hashes)
+        pending.hashes.clear()  # in place: the chain's appenders hold this list
         assert self.signer is not None
         payload = checkpoint_payload(stmt, self.signer)
         return self.append(self._checkpoint_chain, "audit.checkpoint", payload,

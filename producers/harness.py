@@ -9,13 +9,15 @@ Per run: ``run.started`` and ``run.finished`` on ``{run}:lifecycle``. Per step:
   termination and truncation, the late-fusion joint vector and ``policy_version``, naming the state
   and observation events it acted on.
 
-A step's events are captured during the step (their data copied, ``produced_at`` read from the
-log's clock at that moment) and sealed in order a few steps later, in one batch (``SEAL_BATCH_STEPS``
-steps or ``SEAL_BATCH_MICROS``, whichever comes first, across episodes, and at the run's end): the same bytes as sealing each at once
-with the same clock readings, at about half the cost per event, since the encoders stay in the CPU
-caches. Personal data is protected as its event is sealed; the batch's new data subjects get their
-keys in one key store transaction first (committed before any event naming them exists). If a step
-fails, what it captured before the failure is sealed, then ``run.finished``.
+A step's env.state and observations are sealed before the policy acts, its joint.action after the
+env stepped. For an env with personal data, the step's events are instead captured during the step
+(their data copied, ``produced_at`` read from the log's clock at that moment) and sealed in order a
+few steps later, in one batch (``SEAL_BATCH_STEPS`` steps or ``SEAL_BATCH_MICROS``, whichever comes
+first, across episodes, and at the run's end): the same bytes as sealing each at once with the same
+clock readings, and the batch's new data subjects get their keys in one key store transaction
+(committed before any event naming them exists) rather than one each. Personal data is protected as
+its event is sealed. If a step fails, what it captured before the failure is sealed, then
+``run.finished``.
 
 Environments that handle personal data expose ``subject_fields(agent: str | None)`` returning
 ``eventlog.privacy.ProtectedValue`` items (``agent=None``: the global state's); the harness protects
@@ -39,16 +41,16 @@ from eventlog.log import EventLog
 from eventlog.privacy import FieldProtector
 
 from .policy import Policy
-from .spaces import action_encoder, float_copy, space_record
+from .spaces import action_encoder, float_copy, float_view, space_record
 
 STATE_TOPIC = "marl.env.state"
 OBS_TOPIC = "marl.agent.observation"
 _EMPTY: dict = {}
 _NO_FLOATS = np.zeros(0, np.float32)
-# a step's events are captured during the step and sealed (encoded, hashed, sent) together with those
-# of the next steps: after at most this many steps or this long (µs of the log's clock), and at the
-# end of the run. Sealing in a batch keeps the encoders in the CPU caches (one event sealed
-# right after an env step costs about 3x one sealed after another event).
+# with personal data, a step's events are captured during the step and sealed (protected, encoded,
+# hashed, sent) together with those of the next steps: after at most this many steps or this long
+# (µs of the log's clock), and at the end of the run. One key store transaction covers the new data
+# subjects of a batch (a transaction costs about 1 ms; mailbox_v0 meets 13 new subjects an episode).
 SEAL_BATCH_STEPS = 16
 SEAL_BATCH_MICROS = 20_000
 
@@ -147,6 +149,10 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
     # events are sealed in batches, after they were captured
     state_seq = state_writer.next_seq
     obs_seq = {a: obs_writer[a].next_seq for a in agent_ids}
+    # an env with personal data has its steps sealed in batches: the batch's new data subjects get
+    # their keys in one key store transaction; any other env's events are sealed as they happen
+    deferred = has_subjects
+    snapshot = float_copy if deferred else float_view
     collapsed_fn = getattr(env, "collapsed_state", None)
     flags_fn = getattr(env, "state_flags", None)
     policy_version = policy.version
@@ -158,6 +164,19 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
     # [(chain, seq, ProtectedValue items)] in that order (empty without subjects)]
     pending: list[list] = []
 
+    def seal_observed(st_payload: dict, st_time: int | None, obs_items: list, subjects) -> list[bytes]:
+        """Seal a step's env.state and observations; their hashes, the joint action's sources."""
+        if subjects:
+            st_payload["protected_fields"] = protector.protect(*subjects[0])
+        st_hash = append_state(st_payload, (), st_time).event_hash
+        st_sources = (st_hash,)
+        sources = [st_hash]
+        for i, (append_one, payload, obs_time) in enumerate(obs_items, 1):
+            if subjects:
+                payload["protected_fields"] = protector.protect(*subjects[i])
+            sources.append(append_one(payload, st_sources, obs_time).event_hash)
+        return sources
+
     def seal_pending() -> None:
         """Seal the captured steps' events in order, each with the time its data was captured."""
         try:
@@ -167,15 +186,7 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                 except Exception:
                     pass  # met again by protect() below, at the event it belongs to
             for st_payload, st_time, obs_items, act_payload, act_time, subjects in pending:
-                if subjects:
-                    st_payload["protected_fields"] = protector.protect(*subjects[0])
-                st_hash = append_state(st_payload, (), st_time).event_hash
-                st_sources = (st_hash,)
-                sources = [st_hash]
-                for i, (append_one, payload, obs_time) in enumerate(obs_items, 1):
-                    if subjects:
-                        payload["protected_fields"] = protector.protect(*subjects[i])
-                    sources.append(append_one(payload, st_sources, obs_time).event_hash)
+                sources = seal_observed(st_payload, st_time, obs_items, subjects)
                 if act_payload is not None:
                     append_action(act_payload, sources, act_time)
         finally:
@@ -191,21 +202,22 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                 if not agents:
                     break
                 live = [a for a in agents if a in observations]
-                # capture: the events' data is copied now (the env may reuse its arrays) and sealed
-                # at the end of the batch, with the times taken here
+                # deferred: the events' data is copied now (the env may reuse its arrays) and sealed
+                # at the end of the batch, with the times taken here; else sealed now, as it is
                 state = env.state() if has_state else None
-                state_vec = float_copy(state) if state is not None else _NO_FLOATS
-                collapsed = float_copy(collapsed_fn()) if collapsed_fn is not None else state_vec
+                state_vec = snapshot(state) if state is not None else _NO_FLOATS
+                collapsed = snapshot(collapsed_fn()) if collapsed_fn is not None else state_vec
                 st_payload = {"episode": ep, "step": step, "state": state_vec, "collapsed_state": collapsed}
                 if flags_fn is not None:
                     st_payload["flags"] = [str(f) for f in flags_fn()]
                 subjects = [(state_chain, state_seq, list(env.subject_fields(None)))] if has_subjects else ()
                 state_seq += 1
                 obs_items = []
-                captured = [st_payload, clock(), obs_items, None, 0, subjects]
-                pending.append(captured)
+                if deferred:
+                    captured = [st_payload, clock(), obs_items, None, 0, subjects]
+                    pending.append(captured)
                 for a in live:
-                    payload = {"episode": ep, "step": step, "agent_id": a, "observation": float_copy(observations[a])}
+                    payload = {"episode": ep, "step": step, "agent_id": a, "observation": snapshot(observations[a])}
                     if infos:
                         mask = infos.get(a, _EMPTY).get("action_mask")
                         if mask is not None:
@@ -213,7 +225,9 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                     if has_subjects:
                         subjects.append((obs_chain[a], obs_seq[a], list(env.subject_fields(a))))
                     obs_seq[a] += 1
-                    obs_items.append((append_obs[a], payload, clock()))
+                    obs_items.append((append_obs[a], payload, clock() if deferred else None))
+                if not deferred:
+                    sources = seal_observed(st_payload, None, obs_items, ())
                 chosen = policy.act(observations if len(live) == len(observations) else
                                     {a: observations[a] for a in live}, state)
                 try:
@@ -242,10 +256,14 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                         joint.extend(c)
                     else:
                         joint.append(float(d))
-                captured[3] = {"episode": ep, "step": step, "actions": records, "joint_vector": joint}
-                captured[4] = now = clock()
-                if len(pending) >= SEAL_BATCH_STEPS or now - pending[0][1] >= SEAL_BATCH_MICROS:
-                    seal_pending()
+                act_payload = {"episode": ep, "step": step, "actions": records, "joint_vector": joint}
+                if deferred:
+                    captured[3] = act_payload
+                    captured[4] = now = clock()
+                    if len(pending) >= SEAL_BATCH_STEPS or now - pending[0][1] >= SEAL_BATCH_MICROS:
+                        seal_pending()
+                else:
+                    append_action(act_payload, sources)
                 n_events += 2 + len(live)
                 step += 1
                 total_steps += 1

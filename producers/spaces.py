@@ -45,6 +45,11 @@ def float_copy(x: Any) -> np.ndarray:
     return np.array(x, dtype=np.float32).ravel()
 
 
+def float_view(x: Any) -> np.ndarray:
+    """``x`` as a 1-D float32 array, without a copy where it already is one (for data encoded at once)."""
+    return np.asarray(x, dtype=np.float32).ravel()
+
+
 def action_encoder(space: Any) -> Callable[[Any], tuple[int, list[float]]]:
     """A function from an action in ``space`` to the contract's (discrete, continuous) pair."""
     if isinstance(space, spaces.Discrete):

@@ -199,17 +199,37 @@ def harness_run(env_factory, monkeypatch, batch, checkpoint_every=10_000, protec
     return sink, summary
 
 
-def test_harness_batches_give_the_bytes_of_sealing_each_step(monkeypatch):
+class NamesNoSubject:
+    """An env with ``subject_fields`` that names no one: the harness seals its steps in batches, as
+    for any env with personal data, and writes ``protected_fields`` empty (the schema's default)."""
+
+    def __init__(self, env):
+        self._env = env
+
+    def __getattr__(self, name):
+        return getattr(self._env, name)
+
+    def subject_fields(self, agent):
+        return []
+
+
+def test_harness_batches_give_the_bytes_of_sealing_each_step(monkeypatch, tmp_path):
     from mpe2 import simple_spread_v3
 
     def env():
         return simple_spread_v3.parallel_env(N=3, max_cycles=20, local_ratio=0.5)
-    one, s1 = harness_run(env, monkeypatch, 1)
-    many, s2 = harness_run(env, monkeypatch, 7)
-    timed, _ = harness_run(env, monkeypatch, 64, micros=12_000)  # about every 2 steps, by the clock
-    assert s1.events == s2.events == 1 + 2 * 20 * 5 + 1
+
+    def deferred():
+        return NamesNoSubject(env())
+    keys = LocalKeyStore(tmp_path / "k.db", key=bytes(32))
+    now, s0 = harness_run(env, monkeypatch, 7)  # no personal data: each event sealed as it happens
+    one, s1 = harness_run(deferred, monkeypatch, 1, protector=FieldProtector(keys))
+    many, s2 = harness_run(deferred, monkeypatch, 7, protector=FieldProtector(keys))
+    timed, _ = harness_run(deferred, monkeypatch, 64, micros=12_000, protector=FieldProtector(keys))  # ~2 steps
+    keys.close()
+    assert s0.events == s1.events == s2.events == 1 + 2 * 20 * 5 + 1
     assert len(one.sent) == s1.events + 6  # a checkpoint per chain: lifecycle, env, 3 obs, actions
-    assert one.sent == many.sent == timed.sent
+    assert now.sent == one.sent == many.sent == timed.sent
     for _, _, value in many.sent:  # each value is the canonical Avro of its record
         name, rec = CODEC.decode(value)
         assert CODEC.encode_with_fastavro(name, rec) == value

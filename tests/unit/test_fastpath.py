@@ -59,6 +59,18 @@ def test_checkpoint_merkle_root_agrees_with_the_reference(hashes):
     assert _merkle_root(hashes) == merkle_root(hashes)
 
 
+@pytest.mark.parametrize("hashes", [[], [bytes(31)], [bytes(32), bytes(33)]])
+def test_event_hash_root_refuses_what_is_not_a_list_of_hashes(hashes):
+    for fn in (fastpath.merkle_root_of_event_hashes, fastpath.py_merkle_root_of_event_hashes):
+        with pytest.raises(ValueError):
+            fn(hashes)
+
+
+def test_event_hash_root_takes_any_32_byte_buffer():
+    hashes = [bytes(32), bytearray(b"\x01" * 32), memoryview(b"\x02" * 32)]
+    assert fastpath.merkle_root_of_event_hashes(hashes) == fastpath.py_merkle_root_of_event_hashes(hashes)
+
+
 class FakeMessage:
     """Stands in for a confluent-kafka Message (which cannot be constructed): the same methods."""
 

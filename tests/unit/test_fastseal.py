@@ -172,3 +172,51 @@ def test_the_harness_payloads_take_the_c_path(monkeypatch):
     seal, _, _, _ = writers("agent.observation")
     seal({"episode": 0, "step": 1, "agent_id": "a", "observation": vec.astype(np.float64)})
     assert len(handed_back) == 1  # and an array of another dtype is handed back
+
+
+class FlakySink:
+    """Refuses the third event it is given (as a full producer queue would), keeps the rest."""
+
+    def __init__(self):
+        self.sent, self.calls = [], 0
+
+    def send(self, topic, key, value):
+        self.calls += 1
+        if self.calls == 3:
+            raise BufferError("queue full")
+        self.sent.append((topic, key, value))
+
+
+def test_c_delivery_sends_and_checkpoints_as_the_python_appender():
+    from eventlog.checkpoint import Signer
+    from eventlog.kafka import Record
+    from eventlog.log import EventLog
+    from eventlog.verify import verify_records
+
+    runs = []
+    for native in (True, False):
+        ticks = iter(range(1_000, 2_000))
+        sink = FlakySink()
+        log = EventLog(sink, run_id="r", producer_id="p", signer=Signer.from_seed(b"fastseal"), checkpoint_every=3,
+                       clock=lambda: next(ticks), id_prefixes=lambda: PREFIX)
+        w = log.writer("marl.joint.action", "r:actions")
+        append = log._deliver(w, w.sealer("joint.action", native=native))
+        assert (type(append).__name__ == "Sealer") == native
+        outcomes = []
+        for step in range(8):
+            try:
+                outcomes.append(append({"episode": 0, "step": step, "actions": [], "joint_vector": []}).seq)
+            except BufferError:
+                outcomes.append("refused")
+        log.close()
+        runs.append((outcomes, sink.sent))
+    assert runs[0] == runs[1]
+    outcomes, sent = runs[0]
+    # the refused event never happened: the head went back, the next event took its seq, and every
+    # checkpoint covers exactly the events sent
+    assert outcomes == [0, 1, "refused", 2, 3, 4, 5, 6]
+    checkpoints = [CODEC.decode(v)[1] for t, _, v in sent if t == "marl.audit.checkpoints"]
+    assert [(c["first_seq"], c["last_seq"]) for c in checkpoints] == [(0, 2), (3, 5), (6, 6)]
+    report = verify_records([Record(t, 0, i, k, v, 0) for i, (t, k, v) in enumerate(sent)],
+                            Signer.from_seed(b"fastseal").public_key)
+    assert report.ok, [b.describe() for b in report.breaks]
