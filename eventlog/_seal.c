@@ -293,7 +293,10 @@ typedef struct {
     PyObject *hashes;           /* list: the chain's event hashes since its last checkpoint */
     PyObject *mark;             /* mark(event, n) when the event made len(hashes) 1 or >= every */
     Py_ssize_t every;
+    vectorcallfunc vectorcall;
 } SealerObject;
+
+static PyObject *Sealer_vectorcall(SealerObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames);
 
 static int Sealer_init(SealerObject *self, PyObject *args, PyObject *kw) {
     HeadObject *head;
@@ -318,6 +321,7 @@ static int Sealer_init(SealerObject *self, PyObject *args, PyObject *kw) {
     SET(clock, clock);
 #undef SET
     self->retention = retention;
+    self->vectorcall = (vectorcallfunc)Sealer_vectorcall;
     return 0;
 }
 
@@ -349,7 +353,8 @@ static inline int put_bytes(Buf *b, PyObject *o) { return buf_put(b, PyBytes_AS_
 static PyObject *deliver(SealerObject *self, PyObject *event) {
     if (event == NULL || self->send == NULL) return event;
     PyObject *value = PyTuple_GET_ITEM(event, 4);
-    PyObject *r = PyObject_CallFunctionObjArgs(self->send, self->topic, self->chain_id, value, NULL);
+    PyObject *send_args[3] = {self->topic, self->chain_id, value};
+    PyObject *r = PyObject_Vectorcall(self->send, send_args, 3, NULL);
     if (r == NULL) {  /* not sent: the event never happened, the head goes back to the one before it */
         PyObject *prev = PyBytes_Check(value) && PyBytes_GET_SIZE(value) >= 42
                          ? PyBytes_FromStringAndSize(PyBytes_AS_STRING(value) + 10, 32) : NULL;
@@ -374,17 +379,38 @@ static PyObject *deliver(SealerObject *self, PyObject *event) {
     return event;
 }
 
-static PyObject *Sealer_seal(SealerObject *self, PyObject *args, PyObject *kw);
+static PyObject *seal(SealerObject *self, PyObject *payload, PyObject *sources, PyObject *produced_at);
 
+/* seal(payload, source_event_hashes=(), produced_at=None), then its delivery */
 static PyObject *Sealer_call(SealerObject *self, PyObject *args, PyObject *kw) {
-    return deliver(self, Sealer_seal(self, args, kw));
-}
-
-/* seal(payload, source_event_hashes=(), produced_at=None) */
-static PyObject *Sealer_seal(SealerObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"payload", "source_event_hashes", "produced_at", NULL};
     PyObject *payload, *sources = NULL, *produced_at = Py_None;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OO", kwlist, &payload, &sources, &produced_at)) return NULL;
+    return deliver(self, seal(self, payload, sources, produced_at));
+}
+
+/* The same through the vectorcall protocol (no argument tuple): positional calls, the hot loops' form. */
+static PyObject *Sealer_vectorcall(SealerObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    if (kwnames != NULL || n < 1 || n > 3) {
+        PyObject *tuple = PyTuple_New(n), *kw = NULL, *res = NULL;
+        if (tuple == NULL) return NULL;
+        for (Py_ssize_t i = 0; i < n; i++) { Py_INCREF(args[i]); PyTuple_SET_ITEM(tuple, i, args[i]); }
+        if (kwnames != NULL) {
+            kw = PyDict_New();
+            for (Py_ssize_t i = 0; kw != NULL && i < PyTuple_GET_SIZE(kwnames); i++)
+                if (PyDict_SetItem(kw, PyTuple_GET_ITEM(kwnames, i), args[n + i]) < 0) Py_CLEAR(kw);
+            if (kw == NULL) { Py_DECREF(tuple); return NULL; }
+        }
+        res = Sealer_call(self, tuple, kw);
+        Py_DECREF(tuple);
+        Py_XDECREF(kw);
+        return res;
+    }
+    return deliver(self, seal(self, args[0], n > 1 ? args[1] : NULL, n > 2 ? args[2] : Py_None));
+}
+
+static PyObject *seal(SealerObject *self, PyObject *payload, PyObject *sources, PyObject *produced_at) {
     PyObject *t_obj;  /* produced_at, read from the clock when not given (owned) */
     long long t;
     int overflow = 0;
@@ -510,7 +536,8 @@ static PyTypeObject SealerType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "_seal.Sealer",
     .tp_basicsize = sizeof(SealerObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(SealerObject, vectorcall),
     .tp_doc = "seal(payload, source_event_hashes=(), produced_at=None) -> Event",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Sealer_init,

@@ -45,8 +45,13 @@ def float_copy(x: Any) -> np.ndarray:
     return np.array(x, dtype=np.float32).ravel()
 
 
+_F32 = np.dtype(np.float32)
+
+
 def float_view(x: Any) -> np.ndarray:
-    """``x`` as a 1-D float32 array, without a copy where it already is one (for data encoded at once)."""
+    """``x`` as a 1-D float32 array: ``x`` itself where it already is one (for data encoded at once)."""
+    if type(x) is np.ndarray and x.dtype is _F32 and x.ndim == 1:
+        return x
     return np.asarray(x, dtype=np.float32).ravel()
 
 

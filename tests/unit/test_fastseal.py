@@ -220,3 +220,17 @@ def test_c_delivery_sends_and_checkpoints_as_the_python_appender():
     report = verify_records([Record(t, 0, i, k, v, 0) for i, (t, k, v) in enumerate(sent)],
                             Signer.from_seed(b"fastseal").public_key)
     assert report.ok, [b.describe() for b in report.breaks]
+
+
+def test_keyword_and_wrong_arity_calls_behave_as_the_python_sealer():
+    c_seal, c_writer, py_seal, py_writer = writers("agent.observation", times=(7, 8))
+    payload = {"episode": 1, "step": 2, "agent_id": "a", "observation": [0.5]}
+    assert c_seal(payload=payload, source_event_hashes=[bytes(32)]) == \
+        py_seal(payload=payload, source_event_hashes=[bytes(32)])
+    assert c_seal(payload, produced_at=99) == py_seal(payload, produced_at=99)
+    for args in ((), (payload, (), None, "extra")):
+        with pytest.raises(TypeError):
+            c_seal(*args)
+        with pytest.raises(TypeError):
+            py_seal(*args)
+    assert c_writer.head == py_writer.head
