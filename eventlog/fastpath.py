@@ -13,15 +13,13 @@ below must agree; tests check both.
 """
 from __future__ import annotations
 
-import logging
 from hashlib import sha256
 from pathlib import Path
 
 from .hashing import MIN_EVENT_LEN
 from .merkle import merkle_root, root_from_leaves
-from .native import build_extension, sha256_functions
+from .native import load_hashing_extension
 
-log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("_chaincheck.c")
 
 
@@ -84,21 +82,7 @@ def py_merkle_root_of_event_hashes(hashes: list[bytes]) -> bytes:
     return merkle_root(hashes)
 
 
-def _build() -> object | None:
-    """Compile (once per source version and Python) and load the C module; None if impossible."""
-    mod = build_extension(SOURCE, "_chaincheck", purpose="the verifier's fast path")
-    if mod is None:
-        return None
-    mod.set_sha256(*sha256_functions())
-    return mod
-
-
-try:
-    _native = _build()
-except Exception as exc:  # noqa: BLE001 - any failure falls back to the reference implementation
-    log.warning("verifier fast path unavailable (%s); using the pure-Python path", exc)
-    _native = None
-
+_native = load_hashing_extension(SOURCE, "_chaincheck", purpose="the verifier's fast path")
 NATIVE = _native is not None
 check_chain = _native.check_chain if NATIVE else py_check_chain
 merkle_root_from_leaves = _native.merkle_root_from_leaves if NATIVE else py_merkle_root_from_leaves

@@ -12,12 +12,10 @@ module is built, else ``PyHead``. ``MARLGRC_NO_NATIVE=1`` turns the C sealer off
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-from .native import build_extension, sha256_functions
+from .native import load_hashing_extension
 
-log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("_seal.c")
 
 
@@ -30,23 +28,13 @@ class PyHead:
         self.seq, self.hash = seq, hash
 
 
-def _build():
-    mod = build_extension(SOURCE, "_seal", purpose="the chain writer's sealer")
-    if mod is None:
-        return None
-    mod.set_sha256(*sha256_functions())
+def _configure(mod) -> None:
     import numpy  # noqa: PLC0415 - float32/float64 arrays are copied as they are (a locked dependency)
 
     mod.set_ndarray(numpy.ndarray)
-    return mod
 
 
-try:
-    _native = _build()
-except Exception as exc:  # noqa: BLE001 - any failure falls back to the reference sealer
-    log.warning("C sealer unavailable (%s); sealing in Python", exc)
-    _native = None
-
+_native = load_hashing_extension(SOURCE, "_seal", purpose="the chain writer's C sealer", configure=_configure)
 NATIVE = _native is not None
 Head = _native.Head if NATIVE else PyHead
 Sealer = _native.Sealer if NATIVE else None

@@ -16,6 +16,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -62,3 +63,20 @@ def sha256_functions() -> tuple[int, int, int]:
     lib = ctypes.CDLL(ctypes.util.find_library("crypto") or "libcrypto.so.3")
     return tuple(ctypes.cast(getattr(lib, f), ctypes.c_void_p).value
                  for f in ("SHA256_Init", "SHA256_Update", "SHA256_Final"))
+
+
+def load_hashing_extension(source: Path, name: str, *, purpose: str,
+                           configure: Callable[[ModuleType], None] | None = None) -> ModuleType | None:
+    """``build_extension``, then hand the module libcrypto's SHA-256 (its ``set_sha256``) and
+    ``configure`` it; None, with a warning naming ``purpose``, when any of that fails (callers then
+    use their pure-Python definitions)."""
+    try:
+        mod = build_extension(source, name, purpose=purpose)
+        if mod is not None:
+            mod.set_sha256(*sha256_functions())
+            if configure is not None:
+                configure(mod)
+        return mod
+    except Exception as exc:  # noqa: BLE001 - any failure falls back to the reference implementation
+        log.warning("%s unavailable (%s); using the pure-Python path", purpose, exc)
+        return None
