@@ -356,7 +356,7 @@ static PyObject *deliver(SealerObject *self, PyObject *event) {
     PyObject *send_args[3] = {self->topic, self->chain_id, value};
     PyObject *r = PyObject_Vectorcall(self->send, send_args, 3, NULL);
     if (r == NULL) {  /* not sent: the event never happened, the head goes back to the one before it */
-        PyObject *prev = PyBytes_Check(value) && PyBytes_GET_SIZE(value) >= 42
+        PyObject *prev = PyErr_ExceptionMatches(PyExc_Exception) && PyBytes_Check(value) && PyBytes_GET_SIZE(value) >= 42
                          ? PyBytes_FromStringAndSize(PyBytes_AS_STRING(value) + 10, 32) : NULL;
         if (prev != NULL) {
             self->head->seq -= 1;

@@ -119,6 +119,9 @@ class EventProducer:
         """Queue one event; ``partition`` only to reproduce a recorded layout (tests, imports)."""
         name = self.prefix + topic
         extra = {} if partition is None else {"partition": partition}
+        if self.sent and self.sent % 10000 == 0:  # before queueing: raising means this event was not queued
+            self._producer.poll(0)
+            self._raise_if_failed()
         while True:
             try:
                 self._producer.produce(name, value, key, on_delivery=self._on_delivery, **extra)
@@ -126,9 +129,6 @@ class EventProducer:
             except BufferError:
                 self._producer.poll(0.05)  # queue full: let librdkafka drain
         self.sent += 1
-        if self.sent % 10000 == 0:
-            self._producer.poll(0)
-            self._raise_if_failed()
 
     def flush(self, timeout: float = 120.0) -> None:
         remaining = self._producer.flush(timeout)

@@ -19,7 +19,9 @@ CHECKPOINT_TOPIC = "marl.audit.checkpoints"
 class Sink(Protocol):
     """Where sealed events go: Kafka (``eventlog.kafka.EventProducer``) or memory."""
 
-    def send(self, topic: str, key: str, value: bytes) -> None: ...
+    def send(self, topic: str, key: str, value: bytes) -> None:
+        """Queue one event. Raises only for an event it did not queue (its writer then takes the
+        event back); failures of events queued earlier are raised by the next send before it queues."""
 
 
 @dataclass
@@ -43,11 +45,13 @@ class _Pending:
 
 
 def _send(send: Callable[[str, str, bytes], None], writer: ChainWriter, event: Event) -> None:
-    """Send a sealed event; if the sink refuses it, the event never happened: the writer's head goes
-    back to the event before it (the C sealer does the same) and the sink's error is raised."""
+    """Send a sealed event; if the sink refuses it (raises an Exception: a ``Sink`` raises only for an
+    event it did not queue), the event never happened: the writer's head goes back to the event
+    before it (the C sealer does the same) and the sink's error is raised. An interrupt is raised as
+    it is, head unchanged: a gap the verifier reports rather than a seq written twice."""
     try:
         send(event.topic, event.chain_id, event.value)
-    except BaseException:
+    except Exception:
         writer.head = ChainHead(event.seq - 1, event.value[10:42])
         raise
 

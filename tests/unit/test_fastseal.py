@@ -234,3 +234,23 @@ def test_keyword_and_wrong_arity_calls_behave_as_the_python_sealer():
         with pytest.raises(TypeError):
             py_seal(*args)
     assert c_writer.head == py_writer.head
+
+
+def test_an_interrupted_send_leaves_the_head_moved_on_both_paths():
+    """An interrupt may come after the sink queued the event: the head stays (a gap the verifier
+    reports), never goes back (which would write the seq twice)."""
+    from eventlog.log import EventLog
+
+    class Interrupted:
+        def send(self, topic, key, value):
+            raise KeyboardInterrupt
+
+    heads = []
+    for native in (True, False):
+        log = EventLog(Interrupted(), run_id="r", producer_id="p")
+        w = log.writer("marl.joint.action", "r:actions")
+        append = log._deliver(w, w.sealer("joint.action", native=native))
+        with pytest.raises(KeyboardInterrupt):
+            append({"episode": 0, "step": 0, "actions": [], "joint_vector": []})
+        heads.append(w.head.seq)
+    assert heads == [0, 0]
