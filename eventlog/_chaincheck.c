@@ -23,44 +23,11 @@
 #include <string.h>
 #include <stdlib.h>
 
-/* OpenSSL's low-level SHA256_Init/Update/Final: the one-shot SHA256() of OpenSSL 3 fetches an
- * EVP implementation on every call, which costs more than hashing a small event. */
-typedef int (*init_fn)(void *ctx);
-typedef int (*update_fn)(void *ctx, const void *data, size_t len);
-typedef int (*final_fn)(unsigned char *md, void *ctx);
-static init_fn SHA_INIT = NULL;
-static update_fn SHA_UPDATE = NULL;
-static final_fn SHA_FINAL = NULL;
-static int SHA_READY = 0;
-
-static void SHA(const unsigned char *d, size_t n, unsigned char *md) {
-    unsigned char ctx[256] __attribute__((aligned(16)));  /* SHA256_CTX is 112 bytes */
-    SHA_INIT(ctx);
-    SHA_UPDATE(ctx, d, n);
-    SHA_FINAL(md, ctx);
-}
+#include "_sha256.h"
 
 #define HL 32
 #define PREV_START 10
 #define MIN_LEN (PREV_START + HL + 2 + HL)
-
-static PyObject *set_sha256(PyObject *self, PyObject *args) {
-    unsigned long long a, b, c;
-    if (!PyArg_ParseTuple(args, "KKK", &a, &b, &c)) return NULL;
-    SHA_INIT = (init_fn)(uintptr_t)a;
-    SHA_UPDATE = (update_fn)(uintptr_t)b;
-    SHA_FINAL = (final_fn)(uintptr_t)c;
-    SHA_READY = 1;
-    unsigned char md[HL];
-    SHA((const unsigned char *)"abc", 3, md);
-    static const unsigned char want[4] = {0xba, 0x78, 0x16, 0xbf};
-    if (memcmp(md, want, 4) != 0) {
-        SHA_READY = 0;
-        PyErr_SetString(PyExc_RuntimeError, "the given SHA256 function does not compute SHA-256");
-        return NULL;
-    }
-    Py_RETURN_NONE;
-}
 
 static PyObject *check_chain(PyObject *self, PyObject *args) {
     PyObject *values, *leaves;
@@ -87,13 +54,13 @@ static PyObject *check_chain(PyObject *self, PyObject *args) {
         Py_ssize_t len = PyBytes_GET_SIZE(v);
         const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(v);
         if (len < MIN_LEN) break;
-        SHA(p, (size_t)(len - HL), md);
+        sha256_of(p, (size_t)(len - HL), md);
         if (memcmp(md, p + len - HL, HL) != 0) break;
         if (memcmp(p + PREV_START, last, HL) != 0) break;
         memcpy(last, md, HL);
         if (want_leaves) {
             memcpy(buf + 1, md, HL);
-            SHA(buf, 1 + HL, lv + i * HL);
+            sha256_of(buf, 1 + HL, lv + i * HL);
         }
     }
     if (want_leaves && PyByteArray_Resize(leaves, base + i * HL) < 0) return NULL;
@@ -109,7 +76,7 @@ static void mth(const unsigned char *leaves, Py_ssize_t n, unsigned char *out) {
         Py_ssize_t m = 0, j;
         for (j = 0; j + 1 < n; j += 2) {
             memcpy(buf + 1, level + j * HL, 2 * HL);
-            SHA(buf, 1 + 2 * HL, level + m * HL);
+            sha256_of(buf, 1 + 2 * HL, level + m * HL);
             m++;
         }
         if (n % 2) { memmove(level + m * HL, level + (n - 1) * HL, HL); m++; }
@@ -157,7 +124,7 @@ static PyObject *merkle_root_of_event_hashes(PyObject *self, PyObject *args) {
         }
         memcpy(buf + 1, v.buf, HL);
         PyBuffer_Release(&v);
-        SHA(buf, sizeof buf, leaves + i * HL);
+        sha256_of(buf, sizeof buf, leaves + i * HL);
     }
     mth(leaves, n, root);
     PyMem_Free(leaves);

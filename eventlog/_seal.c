@@ -22,31 +22,7 @@
 #include <stdint.h>
 #include <time.h>
 
-typedef int (*init_fn)(void *ctx);
-typedef int (*update_fn)(void *ctx, const void *data, size_t len);
-typedef int (*final_fn)(unsigned char *md, void *ctx);
-static init_fn SHA_INIT = NULL;
-static update_fn SHA_UPDATE = NULL;
-static final_fn SHA_FINAL = NULL;
-
-static PyObject *set_sha256(PyObject *self, PyObject *args) {
-    unsigned long long a, b, c;
-    if (!PyArg_ParseTuple(args, "KKK", &a, &b, &c)) return NULL;
-    SHA_INIT = (init_fn)(uintptr_t)a;
-    SHA_UPDATE = (update_fn)(uintptr_t)b;
-    SHA_FINAL = (final_fn)(uintptr_t)c;
-    unsigned char ctx[256] __attribute__((aligned(16))), md[32];
-    SHA_INIT(ctx);
-    SHA_UPDATE(ctx, "abc", 3);
-    SHA_FINAL(md, ctx);
-    static const unsigned char want[4] = {0xba, 0x78, 0x16, 0xbf};
-    if (memcmp(md, want, 4) != 0) {
-        SHA_INIT = NULL;
-        PyErr_SetString(PyExc_RuntimeError, "the given SHA256 function does not compute SHA-256");
-        return NULL;
-    }
-    Py_RETURN_NONE;
-}
+#include "_sha256.h"
 
 /* ---- a growable byte buffer ------------------------------------------------------------------ */
 typedef struct {
@@ -313,7 +289,7 @@ static int Sealer_init(SealerObject *self, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_TypeError, "event_class must be a tuple subclass");
         return -1;
     }
-    if (SHA_INIT == NULL) { PyErr_SetString(PyExc_RuntimeError, "set_sha256 first"); return -1; }
+    if (!SHA_READY) { PyErr_SetString(PyExc_RuntimeError, "set_sha256 first"); return -1; }
 #define SET(f, v) do { Py_INCREF(v); Py_XSETREF(self->f, (void *)(v)); } while (0)
     SET(head, head); SET(python_seal, python_seal); SET(prefix, prefix); SET(chain_and_id, chain_and_id);
     SET(type_run, type_run); SET(producer_class, producer_class); SET(tail, tail); SET(program, program);

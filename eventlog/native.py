@@ -1,8 +1,8 @@
 """Compile a CPython extension from one C file on first use, cache it, load it.
 
 The shared object lives in ``$MARLGRC_CACHE/native/<tag>/`` (default ``~/.cache/marlgrc``), where the
-tag hashes the source and the interpreter's extension suffix, so an edited source or another Python
-builds afresh. ``MARLGRC_NO_NATIVE=1`` turns every native module off (callers then use their
+tag hashes the source, the shared header ``eventlog/_sha256.h`` and the interpreter's extension
+suffix, so an edited source or header, or another Python, builds afresh. ``MARLGRC_NO_NATIVE=1`` turns every native module off (callers then use their
 pure-Python definitions); ``CC`` picks the compiler.
 """
 from __future__ import annotations
@@ -19,6 +19,8 @@ from types import ModuleType
 from typing import Callable
 
 log = logging.getLogger(__name__)
+# the header every module may include (SHA-256 from libcrypto); part of every module's build tag
+_HEADERS = Path(__file__).with_name("_sha256.h")
 
 
 def build_extension(source: Path, name: str, *, purpose: str = "") -> ModuleType | None:
@@ -29,7 +31,7 @@ def build_extension(source: Path, name: str, *, purpose: str = "") -> ModuleType
     if os.environ.get("MARLGRC_NO_NATIVE"):
         return None
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    tag = hashlib.sha256(source.read_bytes() + suffix.encode()).hexdigest()[:16]
+    tag = hashlib.sha256(source.read_bytes() + _HEADERS.read_bytes() + suffix.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MARLGRC_CACHE") or Path.home() / ".cache" / "marlgrc") / "native" / tag
     target = cache / (name + suffix)
     if not target.exists():
@@ -37,7 +39,8 @@ def build_extension(source: Path, name: str, *, purpose: str = "") -> ModuleType
         cc = os.environ.get("CC", "cc")
         with tempfile.NamedTemporaryFile(dir=cache, suffix=".so", delete=False) as tmp:
             pass
-        cmd = [cc, "-O2", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}", str(source), "-o", tmp.name]
+        cmd = [cc, "-O2", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}", f"-I{_HEADERS.parent}",
+               str(source), "-o", tmp.name]
         try:
             subprocess.run(cmd, check=True, capture_output=True, timeout=120)
         except (OSError, subprocess.SubprocessError) as exc:

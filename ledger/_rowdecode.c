@@ -1002,46 +1002,8 @@ static PyObject *counts(PyObject *self, PyObject *unused)
 
 /* ---- the materializer's per-event checks, common case only (ledger.materialize.check_batch) ---- */
 
-/* OpenSSL's low-level SHA256_Init/Update/Final (as eventlog/_chaincheck.c: the one-shot SHA256() of
- * OpenSSL 3 fetches an EVP implementation on every call), passed in by set_sha256(init, update, final). */
-typedef int (*sha_init_fn)(void *ctx);
-typedef int (*sha_update_fn)(void *ctx, const void *data, size_t len);
-typedef int (*sha_final_fn)(unsigned char *md, void *ctx);
-static sha_init_fn SHA_INIT = NULL;
-static sha_update_fn SHA_UPDATE = NULL;
-static sha_final_fn SHA_FINAL = NULL;
-static int SHA_READY = 0;
-
-static void sha256_of(const unsigned char *d, size_t n, unsigned char *md)
-{
-    unsigned char ctx[256] __attribute__((aligned(16))); /* SHA256_CTX is 112 bytes */
-    SHA_INIT(ctx);
-    SHA_UPDATE(ctx, d, n);
-    SHA_FINAL(md, ctx);
-}
-
-static PyObject *set_sha256(PyObject *self, PyObject *args)
-{
-    unsigned long long a, b, c;
-    if (!PyArg_ParseTuple(args, "KKK:set_sha256", &a, &b, &c))
-        return NULL;
-    if (!a || !b || !c) {
-        PyErr_SetString(PyExc_ValueError, "set_sha256: null function pointer");
-        return NULL;
-    }
-    SHA_INIT = (sha_init_fn)(uintptr_t)a;
-    SHA_UPDATE = (sha_update_fn)(uintptr_t)b;
-    SHA_FINAL = (sha_final_fn)(uintptr_t)c;
-    unsigned char md[32];
-    sha256_of((const unsigned char *)"abc", 3, md);
-    static const unsigned char want[8] = {0xba, 0x78, 0x16, 0xbf, 0x8f, 0x01, 0xcf, 0xea};
-    SHA_READY = memcmp(md, want, 8) == 0;
-    if (!SHA_READY) {
-        PyErr_SetString(PyExc_RuntimeError, "set_sha256: the given functions do not compute SHA-256");
-        return NULL;
-    }
-    Py_RETURN_NONE;
-}
+/* SHA-256 (sha256_of, set_sha256, SHA_READY): the header shared with eventlog's C modules. */
+#include "_sha256.h"
 
 /* Row columns check_batch reads (ledger/fastrows.py _HEADER; every program starts with it). */
 enum { R_EVENT_ID = 0, R_CHAIN = 4, R_SEQ = 5, R_EVENT_TYPE = 7, R_PREV = 16, R_HASH = 17, R_MIN = 18 };
