@@ -1,43 +1,55 @@
-"""Hypothesis strategies that generate records for an Avro schema (no unions, maps or enums)."""
+"""Hypothesis strategies that generate records for an Avro schema (no unions, maps or enums).
+
+``records(schema)`` covers every value a field can hold. Callers that want harder values pass
+``prims`` (strategies for primitive types, over the defaults), ``extra(field, t)`` (a strategy mixed
+into a fixed field's values, e.g. repeated subject refs) and ``float_list_size``.
+"""
 from __future__ import annotations
+
+from typing import Callable
 
 from hypothesis import strategies as st
 
 _names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
+PRIMS = {
+    "long": st.integers(-(1 << 63), (1 << 63) - 1),
+    "int": st.integers(-(1 << 31), (1 << 31) - 1),
+    "string": _names,
+    "bytes": st.binary(max_size=40),
+    "boolean": st.booleans(),
+    "float": st.floats(width=32, allow_nan=False),
+    "double": st.floats(allow_nan=False),
+}
 
 
-def records(schema: dict):
-    named: dict[str, dict] = {}
-    return _strategy(schema, named, schema.get("namespace", ""))
+def records(schema: dict, *, prims: dict | None = None, extra: Callable | None = None, float_list_size: int = 4):
+    opts = ({**PRIMS, **(prims or {})}, extra, float_list_size)
+    return _strategy(schema, {}, schema.get("namespace", ""), None, opts)
 
 
-def _strategy(t, named, ns):
+def _strategy(t, named, ns, field, opts):
+    prims, extra, float_list_size = opts
     if isinstance(t, str):
-        prim = {
-            "long": st.integers(-(1 << 63), (1 << 63) - 1),
-            "int": st.integers(-(1 << 31), (1 << 31) - 1),
-            "string": _names,
-            "bytes": st.binary(max_size=40),
-            "boolean": st.booleans(),
-            "float": st.floats(width=32, allow_nan=False),
-            "double": st.floats(allow_nan=False),
-        }.get(t)
-        if prim is not None:
-            return prim
+        if t in prims:
+            return prims[t]
         full = t if "." in t else f"{ns}.{t}"
-        return _strategy(named.get(full) or named[t], named, ns)
+        return _strategy(named.get(full) or named[t], named, ns, field, opts)
     kind = t["type"]
-    if kind in ("long", "int", "string", "bytes", "boolean", "float", "double"):
-        return _strategy(kind, named, ns)
+    if kind in prims:
+        return prims[kind]
     if kind == "fixed":
         _register(t, named, ns)
-        return st.binary(min_size=t["size"], max_size=t["size"])
+        exact = st.binary(min_size=t["size"], max_size=t["size"])
+        more = extra(field, t) if extra is not None else None
+        return st.one_of(exact, more) if more is not None else exact
     if kind == "array":
-        return st.lists(_strategy(t["items"], named, ns), max_size=4)
+        items = _strategy(t["items"], named, ns, field, opts)
+        return st.lists(items, max_size=float_list_size if t["items"] == "float" else 4)
     if kind == "record":
         full = _register(t, named, ns)
         rns = full.rpartition(".")[0]
-        return st.fixed_dictionaries({f["name"]: _strategy(f["type"], named, rns) for f in t["fields"]})
+        return st.fixed_dictionaries({f["name"]: _strategy(f["type"], named, rns, f["name"], opts)
+                                      for f in t["fields"]})
     raise ValueError(kind)
 
 
