@@ -227,10 +227,7 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                     obs_seq[a] += 1
                     obs_items.append((append_obs[a], payload, clock() if deferred else None))
                 if not deferred:  # seal now: state, then each observation naming it
-                    st_sources = (append_state(st_payload).event_hash,)
-                    sources = [st_sources[0]]
-                    for append_one, payload, _ in obs_items:
-                        sources.append(append_one(payload, st_sources).event_hash)
+                    sources = seal_observed(st_payload, None, obs_items, ())
                 chosen = policy.act(observations if len(live) == len(observations) else
                                     {a: observations[a] for a in live}, state)
                 try:
