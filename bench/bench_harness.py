@@ -7,7 +7,8 @@ back to back, in alternating order. The verdict is the median of the rounds' rat
 shared VM the host's slow phases move both loops of a round together (the bare loop alone moved
 65-100 µs/step between runs here), so a paired ratio is steady where best-against-best is not (it
 moved 0.98-1.47 for the same build). Also printed: best against best, the quartiles of the paired
-ratios, the harness's cost per step and per event, and the load average.
+ratios, the same median in process CPU time (it moves about as much: the noise is not only the
+host taking the CPU away), the harness's cost per step and per event, and the load average.
 
     PYTHONPATH=. python bench/bench_harness.py [--env simple_spread|mailbox|sandbox] [--episodes 40] [--rounds 15]
 """
@@ -64,47 +65,56 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp())
     signer = Signer.generate()
 
-    def run_bare() -> tuple[float, int]:
+    def run_bare() -> tuple[float, float, int]:
         env = make_env(args.env)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         steps = bare(env, RandomPolicy(env, seed=0), args.episodes, 0)
-        return time.perf_counter() - t, steps
+        return time.perf_counter() - t, time.process_time() - c, steps
 
-    def run_harness(i: int) -> tuple[float, int, int]:
+    def run_harness(i: int) -> tuple[float, float, int, int]:
         # a new key store each round: every run meets its data subjects for the first time and
         # commits their keys, as a real run does (a store kept across rounds would only look keys up)
         keys = LocalKeyStore(tmp / f"keys{i}.db", key=bytes(32))
         env = make_env(args.env)
         log = EventLog(MemorySink(), run_id="bench", producer_id="bench", signer=signer, checkpoint_every=1000)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         summary = run_episodes(env, RandomPolicy(env, seed=0), log, episodes=args.episodes, seed=0,
                                env_id=args.env, env_version="0", config={}, protector=FieldProtector(keys))
         log.close()
-        elapsed = time.perf_counter() - t
+        elapsed, cpu = time.perf_counter() - t, time.process_time() - c
         keys.close()
-        return elapsed, summary.steps, len(log.sink.sent)
+        return elapsed, cpu, summary.steps, len(log.sink.sent)
 
-    bare_times, harness_times = [], []
+    bare_times, harness_times, bare_cpu, harness_cpu = [], [], [], []
     for i in range(args.rounds):
         if i % 2:
-            h, h_steps, events = run_harness(i)
-            b, steps = run_bare()
+            h, hc, h_steps, events = run_harness(i)
+            b, bc, steps = run_bare()
         else:
-            b, steps = run_bare()
-            h, h_steps, events = run_harness(i)
+            b, bc, steps = run_bare()
+            h, hc, h_steps, events = run_harness(i)
         assert h_steps == steps, "both loops must step the env the same number of times"
         bare_times.append(b)
         harness_times.append(h)
-    ratios = [h / b for h, b in zip(harness_times, bare_times)]
-    ratio = statistics.median(ratios)
+        bare_cpu.append(bc)
+        harness_cpu.append(hc)
+
+    def paired(hs: list[float], bs: list[float]) -> tuple[float, float, float]:
+        ratios = [h / b for h, b in zip(hs, bs)]
+        med = statistics.median(ratios)
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (med, med, med)
+        return med, q1, q3
+
+    ratio, q1, q3 = paired(harness_times, bare_times)
+    cpu, cq1, cq3 = paired(harness_cpu, bare_cpu)
     best = min(harness_times) / min(bare_times)
-    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratio, ratio, ratio)
     bare_step = statistics.median(bare_times) / steps
     cost = (ratio - 1.0) * bare_step
     print(f"env={args.env} rounds={args.rounds} steps/round={steps} events/round={events} "
           f"bare={bare_step * 1e6:.1f}us/step harness={bare_step * ratio * 1e6:.1f}us/step "
           f"cost={cost * 1e6:.1f}us/step={cost * steps / events * 1e6:.2f}us/event "
-          f"ratio={ratio:.3f} (median of paired rounds; quartiles {q1:.3f}-{q3:.3f}; best vs best {best:.3f}) "
+          f"ratio={ratio:.3f} (median of paired rounds; quartiles {q1:.3f}-{q3:.3f}; best vs best {best:.3f}; "
+          f"CPU time {cpu:.3f}, quartiles {cq1:.3f}-{cq3:.3f}) "
           f"limit={LIMIT:.2f} load={os.getloadavg()[0]:.2f} {'OK' if ratio <= LIMIT else 'OVER LIMIT'}")
     return 0 if ratio <= LIMIT else 1
 

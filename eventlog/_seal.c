@@ -74,6 +74,40 @@ enum { OP_NULL, OP_BOOL, OP_INT, OP_LONG, OP_FLOAT, OP_DOUBLE, OP_BYTES, OP_STRI
 
 static PyTypeObject *NDARRAY = NULL;  /* numpy.ndarray, when numpy is present */
 
+/* The leading fields of numpy's PyArrayObject_fields and PyArray_Descr (the same in numpy 1.x and
+ * 2.x). Reading a 1-D float array through them costs a few loads; the buffer protocol has numpy build
+ * a format string for every new array (a sixth of the harness's cost on sandbox_v0). set_ndarray
+ * checks the mirror against the buffer protocol on probe arrays first (MIRROR_OK); if numpy's layout
+ * ever differs, the buffer protocol is used. */
+typedef struct {
+    PyObject_HEAD
+    char *data;
+    int nd;
+    Py_ssize_t *dimensions;
+    Py_ssize_t *strides;
+    PyObject *base;
+    PyObject *descr;
+} ArrayMirror;
+typedef struct {
+    PyObject_HEAD
+    PyTypeObject *typeobj;
+    char kind, type, byteorder;
+} DescrMirror;
+static int MIRROR_OK = 0;
+
+/* A 1-D native-endian float32 (width 4) or float64 (8) array of stride `width`, read through the
+ * mirror: 1 and its length and data, or 0 (not such an array: the buffer protocol decides). */
+static inline int mirror_vector(PyObject *v, int width, Py_ssize_t *n, const char **data) {
+    ArrayMirror *a = (ArrayMirror *)v;
+    DescrMirror *d = (DescrMirror *)a->descr;
+    if (a->nd != 1 || d == NULL || d->kind != 'f' || d->type != (width == 4 ? 'f' : 'd')
+        || (d->byteorder != '=' && d->byteorder != '<') || (a->strides[0] != width && a->dimensions[0] != 0))
+        return 0;
+    *n = a->dimensions[0];
+    *data = a->data;
+    return 1;
+}
+
 static int encode(Buf *b, PyObject *node, PyObject *v);
 
 static int encode_vector(Buf *b, PyObject *v, int width) {
@@ -96,6 +130,11 @@ static int encode_vector(Buf *b, PyObject *v, int width) {
     }
 #if PY_LITTLE_ENDIAN
     if (NDARRAY != NULL && Py_TYPE(v) == NDARRAY) {
+        const char *data;
+        if (MIRROR_OK && mirror_vector(v, width, &n, &data)) {
+            if (n > 0 && (buf_long(b, n) < 0 || buf_put(b, data, (size_t)n * width) < 0)) return -1;
+            return buf_put(b, "", 1);
+        }
         Py_buffer view;
         if (PyObject_GetBuffer(v, &view, PyBUF_RECORDS_RO) < 0) { PyErr_Clear(); return OFF_PATH; }
         const char *f = view.format;
@@ -404,7 +443,7 @@ static PyObject *seal(SealerObject *self, PyObject *payload, PyObject *sources, 
     HeadObject *h = self->head;
     long long seq = h->seq + 1;
     int off_path = !PyLong_Check(t_obj) || !PyBytes_CheckExact(h->hash) || PyBytes_GET_SIZE(h->hash) != 32
-                   || seq < 0 || !PyDict_CheckExact(payload);
+                   || seq < 0 || seq > 0xFFFFFFFFFFFFLL || !PyDict_CheckExact(payload);  /* ids: 48-bit seq */
     if (!off_path) {
         t = PyLong_AsLongLongAndOverflow(t_obj, &overflow);
         if (overflow || (t == -1 && PyErr_Occurred())) { PyErr_Clear(); off_path = 1; }
@@ -426,8 +465,9 @@ static PyObject *seal(SealerObject *self, PyObject *payload, PyObject *sources, 
     buf_init(&b);
     int rc = off_path ? OFF_PATH : 0;
     if (rc == 0) {
-        char id_tail[24];
-        int id_len = snprintf(id_tail, sizeof id_tail, "%012llx", seq);
+        char id_tail[12];  /* "%012llx" of seq (0 <= seq < 2**48 here), without snprintf's cost */
+        const int id_len = 12;
+        for (int i = 11, q = 0; i >= 0; i--, q += 4) id_tail[i] = "0123456789abcdef"[((unsigned long long)seq >> q) & 15];
         if (put_bytes(&b, self->prefix) < 0 || buf_put(&b, PyBytes_AS_STRING(h->hash), 32) < 0
             || buf_long(&b, seq) < 0 || put_bytes(&b, self->chain_and_id) < 0
             || buf_put(&b, id_tail, (size_t)id_len) < 0 || put_bytes(&b, self->type_run) < 0
@@ -524,16 +564,43 @@ static PyTypeObject SealerType = {
     .tp_methods = Sealer_methods,
 };
 
-static PyObject *set_ndarray(PyObject *self, PyObject *cls) {
-    if (!PyType_Check(cls)) { PyErr_SetString(PyExc_TypeError, "expected numpy.ndarray"); return NULL; }
+/* set_ndarray(numpy.ndarray, probes): `probes` are arrays of every kind (float32 and float64, 1-D and
+ * not, strided, byte-swapped, other dtypes); the mirror is used only if it reads each of them as the
+ * buffer protocol does. Returns whether it is. */
+static PyObject *set_ndarray(PyObject *self, PyObject *args) {
+    PyObject *cls, *probes;
+    if (!PyArg_ParseTuple(args, "O!O!:set_ndarray", &PyType_Type, &cls, &PyList_Type, &probes)) return NULL;
     Py_INCREF(cls);
     Py_XSETREF(NDARRAY, (PyTypeObject *)cls);
-    Py_RETURN_NONE;
+    int ok = PyList_GET_SIZE(probes) > 0;
+    for (Py_ssize_t i = 0; ok && i < PyList_GET_SIZE(probes); i++) {
+        PyObject *p = PyList_GET_ITEM(probes, i);
+        if (Py_TYPE(p) != NDARRAY) { ok = 0; break; }
+        Py_buffer view;
+        if (PyObject_GetBuffer(p, &view, PyBUF_RECORDS_RO) < 0) { PyErr_Clear(); ok = 0; break; }
+        for (int width = 4; ok && width <= 8; width += 4) {
+            const char *f = view.format;
+            if (f != NULL && (*f == '<' || *f == '=' || *f == '@')) f++;
+            int want = view.ndim == 1 && view.itemsize == width && f != NULL && f[0] == (width == 4 ? 'f' : 'd')
+                       && f[1] == 0 && (view.shape[0] == 0 || view.strides == NULL || view.strides[0] == width);
+            Py_ssize_t n = -1;
+            const char *data = NULL;
+            int got = mirror_vector(p, width, &n, &data);
+            if (got != want || (got && (n != view.shape[0] || (n > 0 && data != view.buf)))) ok = 0;
+        }
+        PyBuffer_Release(&view);
+    }
+#if PY_LITTLE_ENDIAN
+    MIRROR_OK = ok;
+#else
+    MIRROR_OK = 0;
+#endif
+    return PyBool_FromLong(MIRROR_OK);
 }
 
 static PyMethodDef methods[] = {
     {"set_sha256", set_sha256, METH_VARARGS, "set_sha256(init, update, final): libcrypto's SHA256_* addresses"},
-    {"set_ndarray", set_ndarray, METH_O, "set_ndarray(numpy.ndarray): arrays whose float buffers are copied as they are"},
+    {"set_ndarray", set_ndarray, METH_VARARGS, "set_ndarray(numpy.ndarray, probes): arrays whose float buffers are copied as they are; whether they are read without the buffer protocol"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_seal", NULL, -1, methods};

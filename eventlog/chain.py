@@ -56,6 +56,7 @@ def event_id_prefix() -> str:
 
 _TS_MIN, _TS_END = 1 << 49, 1 << 56  # zigzag values whose varint is 8 bytes (timestamps, years 1978-3111)
 _ONLY_32 = {32}
+_SEQ_MAX = (1 << 48) - 1  # the event id's last 12 hex digits are the seq
 _SEALERS_MAX = 256
 
 
@@ -184,6 +185,9 @@ class ChainWriter:
                 expiry = low14[z & 0x3FFF] + e_bytes
             else:
                 produced, expiry = long_bytes(t), long_bytes(t + retention)
+            if seq > _SEQ_MAX:
+                raise ValueError(f"chain {chain_id} is full: an event id holds 48 bits of seq and {seq} does not fit; "
+                                 f"continue on a new chain id")
             parts = [prefix, head.hash, small[seq + small_off] if seq < small_off else long_bytes(seq),
                      chain_and_id, b"%012x" % seq, type_run, produced, producer_class, expiry, tail]
             if source_event_hashes:

@@ -28,10 +28,28 @@ class PyHead:
         self.seq, self.hash = seq, hash
 
 
-def _configure(mod) -> None:
-    import numpy  # noqa: PLC0415 - float32/float64 arrays are copied as they are (a locked dependency)
+def ndarray_probes() -> list:
+    """Arrays of every kind the sealer must tell apart: the C module reads a 1-D float array's fields
+    directly only if it reads each of these as the buffer protocol does."""
+    import numpy as np  # noqa: PLC0415 - float32/float64 arrays are copied as they are (a locked dependency)
 
-    mod.set_ndarray(numpy.ndarray)
+    base = np.arange(12, dtype=np.float64)
+    probes = [base, base.astype(np.float32), base[::2], base.astype(np.float32)[::3], base.reshape(3, 4),
+              base.astype(np.float32).reshape(2, 6), base.astype(">f4"), base.astype(">f8"), base.astype(np.int32),
+              base.astype(np.int64), base.astype(np.float16), base.astype(np.complex64), np.zeros(0, np.float32),
+              np.float32(1.0) * np.ones(1, np.float32), base.astype(np.float32)[5:], np.array(1.5, np.float32),
+              np.zeros((0, 3), np.float32), base.astype(np.longdouble), base.astype(np.float32)[::-1]]
+    return probes
+
+
+ARRAYS_DIRECT = False  # whether the C sealer reads float arrays' fields directly (else: the buffer protocol)
+
+
+def _configure(mod) -> None:
+    import numpy  # noqa: PLC0415
+
+    global ARRAYS_DIRECT
+    ARRAYS_DIRECT = mod.set_ndarray(numpy.ndarray, ndarray_probes())
 
 
 _native = load_hashing_extension(SOURCE, "_seal", purpose="the chain writer's C sealer", configure=_configure)

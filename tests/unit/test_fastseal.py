@@ -52,7 +52,7 @@ def payload_fields(event_type):
 
 @settings(max_examples=300, deadline=None)
 @given(data=st.data(), event_type=st.sampled_from(EVENT_TYPES),
-       seq=st.one_of(st.integers(-1, 70_000), st.integers(-1, 1 << 40)),
+       seq=st.one_of(st.integers(-1, 70_000), st.integers(-1, 1 << 40), st.integers(1 << 44, (1 << 62) - 2)),
        t=st.one_of(st.integers(1_600_000_000_000_000, 1_900_000_000_000_000), st.integers(-(1 << 45), 1 << 45)),
        n_sources=st.integers(0, 4), policy=st.text(max_size=8), given_time=st.booleans())
 def test_same_events_as_the_python_sealer_on_every_schema(data, event_type, seq, t, n_sources, policy, given_time):
@@ -75,6 +75,16 @@ def test_same_events_as_the_python_sealer_on_every_schema(data, event_type, seq,
     ("strided array", lambda p: {**p, "observation": np.arange(12, dtype=np.float32)[::3]}),
     ("big-endian array", lambda p: {**p, "observation": np.arange(4, dtype=">f4")}),
     ("empty array", lambda p: {**p, "observation": np.zeros(0, np.float32)}),
+    ("reversed array", lambda p: {**p, "observation": np.arange(6, dtype=np.float32)[::-1]}),
+    ("one-element strided array", lambda p: {**p, "observation": np.arange(6, dtype=np.float32)[2:3:2]}),
+    ("0-d array", lambda p: {**p, "observation": np.array(1.5, np.float32)}),
+    ("float16 array", lambda p: {**p, "observation": np.arange(3, dtype=np.float16)}),
+    ("int32 array", lambda p: {**p, "observation": np.arange(3, dtype=np.int32)}),
+    ("empty 2-d array", lambda p: {**p, "observation": np.zeros((0, 3), np.float32)}),
+    ("array view at an offset", lambda p: {**p, "observation": np.arange(9, dtype=np.float32)[4:]}),
+    ("read-only array", lambda p: {**p, "observation": np.frombuffer(np.arange(4, dtype=np.float32).tobytes(),
+                                                                         np.float32)}),
+    ("array subclass", lambda p: {**p, "observation": np.arange(3, dtype=np.float32).view(np.recarray)}),
     ("numpy scalars in a list", lambda p: {**p, "observation": [np.float32(0.5), np.float32(2.0)]}),
     ("an int among floats", lambda p: {**p, "observation": [0.5, 1]}),
     ("a float too large for float32", lambda p: {**p, "observation": [1e300]}),
@@ -102,6 +112,23 @@ def test_off_path_input_gives_the_python_sealers_result(name, change):
     assert c_writer.head == py_writer.head
     # the clock was read once, whichever path the event took: the next event reads the second value
     assert outcome(c_seal, base) == outcome(py_seal, base)
+
+
+def test_float_arrays_are_read_through_numpys_fields_only_where_they_match_the_buffer_protocol():
+    import numpy
+
+    # numpy from requirements.lock: the direct read is on (a changed numpy layout turns it off)
+    assert fastseal.ARRAYS_DIRECT
+    try:
+        assert fastseal._native.set_ndarray(numpy.ndarray, []) is False  # nothing checked, nothing trusted
+        assert fastseal._native.set_ndarray(numpy.ndarray, [numpy.arange(3.0), object()]) is False
+        # with the direct read off, the buffer protocol gives the same bytes
+        c_seal, _, py_seal, _ = writers("agent.observation")
+        payload = {"episode": 1, "step": 2, "agent_id": "a", "observation": numpy.arange(5, dtype=numpy.float32)}
+        assert outcome(c_seal, payload) == outcome(py_seal, payload)
+    finally:
+        fastseal._configure(fastseal._native)
+    assert fastseal.ARRAYS_DIRECT
 
 
 @pytest.mark.parametrize("name,args", [
@@ -254,3 +281,19 @@ def test_an_interrupted_send_leaves_the_head_moved_on_both_paths():
             append({"episode": 0, "step": 0, "actions": [], "joint_vector": []})
         heads.append(w.head.seq)
     assert heads == [0, 0]
+
+
+def test_a_chain_ends_where_the_event_id_cannot_hold_the_seq():
+    """An event id's last 12 hex digits are its seq: seq 2**48 - 1 is the chain's last event, on both
+    paths, and the next one is refused (the head stays) rather than written with a malformed id."""
+    payload = {"episode": 1, "step": 2, "agent_id": "a", "observation": np.arange(3, dtype=np.float32)}
+    c_seal, c_writer, py_seal, py_writer = writers("agent.observation", ChainHead((1 << 48) - 2, bytes(32)), (5, 6))
+    got, want = outcome(c_seal, payload), outcome(py_seal, payload)
+    assert got == want and got[0] == "event"
+    decoded = CODEC.decode(got[1].value)[1]
+    assert decoded["seq"] == (1 << 48) - 1 and decoded["event_id"].endswith("-ffffffffffff")
+    last = c_writer.head
+    for seal, writer in ((c_seal, c_writer), (py_seal, py_writer)):
+        with pytest.raises(ValueError, match="is full: an event id holds 48 bits of seq"):
+            seal(payload)
+        assert writer.head == last
