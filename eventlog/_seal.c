@@ -23,6 +23,7 @@
 #include <time.h>
 
 #include "_sha256.h"
+#include "_ndarray.h"
 
 /* ---- a growable byte buffer ------------------------------------------------------------------ */
 typedef struct {
@@ -74,25 +75,6 @@ enum { OP_NULL, OP_BOOL, OP_INT, OP_LONG, OP_FLOAT, OP_DOUBLE, OP_BYTES, OP_STRI
 
 static PyTypeObject *NDARRAY = NULL;  /* numpy.ndarray, when numpy is present */
 
-/* The leading fields of numpy's PyArrayObject_fields and PyArray_Descr (the same in numpy 1.x and
- * 2.x). Reading a 1-D float array through them costs a few loads; the buffer protocol has numpy build
- * a format string for every new array (a sixth of the harness's cost on sandbox_v0). set_ndarray
- * checks the mirror against the buffer protocol on probe arrays first (MIRROR_OK); if numpy's layout
- * ever differs, the buffer protocol is used. */
-typedef struct {
-    PyObject_HEAD
-    char *data;
-    int nd;
-    Py_ssize_t *dimensions;
-    Py_ssize_t *strides;
-    PyObject *base;
-    PyObject *descr;
-} ArrayMirror;
-typedef struct {
-    PyObject_HEAD
-    PyTypeObject *typeobj;
-    char kind, type, byteorder;
-} DescrMirror;
 static int MIRROR_OK = 0;
 
 /* A 1-D native-endian float32 (width 4) or float64 (8) array of stride `width`, read through the

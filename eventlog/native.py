@@ -19,7 +19,8 @@ from types import ModuleType
 from typing import Callable
 
 log = logging.getLogger(__name__)
-# the header every module may include (SHA-256 from libcrypto); part of every module's build tag
+# the headers any module may include (eventlog/_*.h: SHA-256 from libcrypto, numpy's array fields);
+# all of them are part of every module's build tag
 _HEADERS = Path(__file__).with_name("_sha256.h")
 
 
@@ -31,7 +32,8 @@ def build_extension(source: Path, name: str, *, purpose: str = "") -> ModuleType
     if os.environ.get("MARLGRC_NO_NATIVE"):
         return None
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    tag = hashlib.sha256(source.read_bytes() + _HEADERS.read_bytes() + suffix.encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(_HEADERS.parent.glob("_*.h")))
+    tag = hashlib.sha256(source.read_bytes() + headers + suffix.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MARLGRC_CACHE") or Path.home() / ".cache" / "marlgrc") / "native" / tag
     target = cache / (name + suffix)
     if not target.exists():

@@ -40,6 +40,7 @@ from gymnasium.spaces import Discrete
 from eventlog.log import EventLog
 from eventlog.privacy import FieldProtector
 
+from . import fastrecord
 from .policy import Policy
 from .spaces import action_encoder, float_copy, float_view, space_record
 
@@ -105,6 +106,62 @@ def _seal_after_failure(seal_pending: Callable[[], None], exc: BaseException) ->
         exc.add_note(f"the events captured before this failure could not all be sealed: {type(second).__name__}")
 
 
+def _mask_list(mask: Any) -> list:
+    """An ``action_mask`` from an agent's infos as the event's list (truthiness as ``bool(m)``)."""
+    return np.asarray(mask).ravel().tolist()
+
+
+def step_functions(append_state: Callable, append_obs: Mapping[str, Callable], discrete: Mapping[str, bool],
+                   encode: Mapping[str, Callable]) -> tuple[Callable, Callable]:
+    """The Python reference of a step's events (``producers.fastrecord`` runs them in C):
+
+    - ``observe(ep, step, state_vec, collapsed, flags, live, observations, infos)`` seals the step's
+      env.state, then each live agent's observation naming it; returns their hashes, the joint
+      action's sources;
+    - ``joint_action(ep, step, live, actions, chosen, rewards, terms, truncs, cut, ep_return)`` builds
+      the joint.action payload; returns it and ``ep_return`` plus the step's rewards.
+    """
+    def observe(ep: int, step: int, state_vec: Any, collapsed: Any, flags: list | None, live: list,
+                observations: Mapping, infos: Mapping) -> list[bytes]:
+        st_payload = {"episode": ep, "step": step, "state": state_vec, "collapsed_state": collapsed}
+        if flags is not None:
+            st_payload["flags"] = flags
+        st_hash = append_state(st_payload, ()).event_hash
+        sources, st_sources = [st_hash], (st_hash,)
+        for a in live:
+            payload = {"episode": ep, "step": step, "agent_id": a, "observation": float_view(observations[a])}
+            if infos:
+                mask = infos.get(a, _EMPTY).get("action_mask")
+                if mask is not None:
+                    payload["action_mask"] = _mask_list(mask)
+            sources.append(append_obs[a](payload, st_sources).event_hash)
+        return sources
+
+    def joint_action(ep: int, step: int, live: list, actions: Mapping, chosen: Mapping, rewards: Mapping,
+                     terms: Mapping, truncs: Mapping, cut: bool, ep_return: float) -> tuple[dict, float]:
+        records, joint = [], []
+        for a in live:
+            r = float(rewards.get(a, 0.0))
+            ep_return += r
+            # booleans go in as the env gave them: the encoder writes their truth value
+            if discrete[a]:  # "continuous" left out: its schema default [] is written
+                d = int(actions[a])
+                records.append({"agent_id": a, "discrete": d, "log_prob": float(chosen[a][1]), "reward": r,
+                                "terminated": terms.get(a, False), "truncated": truncs.get(a, False) or cut})
+                joint.append(float(d))
+                continue
+            d, c = encode[a](actions[a])
+            records.append({"agent_id": a, "discrete": d, "continuous": c, "log_prob": float(chosen[a][1]),
+                            "reward": r, "terminated": terms.get(a, False), "truncated": truncs.get(a, False) or cut})
+            if c:
+                joint.extend(c)
+            else:
+                joint.append(float(d))
+        return {"episode": ep, "step": step, "actions": records, "joint_vector": joint}, ep_return
+
+    return observe, joint_action
+
+
 def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed: int, env_id: str,
                  env_version: str, config: Mapping[str, Any], progress: Callable[[int], None] | None = None,
                  protector: FieldProtector | None = None, max_steps: int | None = None) -> RunSummary:
@@ -145,6 +202,9 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
     append_obs = {a: log.appender(obs_chain[a], "agent.observation") for a in agent_ids}
     append_action = log.appender(action_chain, "joint.action", policy_version=policy.version)
     clock = state_writer.clock
+    observe, joint_action = step_functions(append_state, append_obs, discrete, encode)
+    record = fastrecord.recorder(append_state=append_state, append_obs=append_obs, append_action=append_action,
+                                 discrete=discrete, observe=observe, joint_action=joint_action, float_view=float_view)
     # seq of the next event of each chain, for the protected fields' associated data: the steps'
     # events are sealed in batches, after they were captured
     state_seq = state_writer.next_seq
@@ -202,32 +262,31 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                 if not agents:
                     break
                 live = [a for a in agents if a in observations]
-                # deferred: the events' data is copied now (the env may reuse its arrays) and sealed
-                # at the end of the batch, with the times taken here; else sealed now, as it is
                 state = env.state() if has_state else None
                 state_vec = snapshot(state) if state is not None else _NO_FLOATS
                 collapsed = snapshot(collapsed_fn()) if collapsed_fn is not None else state_vec
-                st_payload = {"episode": ep, "step": step, "state": state_vec, "collapsed_state": collapsed}
-                if flags_fn is not None:
-                    st_payload["flags"] = [str(f) for f in flags_fn()]
-                subjects = [(state_chain, state_seq, list(env.subject_fields(None)))] if has_subjects else ()
-                state_seq += 1
-                obs_items = []
-                if deferred:
+                flags = [str(f) for f in flags_fn()] if flags_fn is not None else None
+                if deferred:  # the events' data is copied now (the env may reuse its arrays), sealed later
+                    st_payload = {"episode": ep, "step": step, "state": state_vec, "collapsed_state": collapsed}
+                    if flags is not None:
+                        st_payload["flags"] = flags
+                    subjects = [(state_chain, state_seq, list(env.subject_fields(None)))] if has_subjects else ()
+                    state_seq += 1
+                    obs_items = []
                     captured = [st_payload, clock(), obs_items, None, 0, subjects]
                     pending.append(captured)
-                for a in live:
-                    payload = {"episode": ep, "step": step, "agent_id": a, "observation": snapshot(observations[a])}
-                    if infos:
-                        mask = infos.get(a, _EMPTY).get("action_mask")
-                        if mask is not None:
-                            payload["action_mask"] = np.asarray(mask).ravel().tolist()  # truthiness as bool(m)
-                    if has_subjects:
-                        subjects.append((obs_chain[a], obs_seq[a], list(env.subject_fields(a))))
-                    obs_seq[a] += 1
-                    obs_items.append((append_obs[a], payload, clock() if deferred else None))
-                if not deferred:  # seal now: state, then each observation naming it
-                    sources = seal_observed(st_payload, None, obs_items, ())
+                    for a in live:
+                        payload = {"episode": ep, "step": step, "agent_id": a, "observation": snapshot(observations[a])}
+                        if infos:
+                            mask = infos.get(a, _EMPTY).get("action_mask")
+                            if mask is not None:
+                                payload["action_mask"] = _mask_list(mask)
+                        if has_subjects:
+                            subjects.append((obs_chain[a], obs_seq[a], list(env.subject_fields(a))))
+                        obs_seq[a] += 1
+                        obs_items.append((append_obs[a], payload, clock()))
+                else:  # sealed now: state, then each observation naming it
+                    sources = record.observe(ep, step, state_vec, collapsed, flags, live, observations, infos)
                 chosen = policy.act(observations if len(live) == len(observations) else
                                     {a: observations[a] for a in live}, state)
                 try:
@@ -237,33 +296,15 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                                        f"at episode {ep} step {step}; act() must answer every live agent") from None
                 observations, rewards, terms, truncs, infos = env.step(actions)
                 cut = max_steps is not None and step + 1 >= max_steps
-                records, joint = [], []
-                for a in live:
-                    r = float(rewards.get(a, 0.0))
-                    ep_return += r
-                    # booleans go in as the env gave them: the encoder writes their truth value
-                    if discrete[a]:  # "continuous" left out: its schema default [] is written
-                        d = int(actions[a])
-                        records.append({"agent_id": a, "discrete": d, "log_prob": float(chosen[a][1]), "reward": r,
-                                        "terminated": terms.get(a, False), "truncated": truncs.get(a, False) or cut})
-                        joint.append(float(d))
-                        continue
-                    d, c = encode[a](actions[a])
-                    records.append({"agent_id": a, "discrete": d, "continuous": c, "log_prob": float(chosen[a][1]),
-                                    "reward": r, "terminated": terms.get(a, False),
-                                    "truncated": truncs.get(a, False) or cut})
-                    if c:
-                        joint.extend(c)
-                    else:
-                        joint.append(float(d))
-                act_payload = {"episode": ep, "step": step, "actions": records, "joint_vector": joint}
                 if deferred:
-                    captured[3] = act_payload
+                    captured[3], ep_return = joint_action(ep, step, live, actions, chosen, rewards, terms, truncs,
+                                                          cut, ep_return)
                     captured[4] = now = clock()
                     if len(pending) >= SEAL_BATCH_STEPS or now - pending[0][1] >= SEAL_BATCH_MICROS:
                         seal_pending()
                 else:
-                    append_action(act_payload, sources)
+                    ep_return = record.act(ep, step, live, actions, chosen, rewards, terms, truncs, cut, sources,
+                                           ep_return)
                 n_events += 2 + len(live)
                 step += 1
                 total_steps += 1
