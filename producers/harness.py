@@ -107,9 +107,22 @@ def _seal_after_failure(seal_pending: Callable[[], None], exc: BaseException) ->
         exc.add_note(f"the events captured before this failure could not all be sealed: {type(second).__name__}")
 
 
-def _mask_list(mask: Any) -> list:
-    """An ``action_mask`` from an agent's infos as the event's list (truthiness as ``bool(m)``)."""
-    return np.asarray(mask).ravel().tolist()
+def state_payload(ep: int, step: int, state_vec: Any, collapsed: Any, flags: list | None) -> dict:
+    """An env.state payload (``flags`` left out when None: the schema's default)."""
+    payload = {"episode": ep, "step": step, "state": state_vec, "collapsed_state": collapsed}
+    if flags is not None:
+        payload["flags"] = flags
+    return payload
+
+
+def observation_payload(ep: int, step: int, agent: str, vec: Any, infos: Mapping) -> dict:
+    """An agent.observation payload, with the agent's ``action_mask`` from ``infos`` where it has one."""
+    payload = {"episode": ep, "step": step, "agent_id": agent, "observation": vec}
+    if infos:
+        mask = infos.get(agent, _EMPTY).get("action_mask")
+        if mask is not None:
+            payload["action_mask"] = np.asarray(mask).ravel().tolist()  # truthiness as bool(m)
+    return payload
 
 
 def step_functions(append_state: Callable, append_obs: Mapping[str, Callable], discrete: Mapping[str, bool],
@@ -124,17 +137,10 @@ def step_functions(append_state: Callable, append_obs: Mapping[str, Callable], d
     """
     def observe(ep: int, step: int, state_vec: Any, collapsed: Any, flags: list | None, live: list,
                 observations: Mapping, infos: Mapping) -> list[bytes]:
-        st_payload = {"episode": ep, "step": step, "state": state_vec, "collapsed_state": collapsed}
-        if flags is not None:
-            st_payload["flags"] = flags
-        st_hash = append_state(st_payload, ()).event_hash
+        st_hash = append_state(state_payload(ep, step, state_vec, collapsed, flags), ()).event_hash
         sources, st_sources = [st_hash], (st_hash,)
         for a in live:
-            payload = {"episode": ep, "step": step, "agent_id": a, "observation": float_view(observations[a])}
-            if infos:
-                mask = infos.get(a, _EMPTY).get("action_mask")
-                if mask is not None:
-                    payload["action_mask"] = _mask_list(mask)
+            payload = observation_payload(ep, step, a, float_view(observations[a]), infos)
             sources.append(append_obs[a](payload, st_sources).event_hash)
         return sources
 
@@ -268,20 +274,14 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                 collapsed = snapshot(collapsed_fn()) if collapsed_fn is not None else state_vec
                 flags = [str(f) for f in flags_fn()] if flags_fn is not None else None
                 if deferred:  # the events' data is copied now (the env may reuse its arrays), sealed later
-                    st_payload = {"episode": ep, "step": step, "state": state_vec, "collapsed_state": collapsed}
-                    if flags is not None:
-                        st_payload["flags"] = flags
+                    st_payload = state_payload(ep, step, state_vec, collapsed, flags)
                     subjects = [(state_chain, state_seq, list(env.subject_fields(None)))] if has_subjects else ()
                     state_seq += 1
                     obs_items = []
                     captured = [st_payload, clock(), obs_items, None, 0, subjects]
                     pending.append(captured)
                     for a in live:
-                        payload = {"episode": ep, "step": step, "agent_id": a, "observation": snapshot(observations[a])}
-                        if infos:
-                            mask = infos.get(a, _EMPTY).get("action_mask")
-                            if mask is not None:
-                                payload["action_mask"] = _mask_list(mask)
+                        payload = observation_payload(ep, step, a, snapshot(observations[a]), infos)
                         if has_subjects:
                             subjects.append((obs_chain[a], obs_seq[a], list(env.subject_fields(a))))
                         obs_seq[a] += 1

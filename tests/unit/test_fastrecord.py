@@ -3,7 +3,6 @@
 order, the same return values, and the same exception, at the same point, for input it cannot take."""
 import collections
 import hashlib
-import os
 
 import numpy as np
 import pytest
@@ -13,15 +12,13 @@ from hypothesis import strategies as st
 import producers.harness as harness
 from producers import fastrecord
 from producers.spaces import float_view
+from tests.native import require_built
 from tests.unit.test_fast_sealing import harness_run
 
 
 @pytest.fixture(autouse=True)
 def _built():
-    if not fastrecord.NATIVE:
-        if os.environ.get("CI"):
-            pytest.fail("the C step recorder did not build (producers/_record.c): is a C compiler installed?")
-        pytest.skip("the C step recorder is not built here (no C compiler, or MARLGRC_NO_NATIVE)")
+    require_built(fastrecord.NATIVE, "the C step recorder", "producers/_record.c")
 
 
 class Sealed:

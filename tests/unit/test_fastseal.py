@@ -1,7 +1,6 @@
 """The C sealer (eventlog/_seal.c) seals exactly what the Python sealer seals: the same event bytes,
 the same head afterwards, the same error for input it cannot encode, and one clock reading per event
 whichever path the event takes."""
-import os
 import types
 
 import numpy as np
@@ -14,6 +13,7 @@ from eventlog import fastseal
 from eventlog.chain import ChainHead, ChainWriter
 from eventlog.codec import HEADER_FIELDS, default_codec
 from tests.avro_strategies import records
+from tests.native import require_built
 
 CODEC = default_codec()
 PREFIX = "01234567-89ab-8cde-8f01-"
@@ -22,10 +22,7 @@ EVENT_TYPES = sorted(schemas.EVENT_TYPES)
 
 @pytest.fixture(autouse=True)
 def _built():
-    if not fastseal.NATIVE:
-        if os.environ.get("CI"):
-            pytest.fail("the C sealer did not build (eventlog/_seal.c): is a C compiler installed?")
-        pytest.skip("the C sealer is not built here (no C compiler, or MARLGRC_NO_NATIVE)")
+    require_built(fastseal.NATIVE, "the C sealer", "eventlog/_seal.c")
 
 
 def writers(event_type, head=ChainHead(), times=(1_700_000_000_000_000,), **kw):
