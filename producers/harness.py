@@ -11,12 +11,13 @@ Per run: ``run.started`` and ``run.finished`` on ``{run}:lifecycle``. Per step:
 
 A step's env.state and observations are sealed before the policy acts, its joint.action after the
 env stepped: ``step_functions`` builds those payloads (the reference), ``producers.fastrecord`` does
-the same in C where the step's values are of the plain kinds it checks. For an env with personal data, the step's events are instead captured during the step
-(their data copied, ``produced_at`` read from the log's clock at that moment) and sealed in order a
-few steps later, in one batch (``SEAL_BATCH_STEPS`` steps or ``SEAL_BATCH_MICROS``, whichever comes
-first, across episodes, and at the run's end): the same bytes as sealing each at once with the same
-clock readings, and the batch's new data subjects get their keys in one key store transaction
-(committed before any event naming them exists) rather than one each. Personal data is protected as
+the same in C where the step's values are of the plain kinds it checks. For an env with personal
+data, the step's events are instead captured during the step (their data copied, ``produced_at``
+read from the log's clock at that moment) and sealed in order a few steps later, in one batch
+(``SEAL_BATCH_STEPS`` steps or ``SEAL_BATCH_MICROS``, whichever comes first, across episodes, and at
+the run's end): the same bytes as sealing each at once with the same clock readings, and the
+batch's new data subjects get their keys in one key store transaction (committed before any event
+naming them exists) rather than one each. Personal data is protected as
 its event is sealed. If a step fails, what it captured before the failure is sealed, then
 ``run.finished``.
 
