@@ -134,12 +134,17 @@ class _Gen:
     def emit(self, ind: int, line: str) -> None:
         self.lines.append("    " * ind + line)
 
-    def type(self, t, expr: str, ind: int, ns: str) -> None:
+    def resolve(self, t, ns: str):
+        """``t`` with a named type's reference replaced by its definition; unions refused."""
         if isinstance(t, str) and t not in _PRIMS:
             full = t if "." in t else f"{ns}.{t}" if ns else t
             t = self.named.get(full) or self.named[t]
         if isinstance(t, list):
             raise EncodeError("unions are not supported by the compiled encoder")
+        return t
+
+    def type(self, t, expr: str, ind: int, ns: str) -> None:
+        t = self.resolve(t, ns)
         if isinstance(t, str):
             self.prim(t, expr, ind)
             return
@@ -288,11 +293,7 @@ def compile_program(schema: dict, predefine=()) -> tuple:
         g.register(t, schema.get("namespace", ""))
 
     def node(t, ns: str) -> tuple:
-        if isinstance(t, str) and t not in _PRIMS:
-            full = t if "." in t else f"{ns}.{t}" if ns else t
-            t = g.named.get(full) or g.named[t]
-        if isinstance(t, list):
-            raise EncodeError("unions are not supported by the compiled encoder")
+        t = g.resolve(t, ns)
         if isinstance(t, str):
             return _PRIM_OPS[t]
         kind = t["type"]

@@ -91,13 +91,7 @@ static inline int rd_len(Src *s, Py_ssize_t *n)
  * a count above the bytes left cannot be honest for the item types here (each takes >= 1 byte). */
 static inline int rd_count(Src *s, Py_ssize_t *n)
 {
-    int64_t v;
-    if (rd_long(s, &v))
-        return BAIL;
-    if (v < 0 || v > (int64_t)(s->end - s->p))
-        return BAIL;
-    *n = (Py_ssize_t)v;
-    return OK;
+    return rd_len(s, n);
 }
 
 static inline uint64_t le64(const unsigned char *p)

@@ -219,42 +219,34 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
     obs_seq = {a: obs_writer[a].next_seq for a in agent_ids}
     # an env with personal data has its steps sealed in batches: the batch's new data subjects get
     # their keys in one key store transaction; any other env's events are sealed as they happen
-    deferred = has_subjects
-    snapshot = float_copy if deferred else float_view
+    snapshot = float_copy if has_subjects else float_view
     collapsed_fn = getattr(env, "collapsed_state", None)
     flags_fn = getattr(env, "state_flags", None)
     policy_version = policy.version
     total_steps, returns = 0, []
     status, reason = "completed", ""
-    # captured steps not sealed yet: [state payload, its produced_at, [(appender, obs payload,
-    # produced_at)], joint.action payload (None until the env stepped), its produced_at, and the
-    # personal data of the state and of each observation, protected as each event is sealed:
-    # [(chain, seq, ProtectedValue items)] in that order (empty without subjects)]
+    # captured steps not sealed yet (an env with personal data): [state payload, its produced_at,
+    # [(appender, obs payload, produced_at)], joint.action payload (None until the env stepped), its
+    # produced_at, and the personal data of the state and of each observation, protected as each
+    # event is sealed: [(chain, seq, ProtectedValue items)] in that order]
     pending: list[list] = []
-
-    def seal_observed(st_payload: dict, st_time: int | None, obs_items: list, subjects) -> list[bytes]:
-        """Seal a step's env.state and observations; their hashes, the joint action's sources."""
-        if subjects:
-            st_payload["protected_fields"] = protector.protect(*subjects[0])
-        st_hash = append_state(st_payload, (), st_time).event_hash
-        st_sources = (st_hash,)
-        sources = [st_hash]
-        for i, (append_one, payload, obs_time) in enumerate(obs_items, 1):
-            if subjects:
-                payload["protected_fields"] = protector.protect(*subjects[i])
-            sources.append(append_one(payload, st_sources, obs_time).event_hash)
-        return sources
 
     def seal_pending() -> None:
         """Seal the captured steps' events in order, each with the time its data was captured."""
+        if not pending:
+            return
         try:
-            if has_subjects:
-                try:  # every new subject of the batch in one key store transaction
-                    protector.prepare([v for captured in pending for _, _, values in captured[5] for v in values])
-                except Exception:
-                    pass  # met again by protect() below, at the event it belongs to
+            try:  # every new subject of the batch in one key store transaction
+                protector.prepare([v for captured in pending for _, _, values in captured[5] for v in values])
+            except Exception:
+                pass  # met again by protect() below, at the event it belongs to
             for st_payload, st_time, obs_items, act_payload, act_time, subjects in pending:
-                sources = seal_observed(st_payload, st_time, obs_items, subjects)
+                st_payload["protected_fields"] = protector.protect(*subjects[0])
+                st_hash = append_state(st_payload, (), st_time).event_hash
+                sources, st_sources = [st_hash], (st_hash,)
+                for (append_one, payload, obs_time), subject in zip(obs_items, subjects[1:]):
+                    payload["protected_fields"] = protector.protect(*subject)
+                    sources.append(append_one(payload, st_sources, obs_time).event_hash)
                 if act_payload is not None:
                     append_action(act_payload, sources, act_time)
         finally:
@@ -274,17 +266,16 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                 state_vec = snapshot(state) if state is not None else _NO_FLOATS
                 collapsed = snapshot(collapsed_fn()) if collapsed_fn is not None else state_vec
                 flags = [str(f) for f in flags_fn()] if flags_fn is not None else None
-                if deferred:  # the events' data is copied now (the env may reuse its arrays), sealed later
+                if has_subjects:  # the events' data is copied now (the env may reuse its arrays), sealed later
                     st_payload = state_payload(ep, step, state_vec, collapsed, flags)
-                    subjects = [(state_chain, state_seq, list(env.subject_fields(None)))] if has_subjects else ()
+                    subjects = [(state_chain, state_seq, list(env.subject_fields(None)))]
                     state_seq += 1
                     obs_items = []
                     captured = [st_payload, clock(), obs_items, None, 0, subjects]
                     pending.append(captured)
                     for a in live:
                         payload = observation_payload(ep, step, a, snapshot(observations[a]), infos)
-                        if has_subjects:
-                            subjects.append((obs_chain[a], obs_seq[a], list(env.subject_fields(a))))
+                        subjects.append((obs_chain[a], obs_seq[a], list(env.subject_fields(a))))
                         obs_seq[a] += 1
                         obs_items.append((append_obs[a], payload, clock()))
                 else:  # sealed now: state, then each observation naming it
@@ -298,7 +289,7 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                                        f"at episode {ep} step {step}; act() must answer every live agent") from None
                 observations, rewards, terms, truncs, infos = env.step(actions)
                 cut = max_steps is not None and step + 1 >= max_steps
-                if deferred:
+                if has_subjects:
                     captured[3], ep_return = joint_action(ep, step, live, actions, chosen, rewards, terms, truncs,
                                                           cut, ep_return)
                     captured[4] = now = clock()

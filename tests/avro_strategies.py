@@ -59,3 +59,25 @@ def _register(t, named, ns):
     named[full] = t
     named.setdefault(t["name"], t)
     return full
+
+
+def old_env_state_value(state: list[float]) -> tuple[bytes, bytes]:
+    """(value, its writer's fingerprint): an env.state event written with the oldest schema version
+    (``env_state.v0``, before ``flags``), for tests of readers meeting an older writer."""
+    import io
+
+    import fastavro
+
+    import schemas
+    from eventlog.codec import MAGIC, Codec
+
+    old = schemas.history()["env_state.v0"]
+    record = {f["name"]: None for f in old["fields"]}
+    record.update(prev_event_hash=bytes(32), seq=3, chain_id="c", event_id="e", event_type="env.state", run_id="r",
+                  produced_at=1, producer_id="p", data_classification="internal", retention_expiry=2,
+                  feature_schema_version="1", policy_version="", rule_version="", source_event_hashes=[],
+                  episode=1, step=2, state=state, collapsed_state=[], protected_fields=[], event_hash=bytes(32))
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, fastavro.parse_schema(old), record)
+    fingerprint = Codec({"env_state": old}).fingerprint("env_state")
+    return MAGIC + fingerprint + body.getvalue(), fingerprint

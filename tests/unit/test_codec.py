@@ -16,7 +16,7 @@ from eventlog.avro_encoder import EncodeError
 from eventlog.codec import HEADER_FIELDS, MAGIC, Codec, DecodeError, default_codec
 from eventlog.chain import ChainWriter
 from eventlog.hashing import compute_hash, prev_hash, seq_and_chain, stored_hash
-from tests.avro_strategies import records
+from tests.avro_strategies import old_env_state_value, records
 
 CODEC = default_codec()
 NAMES = sorted(schemas.current())
@@ -92,17 +92,9 @@ def test_chain_writer_bytes_are_plain_avro():
 
 
 def test_old_writer_schema_is_read_by_the_current_reader():
-    old = schemas.history()["env_state.v0"]
-    record = {f["name"]: None for f in old["fields"]}
-    record.update(prev_event_hash=bytes(32), seq=3, chain_id="c", event_id="e", event_type="env.state", run_id="r",
-                  produced_at=1, producer_id="p", data_classification="internal", retention_expiry=2,
-                  feature_schema_version="1", policy_version="", rule_version="", source_event_hashes=[],
-                  episode=1, step=2, state=[1.0], collapsed_state=[], protected_fields=[], event_hash=bytes(32))
-    body = io.BytesIO()
-    fastavro.schemaless_writer(body, fastavro.parse_schema(old), record)
-    old_codec_fp = Codec({"env_state": old}).fingerprint("env_state")
+    value, old_codec_fp = old_env_state_value([1.0])
     assert old_codec_fp != CODEC.fingerprint("env_state")
-    name, decoded = CODEC.decode(MAGIC + old_codec_fp + body.getvalue())
+    name, decoded = CODEC.decode(value)
     assert name == "env_state"
     assert decoded["flags"] == []  # the field added later takes its default
     assert decoded["seq"] == 3 and decoded["state"] == [1.0]

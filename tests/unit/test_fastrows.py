@@ -1,21 +1,20 @@
 """The C row decoder (ledger/_rowdecode.c) gives exactly the reference's rows (codec decode, then
 ledger.tables.row_tuples_for_event) or exactly its DecodeError, on every schema, on garbage, on
 older writers; and the per-step event types really take the C path."""
-import io
 
-import fastavro
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import schemas
 from eventlog.checkpoint import Signer
-from eventlog.codec import MAGIC, Codec, DecodeError, default_codec
+from eventlog.codec import MAGIC, DecodeError, default_codec
 from eventlog.log import EventLog, MemorySink
 from eventlog.native import build_extension
 from ledger import fastrows
 from ledger.fastrows import decode_rows, decode_rows_native, py_decode_rows, same_rows
 from marlgrc.demo import synthetic_run
+from tests.avro_strategies import old_env_state_value
 from tests.avro_strategies import records as avro_records
 
 CODEC = default_codec()
@@ -150,15 +149,7 @@ def test_a_synthetic_run_takes_the_c_path_for_every_event(obs_dim):
 # ---- fallbacks --------------------------------------------------------------------------------------
 
 def test_an_older_writer_goes_through_the_reference():
-    old = schemas.history()["env_state.v0"]
-    record = {f["name"]: None for f in old["fields"]}
-    record.update(prev_event_hash=bytes(32), seq=3, chain_id="c", event_id="e", event_type="env.state", run_id="r",
-                  produced_at=1, producer_id="p", data_classification="internal", retention_expiry=2,
-                  feature_schema_version="1", policy_version="", rule_version="", source_event_hashes=[],
-                  episode=1, step=2, state=[1.0, -0.5], collapsed_state=[], protected_fields=[], event_hash=bytes(32))
-    body = io.BytesIO()
-    fastavro.schemaless_writer(body, fastavro.parse_schema(old), record)
-    value = MAGIC + Codec({"env_state": old}).fingerprint("env_state") + body.getvalue()
+    value, _ = old_env_state_value([1.0, -0.5])
     assert decode_rows_native(value, "marl.env.state", 0, 5) is None
     before = fastrows.native_counts()
     name, rows = decode_rows(value, "marl.env.state", 0, 5)
