@@ -10,16 +10,14 @@ Per run: ``run.started`` and ``run.finished`` on ``{run}:lifecycle``. Per step:
   and observation events it acted on.
 
 A step's env.state and observations are sealed before the policy acts, its joint.action after the
-env stepped: ``step_functions`` builds those payloads (the reference), ``producers.fastrecord`` does
-the same in C where the step's values are of the plain kinds it checks. For an env with personal
-data, the step's events are instead captured during the step (their data copied, ``produced_at``
-read from the log's clock at that moment) and sealed in order a few steps later, in one batch
-(``SEAL_BATCH_STEPS`` steps or ``SEAL_BATCH_MICROS``, whichever comes first, across episodes, and at
-the run's end): the same bytes as sealing each at once with the same clock readings, and the
-batch's new data subjects get their keys in one key store transaction (committed before any event
-naming them exists) rather than one each. Personal data is protected as
-its event is sealed. If a step fails, what it captured before the failure is sealed, then
-``run.finished``.
+env stepped; ``step_functions`` is the step recorder that builds those payloads and seals them. For
+an env with personal data, the step's events are instead captured during the step (their data
+copied, ``produced_at`` read from the log's clock at that moment) and sealed in order a few steps
+later, in one batch (``SEAL_BATCH_STEPS`` steps or ``SEAL_BATCH_MICROS``, whichever comes first,
+across episodes, and at the run's end): the same bytes as sealing each at once with the same clock
+readings, and the batch's new data subjects get their keys in one key store transaction (committed
+before any event naming them exists) rather than one each. Personal data is protected as its event
+is sealed. If a step fails, what it captured before the failure is sealed, then ``run.finished``.
 
 Environments that handle personal data expose ``subject_fields(agent: str | None)`` returning
 ``eventlog.privacy.ProtectedValue`` items (``agent=None``: the global state's); the harness protects
@@ -42,7 +40,6 @@ from gymnasium.spaces import Discrete
 from eventlog.log import EventLog
 from eventlog.privacy import FieldProtector
 
-from . import fastrecord
 from .policy import Policy
 from .spaces import action_encoder, float_copy, float_view, space_record
 
@@ -128,13 +125,14 @@ def observation_payload(ep: int, step: int, agent: str, vec: Any, infos: Mapping
 
 def step_functions(append_state: Callable, append_obs: Mapping[str, Callable], discrete: Mapping[str, bool],
                    encode: Mapping[str, Callable]) -> tuple[Callable, Callable]:
-    """The Python reference of a step's events (``producers.fastrecord`` runs them in C):
+    """The step recorder, two functions over one chain's appenders each:
 
     - ``observe(ep, step, state_vec, collapsed, flags, live, observations, infos)`` seals the step's
       env.state, then each live agent's observation naming it; returns their hashes, the joint
       action's sources;
     - ``joint_action(ep, step, live, actions, chosen, rewards, terms, truncs, cut, ep_return)`` builds
-      the joint.action payload; returns it and ``ep_return`` plus the step's rewards.
+      the joint.action payload (it seals nothing: a bad action, reward or log-probability raises
+      here, before the event exists); returns it and ``ep_return`` plus the step's rewards.
     """
     def observe(ep: int, step: int, state_vec: Any, collapsed: Any, flags: list | None, live: list,
                 observations: Mapping, infos: Mapping) -> list[bytes]:
@@ -211,8 +209,6 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
     append_action = log.appender(action_chain, "joint.action", policy_version=policy.version)
     clock = state_writer.clock
     observe, joint_action = step_functions(append_state, append_obs, discrete, encode)
-    record = fastrecord.recorder(append_state=append_state, append_obs=append_obs, append_action=append_action,
-                                 discrete=discrete, observe=observe, joint_action=joint_action, float_view=float_view)
     # seq of the next event of each chain, for the protected fields' associated data: the steps'
     # events are sealed in batches, after they were captured
     state_seq = state_writer.next_seq
@@ -279,7 +275,7 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                         obs_seq[a] += 1
                         obs_items.append((append_obs[a], payload, clock()))
                 else:  # sealed now: state, then each observation naming it
-                    sources = record.observe(ep, step, state_vec, collapsed, flags, live, observations, infos)
+                    sources = observe(ep, step, state_vec, collapsed, flags, live, observations, infos)
                 chosen = policy.act(observations if len(live) == len(observations) else
                                     {a: observations[a] for a in live}, state)
                 try:
@@ -289,15 +285,15 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                                        f"at episode {ep} step {step}; act() must answer every live agent") from None
                 observations, rewards, terms, truncs, infos = env.step(actions)
                 cut = max_steps is not None and step + 1 >= max_steps
+                act_payload, ep_return = joint_action(ep, step, live, actions, chosen, rewards, terms, truncs,
+                                                      cut, ep_return)
                 if has_subjects:
-                    captured[3], ep_return = joint_action(ep, step, live, actions, chosen, rewards, terms, truncs,
-                                                          cut, ep_return)
+                    captured[3] = act_payload
                     captured[4] = now = clock()
                     if len(pending) >= SEAL_BATCH_STEPS or now - pending[0][1] >= SEAL_BATCH_MICROS:
                         seal_pending()
                 else:
-                    ep_return = record.act(ep, step, live, actions, chosen, rewards, terms, truncs, cut, sources,
-                                           ep_return)
+                    append_action(act_payload, sources)
                 n_events += 2 + len(live)
                 step += 1
                 total_steps += 1

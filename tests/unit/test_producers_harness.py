@@ -130,3 +130,84 @@ def test_space_records_for_other_kinds():
     assert space_record(None)["kind"] == "none"
     with pytest.raises(TypeError, match="FlattenObservation"):
         space_record(spaces.Dict({"a": spaces.Discrete(2)}))
+
+
+class OddTruth:
+    def __bool__(self):
+        raise ValueError("no truth value here")
+
+
+@pytest.mark.parametrize("name,change", [
+    ("reward not a number", lambda k: k["rewards"].update(a1="lots")),
+    ("action not an int", lambda k: k["actions"].update(a1="left")),
+    ("no action for a live agent", lambda k: k["actions"].pop("a2")),
+    ("no choice for a live agent", lambda k: k["chosen"].pop("a0")),
+    ("log_prob not a number", lambda k: k["chosen"].update(a2=(1, object()))),
+    ("truncation without a truth value", lambda k: k["truncs"].update(a1=OddTruth())),
+    ("action None", lambda k: k["actions"].update(a0=None)),
+])
+def test_a_bad_step_raises_before_its_joint_action_is_built(name, change):
+    """The step recorder builds the whole joint.action payload before anything is sealed: a value it
+    cannot write raises there, and no sealer is called."""
+    from producers.harness import step_functions
+
+    agents = ["a0", "a1", "a2"]
+    calls = []
+
+    def sealer(chain):
+        def seal(payload, sources=(), produced_at=None):
+            calls.append(chain)
+            raise AssertionError("joint_action must not seal")
+        return seal
+
+    _, joint_action = step_functions(sealer("state"), {a: sealer(a) for a in agents}, {a: True for a in agents},
+                                     {a: (lambda x: (int(x), [])) for a in agents})
+    kw = {"actions": {"a0": 1, "a1": 2, "a2": 0}, "chosen": {a: (0, -0.5) for a in agents},
+          "rewards": {"a0": 1.0, "a1": np.float32(0.25), "a2": 3}, "terms": {"a0": False},
+          "truncs": {"a1": np.bool_(True)}}
+    payload, ret = joint_action(0, 5, agents, kw["actions"], kw["chosen"], kw["rewards"], kw["terms"], kw["truncs"],
+                                False, 0.5)
+    assert ret == 0.5 + 1.0 + 0.25 + 3 and payload["joint_vector"] == [1.0, 2.0, 0.0]
+    assert [a["truncated"] for a in payload["actions"]] == [False, np.bool_(True), False]
+    change(kw)
+    with pytest.raises((ValueError, TypeError, KeyError)):
+        joint_action(0, 5, agents, kw["actions"], kw["chosen"], kw["rewards"], kw["terms"], kw["truncs"], False, 0.0)
+    assert calls == [], name
+
+
+def test_a_step_with_a_bad_reward_seals_its_state_and_observations_but_no_joint_action():
+    env = spread()
+
+    class BadRewardAtStep2:
+        """simple_spread whose third step reports a reward that is not a number."""
+
+        def __init__(self, inner):
+            self.inner, self.n = inner, 0
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def reset(self, *a, **k):
+            return self.inner.reset(*a, **k)
+
+        def step(self, actions):
+            obs, rew, term, trunc, info = self.inner.step(actions)
+            self.n += 1
+            if self.n == 3:
+                rew = {**rew, "agent_1": "lots"}
+            return obs, rew, term, trunc, info
+
+    bad = BadRewardAtStep2(env)
+    sink = MemorySink()
+    log = EventLog(sink, run_id="r", producer_id="p", signer=SIGNER)
+    with pytest.raises(ValueError):
+        run_episodes(bad, RandomPolicy(env, seed=1), log, episodes=1, seed=0, env_id="x", env_version="0", config={})
+    log.close()
+    codec = default_codec()
+    types = [codec.decode(v)[1]["event_type"] for _, _, v in sink.sent]
+    assert types.count("joint.action") == 2 and types.count("env.state") == 3
+    assert types.count("agent.observation") == 9
+    finished = next(codec.decode(v)[1] for _, _, v in sink.sent if codec.decode(v)[1]["event_type"] == "run.finished")
+    assert finished["status"] == "failed" and finished["reason"] == "ValueError" and finished["steps"] == 2
+    records = [Record(t, 0, i, k, v, 0) for i, (t, k, v) in enumerate(sink.sent)]
+    assert verify_records(records, SIGNER.public_key).ok
