@@ -8,9 +8,7 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 
 import schemas as schema_files
 
-from .avro_encoder import _LOW14, _SMALL, _SMALL_LONGS, long_bytes, ts_high
 from .codec import ZERO_HASH, Codec, default_codec
-from . import fastseal
 
 CLASSIFICATIONS = ("public", "internal", "confidential", "restricted")
 # days an event of each classification is kept (topic retention.ms and each event's retention_expiry)
@@ -22,9 +20,39 @@ def now_micros() -> int:
     return time.time_ns() // 1000
 
 
+_MIN_LONG, _MAX_LONG = -(1 << 63), (1 << 63) - 1
+
+
+def long_bytes(n: int) -> bytes:
+    """Avro's encoding of a long: zigzag, then a little-endian base-128 varint."""
+    if not _MIN_LONG <= n <= _MAX_LONG:
+        raise ValueError(f"{n} does not fit an Avro long")
+    z = ((n << 1) ^ (n >> 63)) & 0xFFFFFFFFFFFFFFFF
+    out = bytearray()
+    while z > 0x7F:
+        out.append((z & 0x7F) | 0x80)
+        z >>= 7
+    out.append(z)
+    return bytes(out)
+
+
+# the varints of small longs (seq, counts), looked up instead of computed
+_SMALL = 1 << 14
+_SMALL_LONGS = [long_bytes(i) for i in range(_SMALL)]
+
+
 def _string(s: str) -> bytes:
     b = s.encode()
     return long_bytes(len(b)) + b
+
+
+class Head:
+    """A chain's head (seq, hash), shared by a writer and its sealers."""
+
+    __slots__ = ("seq", "hash")
+
+    def __init__(self, seq: int = -1, hash: bytes = ZERO_HASH):  # noqa: A002 - the field's name
+        self.seq, self.hash = seq, hash
 
 
 class ChainHead(NamedTuple):
@@ -54,7 +82,6 @@ def event_id_prefix() -> str:
     return f"{u[:8]}-{u[8:12]}-8{u[13:16]}-{'89ab'[int(u[16], 16) & 3]}{u[17:20]}-"
 
 
-_TS_MIN, _TS_END = 1 << 49, 1 << 56  # zigzag values whose varint is 8 bytes (timestamps, years 1978-3111)
 _ONLY_32 = {32}
 _SEQ_MAX = (1 << 48) - 1  # the event id's last 12 hex digits are the seq
 _SEALERS_MAX = 256
@@ -65,8 +92,8 @@ class ChainWriter:
 
     ``topic`` is the logical topic name (``marl.joint.action``); a deployment prefix is applied by
     the Kafka layer, so hashes never depend on it. The header is encoded here directly, in the
-    schema's field order (the codec checks every schema opens with exactly these fields); the
-    payload goes through the schema's compiled encoder.
+    schema's field order (the codec checks every schema opens with exactly these fields: a few
+    varints and strings, most of them constant for a sealer); the payload goes through fastavro.
 
     ``sealer(event_type, ...)`` gives a function that seals the chain's next event of one type with
     fixed header strings: the precomputed form of ``append`` for hot loops (same bytes).
@@ -91,7 +118,7 @@ class ChainWriter:
         self.codec = codec if codec is not None else default_codec()
         self.clock = clock
         self.id_prefix = id_prefix if id_prefix is not None else event_id_prefix()
-        self._head = fastseal.Head(*head)
+        self._head = Head(*head)
         self._chain = _string(chain_id)
         self._event_id_prefix = b"\x48" + self.id_prefix.encode()  # event_id: 36 chars, length 36 -> 0x48
         self._tail_const = _string(feature_schema_version)
@@ -130,87 +157,53 @@ class ChainWriter:
                                            _string(event_type) + _string(self.run_id))
         return t
 
-    def _payload_encoder(self, name: str) -> Callable[[dict, list[bytes]], None]:
-        """``into(payload, parts)``: the schema's compiled payload encoder, appending its pieces to ``parts``."""
-        return self.codec.payload_encoder_into(name)
-
     def sealer(self, event_type: str, *, policy_version: str = "", rule_version: str = "",
-               data_classification: str | None = None, native: bool = True) -> Callable[..., Event]:
+               data_classification: str | None = None) -> Callable[..., Event]:
         """``seal(payload, source_event_hashes=(), produced_at=None)``: the chain's next event of
         ``event_type`` with these header strings; the same bytes as ``append`` with the same
         arguments, with the header's constant parts encoded once. Sealers of one writer share its head.
 
         ``source_event_hashes``: a list or tuple of 32-byte digests. ``produced_at`` (microseconds):
         a reading of this writer's ``clock`` taken when the event's data was captured, for callers
-        that seal a few events later in one go; None reads the clock now.
-
-        With ``native`` (the default) and the C sealer built (eventlog/fastseal.py), the C sealer
-        wraps the Python closure below, which defines the bytes and takes every call the C sealer
-        hands back."""
+        that seal a few events later in one go; None reads the clock now."""
         name, prefix, type_run = self._type(event_type)
         try:
             producer_class, retention = self._classes[data_classification or self.data_classification]
         except KeyError:
             raise ValueError(f"data_classification {data_classification!r} is not one of {CLASSIFICATIONS}") from None
-        encode_into = self._payload_encoder(name)
+        encode_payload = self.codec.payload_encoder(name)
         chain_and_id = self._chain + self._event_id_prefix
         tail = (self._tail_const + (_string(policy_version) if policy_version else b"\x00")
                 + (_string(rule_version) if rule_version else b"\x00"))
-        ret2 = retention << 1
-        ts_end = _TS_END - ret2  # produced_at and retention_expiry both 8-byte varints below this
         clock = self.clock
-        own_clock, time_ns = clock is now_micros, time.time_ns  # the default clock, inline
         topic, chain_id = self.topic, self.chain_id
-        small, small_off, low14 = _SMALL_LONGS, _SMALL, _LOW14
+        small = _SMALL_LONGS
         join, digest_of, new_tuple = b"".join, sha256, tuple.__new__
         head = self._head
-        # high parts (z >> 14) of the last produced_at and retention_expiry varints, and their bytes
-        p_hi = e_hi = -1
-        p_bytes = e_bytes = b""
 
         def seal(payload: dict, source_event_hashes: Sequence[bytes] = (), produced_at: int | None = None) -> Event:
-            nonlocal p_hi, p_bytes, e_hi, e_bytes
             seq = head.seq + 1
-            t = produced_at if produced_at is not None else time_ns() // 1000 if own_clock else clock()
-            z = t << 1  # zigzag of t >= 0
-            if _TS_MIN <= z < ts_end:
-                if z >> 14 != p_hi:
-                    p_hi = z >> 14
-                    p_bytes = ts_high(p_hi)
-                produced = low14[z & 0x3FFF] + p_bytes
-                z += ret2
-                if z >> 14 != e_hi:
-                    e_hi = z >> 14
-                    e_bytes = ts_high(e_hi)
-                expiry = low14[z & 0x3FFF] + e_bytes
-            else:
-                produced, expiry = long_bytes(t), long_bytes(t + retention)
             if seq > _SEQ_MAX:
                 raise ValueError(f"chain {chain_id} is full: an event id holds 48 bits of seq and {seq} does not fit; "
                                  f"continue on a new chain id")
-            parts = [prefix, head.hash, small[seq + small_off] if seq < small_off else long_bytes(seq),
-                     chain_and_id, b"%012x" % seq, type_run, produced, producer_class, expiry, tail]
+            t = produced_at if produced_at is not None else clock()
+            parts = [prefix, head.hash, small[seq] if seq < _SMALL else long_bytes(seq),
+                     chain_and_id, b"%012x" % seq, type_run, long_bytes(t), producer_class,
+                     long_bytes(t + retention), tail]
             if source_event_hashes:
                 n = len(source_event_hashes)
-                if n == 1:
-                    if len(source_event_hashes[0]) != 32:
-                        raise ValueError("source_event_hashes must be 32-byte SHA-256 digests")
-                elif {*map(len, source_event_hashes)} != _ONLY_32:
+                if {*map(len, source_event_hashes)} != _ONLY_32:
                     raise ValueError("source_event_hashes must be 32-byte SHA-256 digests")
-                parts.append(small[n + small_off] if n < small_off else long_bytes(n))
+                parts.append(small[n] if n < _SMALL else long_bytes(n))
                 parts += source_event_hashes
             parts.append(b"\x00")
-            encode_into(payload, parts)
+            parts.append(encode_payload(payload))
             body = join(parts)
             event_hash = digest_of(body).digest()
             head.seq, head.hash = seq, event_hash
             return new_tuple(Event, (topic, chain_id, seq, event_hash, body + event_hash, event_type))
 
-        if not native or not fastseal.NATIVE:
-            return seal
-        return fastseal.Sealer(head, seal, prefix, chain_and_id, type_run, producer_class, tail, retention,
-                               self.codec.payload_program(name), Event, topic, chain_id, event_type,
-                               None if own_clock else clock)
+        return seal
 
     def append(self, event_type: str, payload: dict, *, policy_version: str = "", rule_version: str = "",
                source_event_hashes: Iterable[bytes] = (), data_classification: str | None = None) -> Event:

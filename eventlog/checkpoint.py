@@ -57,7 +57,7 @@ def statement_for(topic: str, chain_id: str, first_seq: int, prev_head_hash: byt
     if not event_hashes:
         raise ValueError("a checkpoint covers at least one event")
     return CheckpointStatement(topic, chain_id, first_seq, first_seq + len(event_hashes) - 1,
-                               prev_head_hash, event_hashes[-1], _merkle_root(event_hashes))
+                               prev_head_hash, event_hashes[-1], merkle_root(event_hashes))
 
 
 def checkpoint_payload(stmt: CheckpointStatement, signer: "Signer") -> dict:
@@ -70,16 +70,6 @@ def checkpoint_payload(stmt: CheckpointStatement, signer: "Signer") -> dict:
         "merkle_root": stmt.merkle_root, "signer_key_id": signer.key_id,
         "signature": signer.sign(stmt),
     }
-
-
-def _merkle_root(event_hashes: list[bytes]) -> bytes:
-    """``merkle.merkle_root``, with the leaves and inner nodes hashed by the verifier's C fast path when it
-    is built (the writer signs a checkpoint per chain every N events; tests check both agree)."""
-    from . import fastpath  # noqa: PLC0415 - fastpath imports merkle; imported on first use
-
-    if not fastpath.NATIVE or type(event_hashes) is not list:
-        return merkle_root(event_hashes)
-    return fastpath.merkle_root_of_event_hashes(event_hashes)
 
 
 def public_key_raw(key: Ed25519PublicKey) -> bytes:

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import fastavro
+from fastavro.schema import fingerprint as _fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
 
 import schemas as schema_files
-
-from .avro_encoder import compile_encoder, compile_program
 
 MAGIC = b"\xc3\x01"
 PREFIX_LEN = 10  # magic + fingerprint
@@ -30,34 +29,15 @@ HEADER_FIELDS = (
     "source_event_hashes",
 )
 
-_CRC64_EMPTY = 0xC15D213AA4D7A795
-
-
-def _crc64_table() -> list[int]:
-    table = []
-    for i in range(256):
-        fp = i
-        for _ in range(8):
-            fp = (fp >> 1) ^ (_CRC64_EMPTY & -(fp & 1))
-        table.append(fp)
-    return table
-
-
-_CRC64_TABLE = _crc64_table()
-
-
-def crc64_avro(data: bytes) -> int:
-    """The Avro specification's CRC-64-AVRO (Rabin) fingerprint of ``data``."""
-    fp = _CRC64_EMPTY
-    for byte in data:
-        fp = (fp >> 8) ^ _CRC64_TABLE[(fp ^ byte) & 0xFF]
-    return fp
-
-
 def fingerprint(schema: dict) -> bytes:
-    """8-byte little-endian CRC-64-AVRO of the schema's Parsing Canonical Form."""
+    """8-byte little-endian CRC-64-AVRO (the Avro specification's Rabin fingerprint) of the schema's
+    Parsing Canonical Form, as fastavro computes it (its hex string lists the bytes in that order)."""
     canonical = to_parsing_canonical_form(fastavro.parse_schema(schema, _write_hint=False))
-    return struct.pack("<Q", crc64_avro(canonical.encode()))
+    return bytes.fromhex(_fastavro_fingerprint(canonical, "CRC-64-AVRO"))
+
+
+class EncodeError(ValueError):
+    """A record that does not fit its schema."""
 
 
 class DecodeError(ValueError):
@@ -83,7 +63,12 @@ class Codec:
     def __init__(self, current: dict[str, dict], history: dict[str, dict] | None = None):
         for name, s in current.items():
             check_contract(name, s)
-        self._parsed = {name: fastavro.parse_schema(s) for name, s in current.items()}
+        self._parsed: dict[str, dict] = {}
+        self._payloads: dict[str, dict] = {}
+        for name, s in current.items():
+            named: dict = {}  # the payload's references (marlgrc.Sha256, ...) resolve to the full schema's types
+            self._parsed[name] = fastavro.parse_schema(s, named)
+            self._payloads[name] = fastavro.parse_schema(_payload_schema(s), named)
         self._fingerprints = {name: fingerprint(s) for name, s in current.items()}
         self._writers: dict[bytes, _Writer] = {}
         for stem, s in (history or {}).items():
@@ -91,10 +76,6 @@ class Codec:
             self._writers[fingerprint(s)] = _Writer(name, version, fastavro.parse_schema(s))
         for name, fp in self._fingerprints.items():
             self._writers[fp] = _Writer(name, "current", self._parsed[name])
-        self._encoders = {name: compile_encoder(s, MAGIC + self._fingerprints[name]) for name, s in current.items()}
-        self._payload_encoders = {name: compile_encoder(_payload_schema(s), predefine=[s["fields"][0]["type"]]) for name, s in current.items()}
-        self._payload_programs = {name: compile_program(_payload_schema(s), predefine=[s["fields"][0]["type"]])
-                                  for name, s in current.items()}
 
     @property
     def names(self) -> list[str]:
@@ -108,35 +89,26 @@ class Codec:
         return self._writer(value).name
 
     def encode(self, name: str, record: dict) -> bytes:
+        """``C3 01`` + fingerprint + the Avro binary body of ``record`` under the current schema ``name``."""
         try:
-            encoder = self._encoders[name]
+            parsed = self._parsed[name]
         except KeyError:
             raise KeyError(f"unknown schema {name!r}; known: {self.names}") from None
-        return encoder(record)
+        return _write(MAGIC + self._fingerprints[name], parsed, record, name)
 
     def prefix(self, name: str) -> bytes:
         """``C3 01`` + fingerprint of the current schema ``name``."""
         return MAGIC + self._fingerprints[name]
 
-    def payload_encoder_into(self, name: str):
-        """``into(payload, parts)``: the compiled payload encoder of ``name`` that appends its pieces to
-        the list ``parts`` (the chain writer's sealers join header and payload pieces once)."""
-        return self._payload_encoders[name].into
-
-    def payload_program(self, name: str) -> tuple:
-        """The payload of ``name`` compiled for the C sealer (``avro_encoder.compile_program``)."""
-        return self._payload_programs[name]
+    def payload_encoder(self, name: str):
+        """``encode(payload) -> bytes``: the Avro binary of the fields between the header and
+        ``event_hash`` of schema ``name`` (the chain writer writes the header itself)."""
+        parsed = self._payloads[name]
+        return lambda payload: _write(b"", parsed, payload, name)
 
     def encode_payload(self, name: str, payload: dict) -> bytes:
-        """Avro binary of the fields between the header and ``event_hash`` (the chain writer's hot path)."""
-        return self._payload_encoders[name](payload)
-
-    def encode_with_fastavro(self, name: str, record: dict) -> bytes:
-        """The same bytes through fastavro's generic writer (cross-check and benchmark baseline)."""
-        buf = io.BytesIO()
-        buf.write(MAGIC + self._fingerprints[name])
-        fastavro.schemaless_writer(buf, self._parsed[name], record)
-        return buf.getvalue()
+        """Avro binary of the fields between the header and ``event_hash``."""
+        return _write(b"", self._payloads[name], payload, name)
 
     def decode(self, value: bytes) -> tuple[str, dict]:
         """(schema name, record) read with the current schema of that name."""
@@ -162,6 +134,17 @@ class Codec:
         if writer is None:
             raise DecodeError("unknown_fingerprint", f"no known schema has fingerprint {fp.hex()}")
         return writer
+
+
+def _write(prefix: bytes, parsed: dict, record: dict, name: str) -> bytes:
+    """``prefix`` + fastavro's Avro binary of ``record`` (arrays as one block, fields in schema order)."""
+    buf = io.BytesIO(prefix)
+    buf.seek(len(prefix))
+    try:
+        fastavro.schemaless_writer(buf, parsed, record)
+    except (KeyError, TypeError, AttributeError, ValueError, struct.error, OverflowError) as exc:
+        raise EncodeError(f"record does not fit schema {name}: {_said(exc)}") from None
+    return buf.getvalue()
 
 
 def _said(exc: BaseException) -> str:

@@ -7,7 +7,6 @@ from typing import Callable, Protocol, Sequence
 
 import schemas as schema_files
 
-from . import fastseal
 from .chain import GENESIS, ChainHead, ChainWriter, Event, event_id_prefix, now_micros
 from .checkpoint import Signer, checkpoint_payload, statement_for
 from .codec import Codec, default_codec
@@ -47,7 +46,7 @@ class _Pending:
 def _send(send: Callable[[str, str, bytes], None], writer: ChainWriter, event: Event) -> None:
     """Send a sealed event; if the sink refuses it (raises an Exception: a ``Sink`` raises only for an
     event it did not queue), the event never happened: the writer's head goes back to the event
-    before it (the C sealer does the same) and the sink's error is raised. An interrupt is raised as
+    before it and the sink's error is raised. An interrupt is raised as
     it is, head unchanged: a gap the verifier reports rather than a seq written twice."""
     try:
         send(event.topic, event.chain_id, event.value)
@@ -139,15 +138,11 @@ class EventLog:
                                                        data_classification=data_classification))
 
     def _deliver(self, w: ChainWriter, seal: Callable[..., Event]) -> Callable[..., Event]:
-        """``seal`` followed by sending the event and recording its checkpoint leaf (inside the C
-        sealer, when ``seal`` is one: the same steps, in the same order)."""
+        """``seal`` followed by sending the event and recording its checkpoint leaf."""
         topic, chain_id, send = w.topic, w.chain_id, self.sink.send
         pending = self._pending_of(topic, chain_id)
         every = self.checkpoint_every
         mark = None if pending is None else functools.partial(self._mark, topic, chain_id, pending, every)
-        if fastseal.Sealer is not None and isinstance(seal, fastseal.Sealer):
-            seal.set_delivery(send, None if pending is None else pending.hashes, every, mark)
-            return seal
         if pending is None:
             def append(payload: dict, source_event_hashes: Sequence[bytes] = (),
                        produced_at: int | None = None) -> Event:

@@ -14,19 +14,54 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from confluent_kafka import Message as ConfluentMessage
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .checkpoint import CheckpointStatement, key_id, signature_valid
 from .codec import DecodeError, ZERO_HASH, Codec, default_codec
+from .chain import long_bytes
 from .hashing import MIN_EVENT_LEN, PREV_END, PREV_START, seq_and_chain
 from .kafka import Record
-from .fastpath import GROUP_DONE, GROUP_ERROR, GROUP_NEW_KEY, check_chain, group_messages, merkle_root_from_leaves
+from .merkle import root_from_leaves
 
 CHECKPOINT_TOPIC = "marl.audit.checkpoints"
 _LOOKAHEAD = 64      # records kept after a break to classify it
-_CHUNK = 2048        # records accepted per call of the fast path; the last two chunks classify a break
-_MESSAGE_TYPE = ConfluentMessage  # buffered Messages of this type are kept off the cyclic GC's lists
+_CHUNK = 2048        # records accepted per call of ``accept_chain``; the last two chunks classify a break
+_SEQ_TABLE = [long_bytes(i) for i in range(1 << 14)]  # the varints of small seqs
+
+
+def seq_varint(seq: int) -> bytes:
+    """The bytes of ``seq`` as an event carries them at offset 42 (a zigzag varint)."""
+    return _SEQ_TABLE[seq] if 0 <= seq < 16384 else long_bytes(seq)
+
+
+def accept_chain(values: list[bytes], prev: bytes, next_seq: int, leaves: bytearray | None) -> tuple[int, bytes]:
+    """The verifier's hot loop: accept the longest prefix of a chain's next ``values`` in which each
+    event's SHA-256(value[:-32]) equals value[-32:], value[10:42] links to the previous hash (the
+    first to ``prev``) and its seq is the one expected (the first ``next_seq``, then one more each).
+    Appends each accepted event's Merkle leaf to ``leaves`` (a bytearray, or None). Returns (number
+    accepted, hash of the last accepted).
+
+    A varint is prefix-free, so ``value.startswith(seq_varint(seq), 42)`` holds exactly when the
+    event's seq is written as ``seq`` is (the chain writer's encoding)."""
+    last, seq = prev, next_seq
+    for v in values:
+        if (len(v) < MIN_EVENT_LEN or v[PREV_START:PREV_END] != last
+                or not v.startswith(_SEQ_TABLE[seq] if seq < 16384 else long_bytes(seq), PREV_END)):
+            break
+        h = sha256(v[:-32]).digest()
+        if h != v[-32:]:
+            break
+        if leaves is not None:
+            leaves += sha256(b"\x00" + h).digest()
+        last = h
+        seq += 1
+    return seq - next_seq, last
+
+
+def _leaves_root(leaves: bytearray, start: int, count: int) -> bytes:
+    """RFC 6962 root over ``count`` 32-byte leaves of ``leaves`` from leaf ``start``."""
+    mv = memoryview(leaves)
+    return root_from_leaves([bytes(mv[i * 32:(i + 1) * 32]) for i in range(start, start + count)])
 
 
 class BreakKind(str, Enum):
@@ -275,22 +310,22 @@ class Verifier:
 
     def feed_messages(self, msgs: list, prefix: str = "") -> None:
         """Like ``feed``, for a batch of confluent-kafka Messages: the Kafka reader's hot path, which
-        turns into a Record only the few messages a report or a break needs. ``group_messages`` (C,
-        or its Python twin) sorts the messages per (topic, key) and stops for what Python handles."""
+        turns into a Record only the few messages a report or a break needs."""
         bufs = self._mbufs
-        i = 0
-        while True:
-            i, what, topic, key = group_messages(msgs, i, bufs, _CHUNK, _MESSAGE_TYPE)
-            if what == GROUP_DONE:
-                return
-            if what == GROUP_ERROR:
-                raise RuntimeError(f"Kafka error while reading: {msgs[i].error()}")
-            if what == GROUP_NEW_KEY:
+        for m in msgs:
+            if m.error() is not None:
+                raise RuntimeError(f"Kafka error while reading: {m.error()}")
+            topic, key = m.topic(), m.key()
+            by_key = bufs.get(topic)
+            entry = None if by_key is None else by_key.get(key)
+            if entry is None:
                 name, chain = topic[len(prefix):], (key or b"").decode("utf-8", "backslashreplace")
                 self._mchain[(topic, key)] = self._chains.get((name, chain)) or self._new_chain(name, chain)
-                bufs.setdefault(topic, {})[key] = ([], [])
-            else:  # GROUP_FULL
-                ms, vs = bufs[topic][key]
+                entry = bufs.setdefault(topic, {})[key] = ([], [])
+            ms, vs = entry
+            ms.append(m)
+            vs.append(m.value())
+            if len(ms) >= _CHUNK:
                 bufs[topic][key] = ([], [])
                 self._flush(self._mchain[(topic, key)], ms, self._conv(prefix), vs)
 
@@ -310,7 +345,7 @@ class Verifier:
     def _flush(self, st: _Chain, items: list, conv=None, values: list | None = None) -> None:
         """Accept the longest valid prefix of a chain's next ``items`` (Records, or Messages with
         ``conv`` to turn one into a Record; ``values``: their values, if already taken) in one call
-        of the fast path; a break stops the chain."""
+        of ``accept_chain``; a break stops the chain."""
         rec = conv or (lambda x: x)
         if st.broken is not None:
             if st.suspect is not None and len(st.lookahead) < _LOOKAHEAD:
@@ -334,7 +369,7 @@ class Verifier:
                                f"the event names chain {named!r} but was found under key {st.chain_id!r}")
                 return
         try:
-            n, last = check_chain(values, st.last_hash, st.leaves if want_leaves else None)
+            n, last = accept_chain(values, st.last_hash, first, st.leaves if want_leaves else None)
         except TypeError:  # a value that is not bytes (a tombstone): accept nothing, classify below
             n, last = 0, st.last_hash
         if n:
@@ -376,7 +411,7 @@ class Verifier:
             st.cp_index += 1
             if cp.first_seq < st.leaves_base:
                 continue  # range began before the events we read (a partial replay): cannot check it
-            root = merkle_root_from_leaves(st.leaves, cp.first_seq - st.leaves_base, cp.last_seq - cp.first_seq + 1)
+            root = _leaves_root(st.leaves, cp.first_seq - st.leaves_base, cp.last_seq - cp.first_seq + 1)
             head = values[cp.last_seq - first][-32:] if cp.last_seq >= first else None
             if root != cp.merkle_root or (head is not None and head != cp.head_event_hash):
                 p, o = st.range_starts.get(cp.first_seq, (st.last_partition, st.last_offset))
@@ -417,6 +452,8 @@ class Verifier:
         recent = [(r.value[-32:], r.partition, r.offset) for _, chunk, rec in st.tails for r in map(rec, chunk)]
         if xh in {e[0] for e in recent}:
             return at(BreakKind.DUPLICATED, x, xs, f"the event with seq {xs} appears again after seq {g}")
+        if xp == hg:  # linked where it should be: only its seq is wrong
+            return self._classify_seq(st, x, xs, g + 1)
         y = st.lookahead[0] if st.lookahead else None
         x_is_linked = any(r.value[PREV_START:PREV_END] == xh for r in st.lookahead)
         if y is not None and y.value[PREV_START:PREV_END] == hg and _seq_or(y.value, -1) == g + 1:
@@ -443,6 +480,22 @@ class Verifier:
             return Break(BreakKind.INSERTED, st.topic, st.chain_id, p, o, xs,
                          f"seq {xs} was accepted, but the chain continues from another event with seq {xs}")
         return at(BreakKind.REORDERED, x, xs, f"seq {xs} arrives after seq {g}")
+
+    @staticmethod
+    def _classify_seq(st: _Chain, x: Record, xs: int, want: int) -> Break:
+        """An event that hashes right and links to the previous one but does not carry the seq after
+        it (HASHING.md §3: seq starts at 0 and grows by 1)."""
+        def at(kind, seq, detail):
+            return Break(kind, st.topic, st.chain_id, x.partition, x.offset, seq, detail)
+
+        if xs > want:
+            if any(_seq_or(r.value, -1) == want for r in st.lookahead):
+                return at(BreakKind.REORDERED, xs, f"seq {xs} arrives before seq {want}")
+            return at(BreakKind.MISSING, want, f"seq {want}..{xs - 1} missing before seq {xs} (the hash links "
+                                               f"are intact: the chain was written without them)")
+        if xs < want:
+            return at(BreakKind.DUPLICATED, xs, f"seq {xs} appears again after seq {want - 1}")
+        return at(BreakKind.EDITED, xs, f"seq {xs} is not written as the chain writer writes it (zigzag varint)")
 
     def finish(self) -> Report:
         for topic, chain_id in list(self._pending_cps):
