@@ -36,7 +36,7 @@ from eventlog.kafka import EventProducer, ensure_topics, read_records
 from eventlog.log import EventLog
 from ledger import Materializer, SqliteLedger, StaticKey, sync
 from ledger.tables import row_tuples_for_event
-from marlgrc.demo import synthetic_run
+from tests.synthetic import synthetic_run
 
 RATIO_TARGET = 0.8
 RATE_TARGET = 30_000

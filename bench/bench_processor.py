@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from eventlog.kafka import EventProducer, ensure_topics, read_records  # noqa: E402
 from eventlog.log import EventLog  # noqa: E402
-from marlgrc.demo import synthetic_run  # noqa: E402
+from tests.synthetic import synthetic_run  # noqa: E402
 from eventlog.chain import ChainWriter  # noqa: E402
 from eventlog.codec import default_codec  # noqa: E402
 from stream_processors import credit_fairness as cf  # noqa: E402

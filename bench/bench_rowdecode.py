@@ -18,7 +18,7 @@ import _common  # noqa: F401 - puts the repository on sys.path
 
 from eventlog.log import EventLog, MemorySink
 from ledger.fastrows import NATIVE, decode_rows, decode_rows_native, py_decode_rows
-from marlgrc.demo import synthetic_run
+from tests.synthetic import synthetic_run
 
 REPEATS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 MIN_SPEEDUP = 5.0

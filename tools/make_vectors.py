@@ -16,14 +16,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from eventlog import corruptions  # noqa: E402
+from tests import corruptions  # noqa: E402
 from eventlog.bundle import write_bundle  # noqa: E402
 from eventlog.checkpoint import Signer, public_key_pem, public_key_raw  # noqa: E402
 from eventlog.codec import default_codec  # noqa: E402
 from eventlog.kafka import Record  # noqa: E402
 from eventlog.log import EventLog, MemorySink  # noqa: E402
 from eventlog.merkle import inclusion_proof, leaf_hash, merkle_root  # noqa: E402
-from marlgrc.demo import synthetic_run  # noqa: E402
+from tests.synthetic import synthetic_run  # noqa: E402
 
 VECTORS = ROOT / "tests" / "vectors"
 SIGNER = Signer.from_seed(b"marlgrc test vectors")

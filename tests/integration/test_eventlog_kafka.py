@@ -5,7 +5,6 @@ import uuid
 
 import pytest
 
-from eventlog import corruptions
 from eventlog.audit import prove_inclusion, records_for_proof, verify_bundle, verify_kafka
 from eventlog.bundle import read_bundle, write_bundle
 from eventlog.checkpoint import Signer, public_key_pem
@@ -14,7 +13,8 @@ from eventlog.consume import decode_or_dead_letter
 from eventlog.kafka import EventProducer, ensure_topics, read_records
 from eventlog.log import EventLog
 from eventlog.verify import CHECKPOINT_TOPIC, BreakKind
-from marlgrc.demo import synthetic_run
+from tests import corruptions
+from tests.synthetic import synthetic_run
 
 pytestmark = pytest.mark.integration
 SIGNER = Signer.from_seed(b"integration")

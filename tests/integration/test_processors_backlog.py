@@ -12,7 +12,7 @@ import pytest
 from eventlog.codec import default_codec
 from eventlog.kafka import EventProducer, ensure_topics, read_records
 from eventlog.log import EventLog, MemorySink
-from marlgrc.demo import synthetic_run
+from tests.synthetic import synthetic_run
 from stream_processors.worker import STATE_TOPIC, Worker, WorkerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

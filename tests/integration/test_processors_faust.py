@@ -20,7 +20,7 @@ from eventlog.codec import default_codec
 from eventlog.kafka import EventProducer, ensure_topics, read_records
 from eventlog.log import EventLog, MemorySink
 from eventlog.verify import verify_records
-from marlgrc.demo import synthetic_run
+from tests.synthetic import synthetic_run
 from stream_processors import credit_fairness as cf
 from stream_processors.processor import INPUT_TOPICS, Processor
 from stream_processors.replay import payload_fields

@@ -21,7 +21,7 @@ from eventlog.checkpoint import Signer
 from eventlog.codec import default_codec
 from eventlog.kafka import EventProducer, ensure_topics, read_records
 from eventlog.log import EventLog
-from marlgrc.demo import synthetic_run
+from tests.synthetic import synthetic_run
 from stream_processors.replay import comparable, payload_fields, reprocess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]

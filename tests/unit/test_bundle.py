@@ -6,10 +6,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eventlog import corruptions
 from eventlog.audit import verify_bundle
 from eventlog.bundle import BundleError, read_bundle, write_bundle
 from eventlog.checkpoint import Signer, public_key_pem
+from tests import corruptions
 from tests.unit.test_verify import SIGNER, STREAM
 
 

@@ -19,7 +19,7 @@ from eventlog.log import EventLog, MemorySink
 from ledger import fastrows
 from ledger.fastrows import decode_rows, same_rows
 from ledger.materialize import _TOPIC_OF_TYPE, check_batch
-from marlgrc.demo import synthetic_run
+from tests.synthetic import synthetic_run
 
 # outside CI a machine without a C compiler skips these (test_fastrows reports the missing build);
 # under CI=true they run and fail on it

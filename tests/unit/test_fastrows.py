@@ -13,7 +13,7 @@ from eventlog.log import EventLog, MemorySink
 from eventlog.native import build_extension
 from ledger import fastrows
 from ledger.fastrows import decode_rows, decode_rows_native, py_decode_rows, same_rows
-from marlgrc.demo import synthetic_run
+from tests.synthetic import synthetic_run
 from tests.avro_strategies import old_env_state_value
 from tests.avro_strategies import records as avro_records
 

@@ -6,7 +6,7 @@ import pytest
 
 from eventlog.log import EventLog, MemorySink
 from learners.replay import ReplayError, UnverifiedStream, read_records_of_run, records_from_memory
-from marlgrc.demo import synthetic_run
+from tests.synthetic import synthetic_run
 from producers.policies import RandomPolicy
 from tests.unit.test_learners_support import MatchTarget, harness_run, replay_of
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from eventlog import corruptions
 from eventlog.chain import MICROS_PER_DAY
 from eventlog.checkpoint import Signer
 from eventlog.kafka import Record
@@ -23,7 +22,8 @@ from eventlog.verify import BreakKind
 from ledger import (EnvKey, KeyFile, LedgerKeyError, Materializer, SqliteLedger, StaticKey, erase_subject,
                     purge_expired, verify_ledger)
 from ledger.store import LedgerError
-from marlgrc.demo import synthetic_run
+from tests import corruptions
+from tests.synthetic import synthetic_run
 
 SIGNER = Signer.from_seed(b"ledger-tests")
 KEY = StaticKey(bytes(range(32)))

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from eventlog.codec import default_codec
 from eventlog.log import EventLog, MemorySink
-from marlgrc.demo import synthetic_run
+from tests.synthetic import synthetic_run
 from stream_processors import rules as R
 from stream_processors.processor import INPUT_TOPICS, Processor
 from stream_processors.replay import comparable

@@ -1,5 +1,8 @@
 """A synthetic multi-agent stream: run.started, then per step the global state, each agent's
-observation and the joint action, then run.finished. Deterministic for a seed."""
+observation and the joint action, then run.finished. Deterministic for a seed.
+
+A fixture for tests, benchmarks and ``tools/make_vectors.py`` (``marlgrc demo`` runs a real environment);
+tests/vectors/hashing.json is written from it, so a change to what it writes changes the vectors."""
 from __future__ import annotations
 
 import hashlib
