@@ -1,4 +1,4 @@
-"""The native service launcher (compose/native.py) against the real Kafka and PostgreSQL.
+"""The service launcher (compose/kafka.py, compose/postgres.py) against real Kafka and PostgreSQL.
 
 Each test gets its own home under /tmp (short paths: PostgreSQL's unix socket lives there) and
 its own free ports, so these tests can run beside a suite that uses the shared services.
