@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 import schemas as schema_files
 
-from .bundle import check_manifest, read_bundle
+from .bundle import bundle_entries, check_manifest, entry_record, read_bundle
 from .checkpoint import CheckpointStatement, signature_valid
 from .codec import default_codec
 from .hashing import seq_and_chain
@@ -64,17 +64,22 @@ def verify_bundle(bundle_dir: Path, *, public_key: Ed25519PublicKey | None = Non
     """Verify a bundle written by ``write_bundle`` (checkpoints are stored first)."""
     problems = check_manifest(bundle_dir, public_key)  # also: a clear error for a folder that is not a bundle
     v = Verifier(public_key, trusted)
-    entries = iter(_of_run(read_bundle(bundle_dir), run_id))
+    entries = bundle_entries(bundle_dir)
+    if run_id is not None:
+        p = f"{run_id}:"
+        entries = (e for e in entries if e["key"].startswith(p))
     cps: list[Record] = []
     first_data = None
-    for r in entries:
-        if r.topic != CHECKPOINT_TOPIC:
-            first_data = r
+    for e in entries:
+        if e["topic"] != CHECKPOINT_TOPIC:
+            first_data = e
             break
-        cps.append(r)
+        cps.append(entry_record(e))
     v.add_checkpoints(cps)
     if first_data is not None:
-        v.feed_runs(_counted(itertools.chain([first_data], entries), progress))
+        n = v.feed_entries(itertools.chain([first_data], entries), entry_record)
+        if progress is not None:
+            progress(n)
     report = v.finish()
     for p in problems:
         if "not signed" in p:

@@ -92,19 +92,28 @@ def read_manifest(bundle_dir: Path) -> dict:
     return manifest
 
 
-def read_bundle(bundle_dir: Path) -> Iterator[Record]:
-    """Every entry of the bundle, in stored order. The manifest's digest is NOT trusted for integrity
-    (the verifier checks the events themselves); it only catches a damaged copy early."""
+def bundle_entries(bundle_dir: Path) -> Iterator[dict]:
+    """Every entry of the bundle as fastavro reads it (a dict of ``marlgrc.bundle.Entry``), in stored
+    order. The manifest's digest is NOT trusted for integrity (the verifier checks the events
+    themselves); it only catches a damaged copy early."""
     path = Path(bundle_dir) / "events.avro"
     if not path.exists():
         raise BundleError(f"{bundle_dir}: events.avro is missing; the bundle is incomplete, export it again")
     with path.open("rb") as fh:
         try:
-            for e in fastavro.reader(fh):
-                yield Record(e["topic"], e["partition"], e["offset"], e["key"], e["value"], e["timestamp"])
+            yield from fastavro.reader(fh)
         except (ValueError, EOFError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
             raise BundleError(f"{path} is damaged and cannot be read as an Avro container ({exc!r}); "
                               f"ask for a fresh export") from None
+
+
+def entry_record(e: dict) -> Record:
+    return Record(e["topic"], e["partition"], e["offset"], e["key"], e["value"], e["timestamp"])
+
+
+def read_bundle(bundle_dir: Path) -> Iterator[Record]:
+    """Every entry of the bundle as a Record, in stored order (see ``bundle_entries``)."""
+    return map(entry_record, bundle_entries(bundle_dir))
 
 
 def check_manifest(bundle_dir: Path, public_key) -> list[str]:

@@ -21,24 +21,28 @@ def now_micros() -> int:
 
 
 _MIN_LONG, _MAX_LONG = -(1 << 63), (1 << 63) - 1
+# varint pieces: UVARINT14[z] is the varint of z < 2**14; LOW14[z & 0x3FFF] the two (continued) bytes
+# of z's low 14 bits, so the varint of z >= 2**14 is LOW14[z & 0x3FFF] + (the varint of z >> 14)
+UVARINT14 = [bytes([z]) if z < 0x80 else bytes([(z & 0x7F) | 0x80, z >> 7]) for z in range(1 << 14)]
+LOW14 = [bytes([(z & 0x7F) | 0x80, ((z >> 7) & 0x7F) | 0x80]) for z in range(1 << 14)]
 
 
 def long_bytes(n: int) -> bytes:
-    """Avro's encoding of a long: zigzag, then a little-endian base-128 varint."""
+    """Avro's encoding of a long: zigzag, then a little-endian base-128 varint (built from 14-bit
+    pieces: header longs are seqs, counts and microsecond timestamps, up to 8 bytes)."""
     if not _MIN_LONG <= n <= _MAX_LONG:
         raise ValueError(f"{n} does not fit an Avro long")
-    z = ((n << 1) ^ (n >> 63)) & 0xFFFFFFFFFFFFFFFF
-    out = bytearray()
-    while z > 0x7F:
-        out.append((z & 0x7F) | 0x80)
-        z >>= 7
-    out.append(z)
-    return bytes(out)
-
-
-# the varints of small longs (seq, counts), looked up instead of computed
-_SMALL = 1 << 14
-_SMALL_LONGS = [long_bytes(i) for i in range(_SMALL)]
+    z = (n << 1) ^ (n >> 63)  # zigzag; >= 0 for every long
+    if z < 16384:
+        return UVARINT14[z]
+    if z < 1 << 28:
+        return LOW14[z & 0x3FFF] + UVARINT14[z >> 14]
+    if z < 1 << 42:
+        return LOW14[z & 0x3FFF] + LOW14[(z >> 14) & 0x3FFF] + UVARINT14[z >> 28]
+    if z < 1 << 56:
+        return LOW14[z & 0x3FFF] + LOW14[(z >> 14) & 0x3FFF] + LOW14[(z >> 28) & 0x3FFF] + UVARINT14[z >> 42]
+    return LOW14[z & 0x3FFF] + LOW14[(z >> 14) & 0x3FFF] + LOW14[(z >> 28) & 0x3FFF] + LOW14[(z >> 42) & 0x3FFF] \
+        + (bytes([z >> 56]) if z < 1 << 63 else bytes([((z >> 56) & 0x7F) | 0x80, z >> 63]))
 
 
 def _string(s: str) -> bytes:
@@ -177,7 +181,6 @@ class ChainWriter:
                 + (_string(rule_version) if rule_version else b"\x00"))
         clock = self.clock
         topic, chain_id = self.topic, self.chain_id
-        small = _SMALL_LONGS
         join, digest_of, new_tuple = b"".join, sha256, tuple.__new__
         head = self._head
 
@@ -187,14 +190,14 @@ class ChainWriter:
                 raise ValueError(f"chain {chain_id} is full: an event id holds 48 bits of seq and {seq} does not fit; "
                                  f"continue on a new chain id")
             t = produced_at if produced_at is not None else clock()
-            parts = [prefix, head.hash, small[seq] if seq < _SMALL else long_bytes(seq),
+            parts = [prefix, head.hash, long_bytes(seq),
                      chain_and_id, b"%012x" % seq, type_run, long_bytes(t), producer_class,
                      long_bytes(t + retention), tail]
             if source_event_hashes:
                 n = len(source_event_hashes)
                 if {*map(len, source_event_hashes)} != _ONLY_32:
                     raise ValueError("source_event_hashes must be 32-byte SHA-256 digests")
-                parts.append(small[n] if n < _SMALL else long_bytes(n))
+                parts.append(long_bytes(n))
                 parts += source_event_hashes
             parts.append(b"\x00")
             parts.append(encode_payload(payload))

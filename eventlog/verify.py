@@ -12,13 +12,13 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from hashlib import sha256
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .checkpoint import CheckpointStatement, key_id, signature_valid
 from .codec import DecodeError, ZERO_HASH, Codec, default_codec
-from .chain import long_bytes
+from .chain import LOW14, UVARINT14, long_bytes
 from .hashing import MIN_EVENT_LEN, PREV_END, PREV_START, seq_and_chain
 from .kafka import Record
 from .merkle import root_from_leaves
@@ -26,12 +26,6 @@ from .merkle import root_from_leaves
 CHECKPOINT_TOPIC = "marl.audit.checkpoints"
 _LOOKAHEAD = 64      # records kept after a break to classify it
 _CHUNK = 2048        # records accepted per call of ``accept_chain``; the last two chunks classify a break
-_SEQ_TABLE = [long_bytes(i) for i in range(1 << 14)]  # the varints of small seqs
-
-
-def seq_varint(seq: int) -> bytes:
-    """The bytes of ``seq`` as an event carries them at offset 42 (a zigzag varint)."""
-    return _SEQ_TABLE[seq] if 0 <= seq < 16384 else long_bytes(seq)
 
 
 def accept_chain(values: list[bytes], prev: bytes, next_seq: int, leaves: bytearray | None) -> tuple[int, bytes]:
@@ -41,12 +35,16 @@ def accept_chain(values: list[bytes], prev: bytes, next_seq: int, leaves: bytear
     Appends each accepted event's Merkle leaf to ``leaves`` (a bytearray, or None). Returns (number
     accepted, hash of the last accepted).
 
-    A varint is prefix-free, so ``value.startswith(seq_varint(seq), 42)`` holds exactly when the
-    event's seq is written as ``seq`` is (the chain writer's encoding)."""
+    A varint is prefix-free, so ``value.startswith(long_bytes(seq), 42)`` holds exactly when the
+    event's seq is written as the chain writer writes ``seq`` (the expression in the loop is
+    ``long_bytes`` for seqs below 2**27, inline)."""
     last, seq = prev, next_seq
+    uv, low = UVARINT14, LOW14
     for v in values:
+        z = seq << 1
         if (len(v) < MIN_EVENT_LEN or v[PREV_START:PREV_END] != last
-                or not v.startswith(_SEQ_TABLE[seq] if seq < 16384 else long_bytes(seq), PREV_END)):
+                or not v.startswith(uv[z] if z < 16384 else low[z & 0x3FFF] + uv[z >> 14] if z < 268435456
+                                    else long_bytes(seq), PREV_END)):
             break
         h = sha256(v[:-32]).digest()
         if h != v[-32:]:
@@ -303,10 +301,36 @@ class Verifier:
 
     def feed_runs(self, records: Iterable[Record]) -> None:
         """Like ``feed``, for records that come a chain at a time (a bundle stores them so): each run
-        of one chain's records goes to the fast path in one call."""
+        of one chain's records is accepted in one call."""
         for key, run in itertools.groupby(records, key=lambda r: (r.topic, r.key)):
             st = self._chains.get(key) or self._new_chain(*key)
             self._flush(st, list(run))
+
+    def feed_entries(self, entries: Iterable[dict], to_record: Callable[[dict], Record]) -> int:
+        """Like ``feed_runs``, for a bundle's entries as fastavro reads them (dicts with topic, key
+        and value): only the few entries a report or a break needs become Records (``to_record``).
+        Returns the number of entries read."""
+        run: list[dict] = []
+        key = None
+        n = 0
+        for e in entries:
+            k = (e["topic"], e["key"])
+            if k != key:
+                if run:
+                    self._flush_run(key, run, to_record)
+                run, key = [], k
+            run.append(e)
+            if len(run) >= _CHUNK:
+                n += len(run)
+                self._flush_run(key, run, to_record)
+                run = []
+        if run:
+            self._flush_run(key, run, to_record)
+        return n + len(run)
+
+    def _flush_run(self, key: tuple[str, str], run: list[dict], to_record) -> None:
+        st = self._chains.get(key) or self._new_chain(*key)
+        self._flush(st, run, to_record, [e["value"] for e in run])
 
     def feed_messages(self, msgs: list, prefix: str = "") -> None:
         """Like ``feed``, for a batch of confluent-kafka Messages: the Kafka reader's hot path, which

@@ -4,12 +4,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eventlog import corruptions
 from eventlog.checkpoint import Signer
 from eventlog.kafka import Record
 from eventlog.log import EventLog, MemorySink
 from eventlog.verify import BreakKind, TrustedState, Verifier, verify_records
-from marlgrc.demo import synthetic_run
+from tests import corruptions
+from tests.synthetic import synthetic_run
 
 SIGNER = Signer.from_seed(b"test-signer")
 ACTIONS = "marl.joint.action"
@@ -201,3 +201,47 @@ def test_a_valid_event_copied_under_another_key_is_a_wrong_key_break():
     (chain,) = [c for c in report.chains if c.chain_id == "someone-else"]
     assert chain.first_break.kind == BreakKind.WRONG_KEY and chain.first_break.offset == 99_999
     assert all(c.first_break is None for c in report.chains if c.chain_id != "someone-else")
+
+
+def _chain_with_seqs(seqs, topic="marl.joint.action", chain="r9:actions"):
+    """A chain whose hash links are all correct but whose events carry ``seqs`` (a writer whose head's
+    seq was moved between events): what a careless or hostile writer could publish."""
+    from eventlog.chain import ChainHead, ChainWriter
+
+    w = ChainWriter(topic, chain, "r9", "p")
+    records = []
+    for i, s in enumerate(seqs):
+        w.head = ChainHead(s - 1, w.head.event_hash)
+        e = w.append("joint.action", {"episode": 0, "step": i, "actions": [], "joint_vector": []})
+        records.append(Record(topic, 0, i, chain, e.value, 0))
+    return records
+
+
+@pytest.mark.parametrize("seqs,kind,at_offset,at_seq", [
+    ([0, 2, 4], BreakKind.MISSING, 1, 1),
+    ([3, 4, 5], BreakKind.MISSING, 0, 0),
+    ([0, 0, 1], BreakKind.DUPLICATED, 1, 0),
+    ([0, 2, 1], BreakKind.REORDERED, 1, 2),
+    ([0, 1, 2, 3, 3], BreakKind.DUPLICATED, 4, 3),
+])
+def test_seq_must_start_at_0_and_grow_by_1_even_when_links_hold(seqs, kind, at_offset, at_seq):
+    records = _chain_with_seqs(seqs)
+    report = verify_records(records)
+    (chain,) = report.chains
+    assert not report.ok
+    b = chain.first_break
+    assert (b.kind, b.offset, b.seq) == (kind, at_offset, at_seq), b.describe()
+    assert chain.last_seq == at_offset - 1 and chain.events == at_offset  # only the good prefix is accepted
+    # the Kafka reader's path says the same
+    assert _verify_messages(records, 2).to_json() == report.to_json()
+
+
+def test_a_long_chain_with_correct_seqs_verifies_across_varint_sizes():
+    seqs = list(range(16380, 16390))  # seq varints grow from 2 to 3 bytes
+    report = verify_records(_chain_with_seqs(seqs))
+    assert report.chains[0].first_break.kind == BreakKind.MISSING  # it must start at 0
+    v = Verifier()
+    v.resume("marl.joint.action", "r9:actions", 16380, bytes(32))
+    v.feed(_chain_with_seqs(seqs))
+    report = v.finish()
+    assert report.ok and report.chains[0].last_seq == 16389
