@@ -58,12 +58,15 @@ def verify_kafka(bootstrap: str, *, prefix: str = "", run_id: str | None = None,
     return v.finish(), v
 
 
-def verify_bundle(bundle_dir: Path, *, public_key: Ed25519PublicKey | None = None,
-                  trusted: TrustedState | None = None, run_id: str | None = None,
-                  progress: Callable[[int], None] | None = None) -> tuple[Report, Verifier]:
-    """Verify a bundle written by ``write_bundle`` (checkpoints are stored first)."""
-    problems = check_manifest(bundle_dir, public_key)  # also: a clear error for a folder that is not a bundle
-    v = Verifier(public_key, trusted)
+def verify_bundle(bundle_dir: Path, *, public_key: Ed25519PublicKey | None = None, pinned: bool = False,
+                  require_signed: bool | None = None, trusted: TrustedState | None = None,
+                  run_id: str | None = None, progress: Callable[[int], None] | None = None
+                  ) -> tuple[Report, Verifier]:
+    """Verify a bundle written by ``write_bundle`` (checkpoints are stored first). ``pinned``: the
+    public key was obtained out of band (not the bundle's copy); then the manifest must be signed by
+    it, and (by default) every event must be covered by a signed checkpoint (``require_signed``)."""
+    failures, notes = check_manifest(bundle_dir, public_key, pinned=pinned)  # a clear error for a non-bundle too
+    v = Verifier(public_key, trusted, require_signed=pinned if require_signed is None else require_signed)
     entries = bundle_entries(bundle_dir)
     if run_id is not None:
         p = f"{run_id}:"
@@ -81,12 +84,10 @@ def verify_bundle(bundle_dir: Path, *, public_key: Ed25519PublicKey | None = Non
         if progress is not None:
             progress(n)
     report = v.finish()
-    for p in problems:
-        if "not signed" in p:
-            report.notes.append(p)
-        else:
-            report.chains.insert(0, ChainReport("(bundle)", "events.avro", first_break=Break(
-                BreakKind.EDITED, "(bundle)", "events.avro", -1, -1, -1, p)))
+    report.notes.extend(notes)
+    for p in failures:
+        report.chains.insert(0, ChainReport("(bundle)", "manifest.json", first_break=Break(
+            BreakKind.BAD_SIGNATURE if "sign" in p else BreakKind.EDITED, "(bundle)", "manifest.json", -1, -1, -1, p)))
     return report, v
 
 

@@ -116,25 +116,35 @@ def read_bundle(bundle_dir: Path) -> Iterator[Record]:
     return map(entry_record, bundle_entries(bundle_dir))
 
 
-def check_manifest(bundle_dir: Path, public_key) -> list[str]:
-    """Problems with the bundle as a whole: events.avro differs from the manifest's digest, the
-    manifest's signature fails or is missing. Empty when the bundle is sealed and intact."""
+def check_manifest(bundle_dir: Path, public_key, *, pinned: bool = False) -> tuple[list[str], list[str]]:
+    """(failures, notes) about the bundle as a whole. Failures: events.avro differs from the
+    manifest's digest; the manifest's signature does not verify with ``public_key``; and, with a
+    ``pinned`` key (one the auditor obtained out of band, not the bundle's own copy), a manifest
+    that is not signed or is signed by another key. Without a pinned key a missing signature is a
+    note: the bundle's completeness (e.g. its newest checkpoint) cannot be checked."""
     from cryptography.exceptions import InvalidSignature
 
+    from .checkpoint import key_id
+
     manifest = read_manifest(bundle_dir)
-    problems = []
+    failures, notes = [], []
     digest = hashlib.sha256((Path(bundle_dir) / "events.avro").read_bytes()).hexdigest()
     if digest != manifest.get("events_sha256"):
-        problems.append("events.avro does not match the SHA-256 in manifest.json: the file was changed after export")
+        failures.append("events.avro does not match the SHA-256 in manifest.json: the file was changed after export")
     if "signature" not in manifest:
-        problems.append("manifest.json is not signed: the bundle's completeness (e.g. its newest checkpoint) "
-                        "cannot be checked")
+        (failures if pinned else notes).append(
+            "manifest.json is not signed: the bundle's completeness (e.g. its newest checkpoint) cannot be checked")
     elif public_key is not None:
-        try:
-            public_key.verify(bytes.fromhex(manifest["signature"]), manifest_message(manifest))
-        except (InvalidSignature, ValueError):
-            problems.append("manifest.json's signature does not verify with the trusted public key")
-    return problems
+        if manifest.get("signer_key_id") != key_id(public_key).hex():
+            failures.append(f"manifest.json is signed by key {str(manifest.get('signer_key_id'))[:16]}…, not the "
+                            f"trusted key {key_id(public_key).hex()[:16]}…")
+        else:
+            try:
+                public_key.verify(bytes.fromhex(manifest["signature"]), manifest_message(manifest))
+            except (InvalidSignature, ValueError, TypeError):
+                failures.append("manifest.json's signature does not verify with the trusted public key: the "
+                                "manifest (counts, digest of events.avro) was changed after export")
+    return failures, notes
 
 
 def bundle_public_key(bundle_dir: Path) -> bytes | None:

@@ -60,7 +60,9 @@ class EventLog:
 
     Every ``checkpoint_every`` events of a chain, and for every chain on ``checkpoint()`` /
     ``close()``, a checkpoint event naming that chain's new range goes to
-    ``marl.audit.checkpoints`` on the chain ``{run_id}:checkpoints:{producer_id}``.
+    ``marl.audit.checkpoints`` on the chain ``{run_id}:checkpoints:{producer_id}``; ``checkpoint()``
+    ends with a checkpoint of that chain itself, so when the log closes every event it wrote is
+    covered by a signature.
     """
 
     def __init__(self, sink: Sink, *, run_id: str, producer_id: str, signer: Signer | None = None,
@@ -79,6 +81,7 @@ class EventLog:
         # chains with events since their last checkpoint, in the order of the first of them
         self._active: dict[tuple[str, str], _Pending] = {}
         self._checkpoint_chain = f"{run_id}:checkpoints:{producer_id}"
+        self._self_signed_seq = -1  # seq of the checkpoint chain's last checkpoint of itself
 
     def writer(self, topic: str, chain_id: str, *, head: ChainHead = GENESIS,
                data_classification: str | None = None) -> ChainWriter:
@@ -101,19 +104,24 @@ class EventLog:
         if pending is not None:
             pending.hashes.append(event.event_hash)
             n = len(pending.hashes)
-            if n == 1 or n >= self.checkpoint_every:
-                self._mark(topic, chain_id, pending, self.checkpoint_every, event, n)
+            every = self._every(topic)
+            if n == 1 or n >= every:
+                self._mark(topic, chain_id, pending, every, event, n)
         return event
 
     def _pending_of(self, topic: str, chain_id: str) -> _Pending | None:
-        """The chain's record of events to checkpoint; None when nothing is signed (no signer, or
-        the checkpoint chain itself)."""
-        if self.signer is None or topic == CHECKPOINT_TOPIC:
+        """The chain's record of events to checkpoint; None when nothing is signed (no signer)."""
+        if self.signer is None:
             return None
         pending = self._pending.get((topic, chain_id))
         if pending is None:
             pending = self._pending[(topic, chain_id)] = _Pending()
         return pending
+
+    def _every(self, topic: str) -> float:
+        """Events of a chain per checkpoint; the checkpoint chain is signed by ``checkpoint()`` only
+        (each of its checkpoints is an event on it, which the next one covers)."""
+        return float("inf") if topic == CHECKPOINT_TOPIC else self.checkpoint_every
 
     def _mark(self, topic: str, chain_id: str, pending: _Pending, every: int, event: Event, n: int) -> None:
         """After ``event`` made ``n`` hashes pending on its chain: the first one opens the range the
@@ -141,7 +149,7 @@ class EventLog:
         """``seal`` followed by sending the event and recording its checkpoint leaf."""
         topic, chain_id, send = w.topic, w.chain_id, self.sink.send
         pending = self._pending_of(topic, chain_id)
-        every = self.checkpoint_every
+        every = self._every(topic)
         mark = None if pending is None else functools.partial(self._mark, topic, chain_id, pending, every)
         if pending is None:
             def append(payload: dict, source_event_hashes: Sequence[bytes] = (),
@@ -167,8 +175,16 @@ class EventLog:
         return {k: w.head for k, w in self._writers.items()}
 
     def checkpoint(self) -> list[Event]:
-        """Sign a checkpoint for every chain with events since its last checkpoint."""
-        return [self._checkpoint_one(t, c) for (t, c) in list(self._active)]
+        """Sign a checkpoint for every chain with events since its last checkpoint, then one for the
+        checkpoint chain itself, covering everything on it up to that last checkpoint event."""
+        own = (CHECKPOINT_TOPIC, self._checkpoint_chain)
+        events = [self._checkpoint_one(t, c) for (t, c) in list(self._active) if (t, c) != own]
+        pending = self._active.get(own)
+        # nothing new on the checkpoint chain since it signed itself: no checkpoint of one checkpoint
+        if pending is not None and not (len(pending.hashes) == 1 and pending.first_seq == self._self_signed_seq):
+            events.append(self._checkpoint_one(*own))
+            self._self_signed_seq = events[-1].seq
+        return events
 
     def _checkpoint_one(self, topic: str, chain_id: str) -> Event:
         pending = self._active.pop((topic, chain_id))

@@ -24,6 +24,7 @@ from .kafka import Record
 from .merkle import root_from_leaves
 
 CHECKPOINT_TOPIC = "marl.audit.checkpoints"
+LIFECYCLE_TOPIC = "marl.run.lifecycle"
 _LOOKAHEAD = 64      # records kept after a break to classify it
 _CHUNK = 2048        # records accepted per call of ``accept_chain``; the last two chunks classify a break
 
@@ -73,6 +74,7 @@ class BreakKind(str, Enum):
     CHECKPOINT_MISMATCH = "checkpoint_mismatch"      # chain differs from its signed checkpoint (rewritten)
     INCONSISTENT = "inconsistent_with_trusted"       # history does not extend the trusted checkpoint
     WRONG_KEY = "wrong_key"                          # an event found under a Kafka key that is not its chain id
+    UNSIGNED = "unsigned"                            # events no signed checkpoint covers (a finished run, or required)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,11 @@ class ChainReport:
     checkpoints_verified: int = 0
     signed_through_seq: int = -1
     first_break: Break | None = None
+
+    @property
+    def unsigned(self) -> int:
+        """Events after the last one a signed checkpoint covers."""
+        return self.last_seq - self.signed_through_seq
 
 
 @dataclass
@@ -170,6 +177,7 @@ class _Chain:
     checkpoints_verified: int = 0
     signed_through: int = -1
     trusted: tuple | None = None
+    self_signed: set = field(default_factory=set)  # seqs of checkpoint events that sign this chain's range before them
     broken: Break | None = None
     suspect: Record | None = None
     lookahead: list = field(default_factory=list)
@@ -182,11 +190,17 @@ class Verifier:
     Use: ``add_checkpoints(records of marl.audit.checkpoints)`` first, then ``feed(data records)``,
     then ``finish()``. Without a public key, checkpoint signatures cannot be checked and the report
     says so.
+
+    Events after the last signed checkpoint of their chain are ``unsigned``: a break where
+    ``require_signed``, or where their run has finished (a ``run.finished`` event was read) and a
+    public key was given (every writer signs its chains when it closes); else a note.
     """
 
     def __init__(self, public_key: Ed25519PublicKey | None = None, trusted: TrustedState | None = None,
-                 codec: Codec | None = None):
+                 codec: Codec | None = None, *, require_signed: bool = False):
         self.public_key = public_key
+        self.require_signed = require_signed
+        self._finished_runs: set[str] = set()
         self.key_id = key_id(public_key) if public_key is not None else None
         self.trusted = trusted or TrustedState()
         self.codec = codec or default_codec()
@@ -194,37 +208,45 @@ class Verifier:
         self._pending_cps: dict[tuple[str, str], list[tuple[CheckpointStatement, Record]]] = {}
         self._mbufs: dict[str, dict[bytes, tuple[list, list]]] = {}  # topic -> key -> (messages, values)
         self._mchain: dict[tuple[str, bytes], _Chain] = {}
+        # checkpoint events that sign their own chain up to the event before them
+        self._self_signed: dict[tuple[str, str], set[int]] = {}
         self.notes: list[str] = []
 
     # --- checkpoints -------------------------------------------------------------------------
     def add_checkpoints(self, records: Iterable[Record]) -> None:
-        """Verify the checkpoint chain(s) themselves, then each checkpoint's signature."""
+        """Check each checkpoint's signature and keep its statement, then verify the checkpoint
+        chain(s) themselves as chains (a checkpoint chain's own range is signed by a checkpoint on
+        it too, written when its writer closes)."""
         records = list(records)
-        self.feed(records)
         if self.public_key is None and records:
             self.notes.append("no public key given: checkpoint signatures were NOT checked")
+        refused: list[tuple[Record, BreakKind, int, str]] = []
         for r in records:
-            st = self._chains[(r.topic, r.key)]
             try:
                 name, rec = self.codec.decode(r.value)
             except DecodeError as exc:
-                self._break_at(st, BreakKind.EDITED, r, -1, f"checkpoint does not decode: {exc}")
+                refused.append((r, BreakKind.EDITED, -1, f"checkpoint does not decode: {exc}"))
                 continue
             if name != "audit_checkpoint":
                 continue
             stmt = CheckpointStatement.from_record(rec)
             if self.public_key is not None:
                 if rec["signer_key_id"] != self.key_id:
-                    self._break_at(st, BreakKind.BAD_SIGNATURE, r, rec["seq"],
-                                   f"signed by key {rec['signer_key_id'].hex()[:16]}…, not the trusted key "
-                                   f"{self.key_id.hex()[:16]}…")
+                    refused.append((r, BreakKind.BAD_SIGNATURE, rec["seq"],
+                                    f"signed by key {rec['signer_key_id'].hex()[:16]}…, not the trusted key "
+                                    f"{self.key_id.hex()[:16]}…"))
                     continue
                 if not signature_valid(self.public_key, stmt, rec["signature"]):
-                    self._break_at(st, BreakKind.BAD_SIGNATURE, r, rec["seq"],
-                                   f"Ed25519 signature does not verify for {stmt.topic} {stmt.chain_id} "
-                                   f"seq {stmt.first_seq}..{stmt.last_seq}")
+                    refused.append((r, BreakKind.BAD_SIGNATURE, rec["seq"],
+                                    f"Ed25519 signature does not verify for {stmt.topic} {stmt.chain_id} "
+                                    f"seq {stmt.first_seq}..{stmt.last_seq}"))
                     continue
             self._pending_cps.setdefault((stmt.topic, stmt.chain_id), []).append((stmt, r))
+            if (stmt.topic, stmt.chain_id) == (r.topic, r.key) and rec["seq"] == stmt.last_seq + 1:
+                self._self_signed.setdefault((r.topic, r.key), set()).add(rec["seq"])
+        self.feed(records)
+        for r, kind, seq, detail in refused:
+            self._break_at(self._chains[(r.topic, r.key)], kind, r, seq, detail)
 
     def _install_checkpoints(self, st: _Chain) -> None:
         cps = sorted(self._pending_cps.pop((st.topic, st.chain_id), []), key=lambda x: x[0].first_seq)
@@ -252,6 +274,7 @@ class Verifier:
     def _new_chain(self, topic: str, chain_id: str) -> _Chain:
         st = _Chain(topic, chain_id)
         st.trusted = self.trusted.heads.get((topic, chain_id))
+        st.self_signed = self._self_signed.get((topic, chain_id), set())
         self._chains[(topic, chain_id)] = st
         self._install_checkpoints(st)
         return st
@@ -405,6 +428,8 @@ class Verifier:
             st.tails = st.tails[-1:] + [(first, items[:n], rec)]
             if want_leaves:
                 self._settle_checkpoints(st, first, items, values, rec)
+            if st.topic == LIFECYCLE_TOPIC:
+                self._note_finished(values[:n])
             t = st.trusted
             if t is not None and first <= t[0] < first + n and values[t[0] - first][-32:] != t[1]:
                 self._break_at(st, BreakKind.INCONSISTENT, rec(items[t[0] - first]), t[0],
@@ -419,6 +444,15 @@ class Verifier:
                 st.broken = Break(BreakKind.EDITED, st.topic, st.chain_id, r.partition, r.offset, -1, "pending")
                 st.suspect = r
                 st.lookahead = [rec(x) for x in items[n + 1:n + 1 + _LOOKAHEAD]]
+
+    def _note_finished(self, values: list[bytes]) -> None:
+        for v in values:
+            try:
+                _, rec = self.codec.decode(v)
+            except DecodeError:
+                continue  # hashes and links hold, so the writer wrote it so; a reader reports it
+            if rec["event_type"] == "run.finished":
+                self._finished_runs.add(rec["run_id"])
 
     def _settle_checkpoints(self, st: _Chain, first: int, items: list, values: list[bytes], rec) -> None:
         """Compare every checkpoint range completed by the accepted events with its signed root."""
@@ -534,6 +568,19 @@ class Verifier:
                 st.broken = Break(BreakKind.TRUNCATED, st.topic, st.chain_id, st.last_partition, st.last_offset + 1,
                                   st.next_seq, f"chain ends at seq {st.next_seq - 1}; a signed checkpoint covers "
                                                f"up to seq {cp.last_seq}")
+            if st.signed_through + 1 in st.self_signed:  # the checkpoint that signs its chain up to itself
+                st.signed_through += 1
+            last = st.next_seq - 1
+            if st.broken is None and last > st.signed_through:
+                what = (f"events seq {st.signed_through + 1}..{last} are not covered by any signed checkpoint")
+                run = st.chain_id.split(":", 1)[0]
+                if self.require_signed or (self.public_key is not None and run in self._finished_runs):
+                    why = "signatures are required" if self.require_signed else f"run {run} has finished"
+                    st.broken = Break(BreakKind.UNSIGNED, st.topic, st.chain_id, st.last_partition, st.last_offset,
+                                      st.signed_through + 1, f"{what} ({why}): they could have been "
+                                                             f"rewritten or appended by anyone with access")
+                else:
+                    self.notes.append(f"{st.topic} {st.chain_id}: {what}")
             if st.broken is None and st.trusted is not None and st.next_seq - 1 < st.trusted[0]:
                 st.broken = Break(BreakKind.TRUNCATED, st.topic, st.chain_id, st.last_partition, st.last_offset + 1,
                                   st.next_seq, f"chain ends at seq {st.next_seq - 1}; the trusted state has seq "

@@ -10,6 +10,7 @@ from eventlog.audit import verify_bundle
 from eventlog.bundle import BundleError, read_bundle, write_bundle
 from eventlog.checkpoint import Signer, public_key_pem
 from tests import corruptions
+from eventlog.verify import BreakKind
 from tests.unit.test_verify import SIGNER, STREAM
 
 
@@ -35,7 +36,7 @@ def test_unsigned_bundle_says_so(tmp_path):
 def test_manifest_signed_by_another_key_is_a_break(tmp_path):
     write_bundle(tmp_path / "b", STREAM, public_key_pem=None, signer=Signer.from_seed(b"mallory"))
     report, _ = verify_bundle(tmp_path / "b", public_key=SIGNER.public_key)
-    assert not report.ok and "signature" in report.breaks[0].detail
+    assert not report.ok and "not the trusted key" in report.breaks[0].detail
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -74,3 +75,72 @@ def test_damaged_file_gives_a_clear_error(sealed, tmp_path):
     (folder / "events.avro").write_bytes(bytes(data))
     with pytest.raises(BundleError, match="damaged|fresh export"):
         verify_bundle(folder, public_key=SIGNER.public_key)
+
+
+def _unsealed(tmp_path, recs, name="b", signer=None):
+    """A bundle of ``recs`` whose manifest is unsigned (or signed by ``signer``): what an operator who
+    rewrote history would hand over, having stripped or re-made the signature it cannot forge."""
+    folder = tmp_path / name
+    write_bundle(folder, corruptions.renumber(recs), public_key_pem=public_key_pem(SIGNER.public_key), signer=signer)
+    return folder
+
+
+def _rolled_back(n=40):
+    """STREAM with the actions chain's last ``n`` events and every checkpoint after them removed."""
+    actions = [r for r in STREAM if r.topic == "marl.joint.action"]
+    gone = {id(r) for r in actions[-n:]}
+    cps = [r for r in STREAM if r.topic == "marl.audit.checkpoints"]
+    keep_cps = 1  # the first checkpoint of the run only
+    gone |= {id(r) for r in cps[keep_cps:]}
+    return [r for r in STREAM if id(r) not in gone]
+
+
+@pytest.mark.parametrize("case", ["rolled_back", "forged_tail", "foreign_chain", "unchanged"])
+def test_with_a_pinned_key_a_bundle_without_a_valid_manifest_signature_fails(tmp_path, case):
+    from tests.synthetic import synthetic_run
+    from eventlog.kafka import Record
+    from eventlog.log import EventLog, MemorySink
+
+    recs = list(STREAM)
+    if case == "rolled_back":
+        recs = _rolled_back()
+    elif case == "forged_tail":  # the attacker extends a chain with events of its own, unsigned
+        last = [r for r in STREAM if r.topic == "marl.joint.action"][-1]
+        from eventlog.chain import ChainHead, ChainWriter
+        from eventlog.hashing import seq_and_chain
+
+        w = ChainWriter("marl.joint.action", last.key, "r1", "mallory", head=ChainHead(seq_and_chain(last.value)[0],
+                                                                                      last.value[-32:]))
+        e = w.append("joint.action", {"episode": 9, "step": 0, "actions": [], "joint_vector": []})
+        recs.append(Record(e.topic, last.partition, last.offset + 1, e.chain_id, e.value, 0))
+    elif case == "foreign_chain":  # a whole chain from another run, signed by another key
+        sink = MemorySink()
+        log = EventLog(sink, run_id="x9", producer_id="p", signer=Signer.from_seed(b"mallory"))
+        synthetic_run(log, episodes=1, steps=3, agents=1)
+        log.close()
+        recs += [Record(t, 0, i, k, v, 0) for i, (t, k, v) in enumerate(sink.sent)]
+    folder = _unsealed(tmp_path, recs)
+    pinned, _ = verify_bundle(folder, public_key=SIGNER.public_key, pinned=True)
+    assert not pinned.ok
+    assert any(b.kind == BreakKind.BAD_SIGNATURE and "not signed" in b.detail for b in pinned.breaks)
+    # re-signed by the attacker's key: refused as well
+    resigned = _unsealed(tmp_path, recs, "resigned", signer=Signer.from_seed(b"mallory"))
+    report, _ = verify_bundle(resigned, public_key=SIGNER.public_key, pinned=True)
+    assert not report.ok and any("not the trusted key" in b.detail for b in report.breaks)
+
+
+def test_without_a_pinned_key_a_missing_manifest_signature_is_a_note(tmp_path):
+    folder = _unsealed(tmp_path, list(STREAM))
+    report, _ = verify_bundle(folder, public_key=SIGNER.public_key)
+    assert report.ok and any("not signed" in n for n in report.notes)
+
+
+def test_a_rolled_back_bundle_of_a_finished_run_shows_unsigned_events_even_unpinned(tmp_path):
+    # the rollback removed checkpoints that the run's remaining events needed: their tails are unsigned
+    report, _ = verify_bundle(_unsealed(tmp_path, _rolled_back()), public_key=SIGNER.public_key)
+    assert not report.ok and BreakKind.UNSIGNED in {b.kind for b in report.breaks}
+
+
+def test_a_sealed_bundle_verifies_with_its_pinned_key(sealed):
+    report, _ = verify_bundle(sealed, public_key=SIGNER.public_key, pinned=True)
+    assert report.ok and not report.notes

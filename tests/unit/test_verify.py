@@ -60,7 +60,9 @@ def test_rewritten_chain_passes_without_checkpoints_but_not_with_them():
 def test_checkpoint_from_another_key_is_a_bad_signature():
     other = Signer.from_seed(b"someone-else")
     report = verify_records(STREAM, other.public_key)
-    assert {b.kind for b in report.breaks} == {BreakKind.BAD_SIGNATURE}
+    assert {b.kind for b in report.breaks if b.topic == "marl.audit.checkpoints"} == {BreakKind.BAD_SIGNATURE}
+    # no checkpoint is accepted, so no event of the finished run is signed
+    assert {b.kind for b in report.breaks if b.topic != "marl.audit.checkpoints"} == {BreakKind.UNSIGNED}
 
 
 def test_trusted_state_catches_a_forked_history():
@@ -83,24 +85,48 @@ def test_trusted_state_round_trips(tmp_path):
     assert TrustedState.load(tmp_path / "trusted.json").heads == t.heads
 
 
-# Dropping the newest checkpoint removes assurance but changes no event: no chain can reveal it.
-# A signed bundle manifest (tests/unit/test_bundle.py) or the auditor's trusted state covers it.
-NEWEST_CHECKPOINT = max(i for i, r in enumerate(STREAM) if r.topic == "marl.audit.checkpoints")
+def test_every_chain_of_a_closed_log_is_signed_through_its_head():
+    report = verify_records(STREAM, SIGNER.public_key)
+    assert report.ok and not report.notes
+    assert all(c.unsigned == 0 and c.signed_through_seq == c.last_seq >= 0 for c in report.chains)
+    cps = [c for c in report.chains if c.topic == "marl.audit.checkpoints"]
+    assert len(cps) == 1 and cps[0].checkpoints_verified >= 1  # the checkpoint chain signs itself
 
 
-def test_dropping_the_newest_checkpoint_only_lowers_what_is_signed():
-    recs = [r for i, r in enumerate(STREAM) if i != NEWEST_CHECKPOINT]
-    report = verify_records(corruptions.renumber(recs), SIGNER.public_key)
-    assert report.ok  # the events are intact ...
-    assert any(c.signed_through_seq < c.last_seq for c in report.chains
-               if c.topic != "marl.audit.checkpoints")  # ... but their tail is no longer signed
+@pytest.mark.parametrize("drop", [1, 2, 3])
+def test_dropping_the_newest_checkpoints_of_a_finished_run_leaves_events_unsigned(drop):
+    newest = sorted((i for i, r in enumerate(STREAM) if r.topic == "marl.audit.checkpoints"))[-drop:]
+    recs = corruptions.renumber([r for i, r in enumerate(STREAM) if i not in newest])
+    report = verify_records(recs, SIGNER.public_key)
+    assert not report.ok
+    assert {b.kind for b in report.breaks} == {BreakKind.UNSIGNED}
+    assert any(b.topic == "marl.audit.checkpoints" for b in report.breaks)
+    # without a key nothing can count as signed: the same gap is a note, not a break
+    unkeyed = verify_records(recs)
+    assert unkeyed.ok and any("not covered by any signed checkpoint" in n for n in unkeyed.notes)
+
+
+def test_an_unfinished_run_may_have_an_unsigned_tail_unless_signatures_are_required():
+    sink = MemorySink()
+    log = EventLog(sink, run_id="r2", producer_id="p", signer=SIGNER, checkpoint_every=5)
+    for step in range(7):  # a checkpoint after 5 events, two more not yet covered
+        log.append("r2:actions", "joint.action", {"episode": 0, "step": step, "actions": [], "joint_vector": []})
+    recs = [Record(t, 0, i, k, v, 0) for i, (t, k, v) in enumerate(sink.sent)]
+    report = verify_records(recs, SIGNER.public_key)
+    assert report.ok and any("seq 5..6 are not covered" in n for n in report.notes)
+    v = Verifier(SIGNER.public_key, require_signed=True)
+    v.add_checkpoints([r for r in recs if r.topic == "marl.audit.checkpoints"])
+    v.feed([r for r in recs if r.topic != "marl.audit.checkpoints"])
+    strict = v.finish()
+    assert {(b.kind, b.chain_id, b.seq) for b in strict.breaks} == {
+        (BreakKind.UNSIGNED, "r2:actions", 5),
+        (BreakKind.UNSIGNED, "r2:checkpoints:p", 0)}  # the open log has not signed its checkpoint chain yet
 
 
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_any_byte_flip_or_drop_is_detected(data):
-    data_recs = [i for i, r in enumerate(STREAM) if i != NEWEST_CHECKPOINT]
-    i = data.draw(st.sampled_from(data_recs))
+    i = data.draw(st.sampled_from(range(len(STREAM))))
     recs = list(STREAM)
     op = data.draw(st.sampled_from(["flip", "drop", "swap"]))
     if op == "flip":
