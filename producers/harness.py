@@ -88,6 +88,14 @@ def _state_space(env: Any) -> Any:
         return None
 
 
+def env_spaces(env: Any) -> dict:
+    """The spaces ``run.started`` describes: ``agents`` (id, observation and action space records, in
+    ``possible_agents`` order) and ``state_space``. A learner builds its networks from these alone."""
+    return {"agents": [{"agent_id": a, "observation_space": space_record(env.observation_space(a)),
+                        "action_space": space_record(env.action_space(a))} for a in env.possible_agents],
+            "state_space": space_record(_state_space(env))}
+
+
 def _has_state(env: Any) -> bool:
     try:
         env.state()
@@ -191,10 +199,7 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
     config_json, config_hash = config_digest(full_config)
     started = log.append(f"{run}:lifecycle", "run.started", {
         "env_id": env_id, "env_version": env_version, "seed": int(seed), "config_hash": config_hash,
-        "config_json": config_json,
-        "agents": [{"agent_id": a, "observation_space": space_record(env.observation_space(a)),
-                    "action_space": space_record(env.action_space(a))} for a in agent_ids],
-        "state_space": space_record(state_space), "episodes_planned": int(episodes),
+        "config_json": config_json, **env_spaces(env), "episodes_planned": int(episodes),
     })
     n_events = 1
     encode = {a: action_encoder(env.action_space(a)) for a in agent_ids}
