@@ -12,7 +12,7 @@ host taking the CPU away), the harness's cost per step and per event, and the lo
 env with personal data also the privacy floor: what the key store and the AES-GCM protection the
 issue requires cost alone, against the same bare loop (``privacy_floor``).
 
-    PYTHONPATH=. python bench/bench_harness.py [--env simple_spread|mailbox|sandbox] [--episodes 40] [--rounds 15]
+    ./dev python bench/bench_harness.py [--env simple_spread|mailbox|sandbox] [--episodes 40] [--rounds 15]
 """
 from __future__ import annotations
 
@@ -25,21 +25,18 @@ import time
 from eventlog.checkpoint import Signer
 from eventlog.log import EventLog, MemorySink
 from eventlog.privacy import FieldProtector, LocalKeyStore
+from producers.envs import make_env as producers_env
 from producers.harness import SEAL_BATCH_STEPS, run_episodes
 from producers.policies import RandomPolicy
 
 LIMIT = 1.20
 
 
+ENVS = {"simple_spread": "simple_spread_v3", "mailbox": "mailbox_v0", "sandbox": "sandbox_v0"}
+
+
 def make_env(name: str):
-    if name == "simple_spread":
-        from mpe2 import simple_spread_v3
-        return simple_spread_v3.parallel_env(N=3, max_cycles=25, local_ratio=0.5)
-    if name == "mailbox":
-        from producers.envs import mailbox_v0
-        return mailbox_v0.parallel_env()
-    from producers.envs import sandbox_v0
-    return sandbox_v0.parallel_env()
+    return producers_env(ENVS[name])[0]
 
 
 def bare(env, policy, episodes: int, seed: int) -> int:
@@ -90,7 +87,7 @@ def privacy_floor(env, policy, episodes: int, seed: int, store_path) -> tuple[fl
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--env", default="simple_spread", choices=["simple_spread", "mailbox", "sandbox"])
+    ap.add_argument("--env", default="simple_spread", choices=sorted(ENVS))
     ap.add_argument("--episodes", type=int, default=40, help="episodes per round")
     ap.add_argument("--rounds", type=int, default=15)
     args = ap.parse_args()

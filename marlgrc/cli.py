@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import sys
-import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -12,21 +11,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .config import Settings
+from .config import BootOpt, HomeOpt, PrefixOpt, Settings
+from .errors import fail
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Event-sourced, audit-first multi-agent RL on Apache Kafka.")
 console = Console(stderr=True)
 out = Console() if Console().is_terminal else Console(width=160)
-
-HomeOpt = typer.Option(None, "--home", help="state directory (default $MARLGRC_HOME or ~/.local/state/marlgrc)")
-BootOpt = typer.Option(None, "--bootstrap", help="Kafka bootstrap (default $MARLGRC_BOOTSTRAP or the broker `up` started)")
-PrefixOpt = typer.Option(None, "--prefix", help="topic prefix of this deployment (default $MARLGRC_TOPIC_PREFIX)")
-
-
-def fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
 
 
 def progress_bar(total: int | None, what: str) -> Progress:
@@ -103,7 +94,7 @@ def demo(home: Optional[Path] = HomeOpt, bootstrap: Optional[str] = BootOpt, pre
         except ServiceError as exc:
             fail(str(exc))
     try:
-        result = run_main_job(boot, s.prefix, s.home, episodes=episodes, seed=seed,
+        result = run_main_job(s, boot, episodes=episodes, seed=seed,
                               say=lambda line: out.print(line, highlight=False))
     except (BrokerUnavailable, DeliveryError) as exc:
         fail(str(exc))
@@ -173,9 +164,9 @@ def verify(run: Optional[str] = typer.Option(None, "--run", help="only the chain
     if ledger:
         from ledger.verify import verify_ledger
 
-        from .commands_ledger import _open
+        from .commands_ledger import open_ledger
 
-        store = _open(s, ledger_file, ledger_key_file, ledger_pg, "ledger")
+        store = open_ledger(s, ledger_file, ledger_key_file, ledger_pg, "ledger")
         lrep = verify_ledger(store, key)
         for line in lrep.lines():
             out.print(line, highlight=False)

@@ -1,21 +1,15 @@
 """`marlgrc train`: train a learner from a run's topics (or an auditor's bundle), with lineage,
-signed checkpoints and ONNX export; `marlgrc train-online`: on-policy through Kafka."""
+signed checkpoints and ONNX export; `marlgrc train-online`: on-policy through the event log, with a
+learning curve (the one loop: ``learners.online``, wired in ``marlgrc.training``)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
-from .config import Settings
-
-console = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
+from .config import BootOpt, HomeOpt, PrefixOpt, Settings
+from .errors import fail
 
 
 def register(app: typer.Typer) -> None:
@@ -31,9 +25,8 @@ def register(app: typer.Typer) -> None:
               out: Optional[Path] = typer.Option(None, "--out", help="checkpoint path (default HOME/checkpoints/RUN__ALGO__SEED)"),
               bundle: Optional[Path] = typer.Option(None, "--bundle", help="read an exported bundle instead of Kafka"),
               public_key: Optional[Path] = typer.Option(None, "--public-key", help="trusted Ed25519 public key (PEM)"),
-              home: Optional[Path] = typer.Option(None, "--home"),
-              bootstrap: Optional[str] = typer.Option(None, "--bootstrap"),
-              prefix: Optional[str] = typer.Option(None, "--prefix")) -> None:
+              home: Optional[Path] = HomeOpt, bootstrap: Optional[str] = BootOpt,
+              prefix: Optional[str] = PrefixOpt) -> None:
         """Train ALGO from the events of run RUN: verified replay, policy.update lineage, signed checkpoint."""
         from eventlog.checkpoint import KeyFileError, Signer, load_public_key
         from eventlog.kafka import BrokerUnavailable, EventProducer
@@ -47,44 +40,44 @@ def register(app: typer.Typer) -> None:
         try:
             algorithm(algo)
         except KeyError as exc:
-            _fail(str(exc.args[0]))
+            fail(str(exc.args[0]))
         s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
         try:
             signer = Signer.load_or_create(s.signing_key)
             key = load_signing_key(s.signing_key)
             pk = load_public_key(public_key) if public_key else None
         except KeyFileError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         try:
             if bundle is not None:
                 replay = read_bundle_run(bundle, run, public_key=pk, allow_unverified=allow_unverified)
                 boot = s.bootstrap
             else:
                 if run is None:
-                    _fail("name the run to train from with --run (or give --bundle)")
+                    fail("name the run to train from with --run (or give --bundle)")
                 boot = s.resolve_bootstrap()
                 replay = read_kafka(boot, run, prefix=s.prefix, public_key=pk or signer.public_key,
                                     allow_unverified=allow_unverified)
         except (ReplayError, BrokerUnavailable, KeyError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         if not replay.episodes:
-            _fail(f"run {replay.spec.run_id}: no complete episode in its topics; nothing to train on")
+            fail(f"run {replay.spec.run_id}: no complete episode in its topics; nothing to train on")
         if not replay.verified:
-            console.print("[yellow]warning:[/] training on a stream that failed verification; lineage says verified=false")
+            typer.echo("warning: training on a stream that failed verification; lineage says verified=false", err=True)
         learner = None
         if resume is not None:
             try:
                 learner = learner_from_checkpoint(resume, signer.public_key if pk is None else pk)
             except CheckpointError as exc:
-                _fail(str(exc))
+                fail(str(exc))
         sink = EventProducer(boot, prefix=s.prefix) if boot else MemorySink()
         log = EventLog(sink, run_id=replay.spec.run_id, producer_id=f"learner-{algo}", signer=signer)
         try:
             learner, events = train_offline(replay, algo, log=log, seed=seed, updates=updates, learner=learner)
         except ReplayError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         log.close()
-        base = out or s.home / "checkpoints" / f"{replay.spec.run_id}__{algo}__{seed}" / "policy"
+        base = out or s.checkpoints / f"{replay.spec.run_id}__{algo}__{seed}" / "policy"
         save_checkpoint(base, learner, key)
         if isinstance(sink, MemorySink):
             from eventlog.bundle import write_bundle
@@ -101,57 +94,38 @@ def register(app: typer.Typer) -> None:
                    + (f"; onnx {onnx}" if onnx else ""))
 
     @app.command("train-online")
-    def train_online_cmd(env: str = typer.Option("simple_spread_v3", "--env"),
-                         algo: str = typer.Option("mappo", "--algo", help="mappo | ippo | dqn"),
-                         iterations: int = typer.Option(10, "--iterations", help="act/read/update rounds"),
-                         seed: int = typer.Option(1, "--seed"),
-                         continuous: bool = typer.Option(False, "--continuous"),
-                         out: Optional[Path] = typer.Option(None, "--out", help="checkpoint path"),
-                         home: Optional[Path] = typer.Option(None, "--home"),
-                         bootstrap: Optional[str] = typer.Option(None, "--bootstrap"),
-                         prefix: Optional[str] = typer.Option(None, "--prefix")) -> None:
-        """On-policy training through Kafka: act with the current policy, read the events back, update."""
-        train_online_main(env=env, algo=algo, iterations=iterations, seed=seed, continuous=continuous, out=out,
-                          home=home, bootstrap=bootstrap, prefix=prefix)
+    def train_online_cmd(
+        env: str = typer.Option("simple_spread_v3", "--env", help="simple_spread_v3 | mailbox_v0 | sandbox_v0 | "
+                                "module:factory"),
+        algo: str = typer.Option("mappo", "--algo", help="mappo | ippo | dqn"),
+        minutes: Optional[float] = typer.Option(None, "--minutes", min=0, help="train for this long (wall clock)"),
+        iterations: Optional[int] = typer.Option(None, "--iterations", min=1,
+                                                 help="act/read-back/update rounds (default: 10, or as many as "
+                                                      "--minutes allows)"),
+        out: Optional[Path] = typer.Option(None, "--out", help="learning curve (JSON), rewritten after every update, "
+                                           "with the evaluation at the end"),
+        seed: int = typer.Option(1, "--seed"),
+        continuous: bool = typer.Option(False, "--continuous", help="continuous actions (MPE2 envs)"),
+        overrides: list[str] = typer.Option([], "--set", metavar="FIELD=VALUE",
+                                            help="override a config field, e.g. --set update_epochs=10 (repeatable)"),
+        eval_episodes: int = typer.Option(100, "--eval-episodes", min=0,
+                                          help="episodes to evaluate random, heuristic and learned policies on "
+                                               "(0: none)"),
+        threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads"),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint",
+                                                  help="signed checkpoint path (default HOME/checkpoints/RUN/policy)"),
+        home: Optional[Path] = HomeOpt,
+        bootstrap: Optional[str] = typer.Option(None, "--bootstrap", help="Kafka bootstrap (default "
+                                                "$MARLGRC_BOOTSTRAP or the broker `up` started), or `memory`: the "
+                                                "sealed events stay in this process (no broker)"),
+        prefix: Optional[str] = PrefixOpt,
+    ) -> None:
+        """On-policy training through the event log: act with the current policy, write every step as
+        signed events, read them back verified, update; writes a learning curve. Prints the run id."""
+        from .training import run_training
 
-
-def train_online_main(*, env: str, algo: str, iterations: int, seed: int, continuous: bool = False,
-                      out: Optional[Path] = None, home: Optional[Path] = None, bootstrap: Optional[str] = None,
-                      prefix: Optional[str] = None) -> None:
-    """`train-online`, and `run --env E --algo A`: every transition goes through the broker and the
-    learner reads its data back from it."""
-    from eventlog.checkpoint import Signer
-    from eventlog.kafka import ensure_topics
-    from learners.checkpoint import load_signing_key, save_checkpoint
-
-    from .online import KafkaTransport, make_env, train_online
-
-    s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
-    boot = s.resolve_bootstrap()
-    ensure_topics(boot, s.prefix)
-    signer = Signer.load_or_create(s.signing_key)
-    e, env_id, ver = make_env(env, continuous=continuous)
-    keys = protector = None
-    if hasattr(e, "subject_fields"):  # an env with personal data runs only behind the key store
-        from eventlog.privacy import FieldProtector, LocalKeyStore
-
-        from .commands_producers import keystore_path
-
-        keys = LocalKeyStore(keystore_path(s.home))
-        protector = FieldProtector(keys)
-    transport = KafkaTransport(boot, s.prefix)
-    try:
-        res = train_online(e, env_id, ver, algo, transport=transport, iterations=iterations, protector=protector,
-                           seed=seed, signer=signer, public_key=signer.public_key,
-                           on_update=lambda r: typer.echo(f"update {r['iteration']}: env steps {r['env_steps']}, "
-                                                          f"return {r['charts/episodic_return']:.2f}"))
-    finally:
-        close = getattr(transport, "close", None)
-        if close:
-            close()
-        if keys is not None:
-            keys.close()
-    base = out or s.home / "checkpoints" / f"{res.run_id}" / "policy"
-    save_checkpoint(base, res.learner, load_signing_key(s.signing_key))
-    typer.echo(f"run {res.run_id}: {res.learner.version}; checkpoint {base}.pt")
-    typer.echo(res.run_id)
+        s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
+        res = run_training(s, env=env, algo=algo, seed=seed, iterations=iterations, minutes=minutes,
+                           continuous=continuous, overrides=overrides, out=out, checkpoint=checkpoint,
+                           eval_episodes=eval_episodes, threads=threads, say=typer.echo)
+        typer.echo(res.run_id)

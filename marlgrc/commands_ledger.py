@@ -10,22 +10,15 @@ from typing import Optional
 
 import typer
 
-from .config import Settings
+from .config import BootOpt, HomeOpt, PrefixOpt, Settings
+from .errors import fail
 
-HomeOpt = typer.Option(None, "--home", help="state directory (default $MARLGRC_HOME or ~/.local/state/marlgrc)")
 LedgerOpt = typer.Option(None, "--ledger", help="SQLCipher ledger file (default HOME/ledger/ledger.db)")
 KeyOpt = typer.Option(None, "--key-file", help="ledger key file, 64 hex chars, mode 0600 "
                                                "(default: $MARLGRC_LEDGER_KEY, else HOME/keys/ledger.key)")
 PgOpt = typer.Option(None, "--postgres", envvar="MARLGRC_LEDGER_PG_DSN",
                      help="use the PostgreSQL ledger at this DSN instead of SQLCipher")
 SchemaOpt = typer.Option("ledger", "--schema", help="PostgreSQL schema of the ledger")
-BootOpt = typer.Option(None, "--bootstrap", help="Kafka bootstrap (default $MARLGRC_BOOTSTRAP or the broker `up` started)")
-PrefixOpt = typer.Option(None, "--prefix", help="topic prefix of this deployment (default $MARLGRC_TOPIC_PREFIX)")
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
 
 
 def _key_provider(s: Settings, key_file: Optional[Path], create: bool):
@@ -35,7 +28,7 @@ def _key_provider(s: Settings, key_file: Optional[Path], create: bool):
         return KeyFile(key_file)
     if os.environ.get(ENV_VAR):
         return EnvKey()
-    default = s.home / "keys" / "ledger.key"
+    default = s.ledger_key
     if not default.exists() and create:
         typer.echo(f"created ledger key file {default} (mode 0600); back it up: without it the ledger is unreadable",
                    err=True)
@@ -44,11 +37,13 @@ def _key_provider(s: Settings, key_file: Optional[Path], create: bool):
 
 
 def _ledger_path(s: Settings, ledger: Optional[Path]) -> Path:
-    return ledger or s.home / "ledger" / "ledger.db"
+    return ledger or s.ledger_file
 
 
-def _open(s: Settings, ledger: Optional[Path], key_file: Optional[Path], pg: Optional[str], schema: str,
-          *, create: bool = False, install: bool = False):
+def open_ledger(s: Settings, ledger: Optional[Path], key_file: Optional[Path], pg: Optional[str], schema: str,
+                *, create: bool = False, install: bool = False):
+    """The ledger a command works on: PostgreSQL at ``pg``, else the SQLCipher file (default under home)
+    with its key (``key_file``, ``$MARLGRC_LEDGER_KEY``, else the home's key file)."""
     from ledger import LedgerError, LedgerKeyError, SqliteLedger
 
     try:
@@ -60,10 +55,10 @@ def _open(s: Settings, ledger: Optional[Path], key_file: Optional[Path], pg: Opt
             return PostgresLedger(pg, schema)
         path = _ledger_path(s, ledger)
         if not path.exists() and not create:
-            raise _fail(f"no ledger at {path}; create it with `marlgrc ledger sync`")
+            fail(f"no ledger at {path}; create it with `marlgrc ledger sync`")
         return SqliteLedger(path, _key_provider(s, key_file, create=create and not path.exists()))
     except (LedgerKeyError, LedgerError) as exc:
-        raise _fail(str(exc)) from None
+        fail(str(exc))
 
 
 def register(app: typer.Typer) -> None:
@@ -78,7 +73,7 @@ def register(app: typer.Typer) -> None:
         try:
             KeyFile.create(key_file)
         except LedgerKeyError as exc:
-            raise _fail(str(exc)) from None
+            fail(str(exc))
         typer.echo(f"wrote {key_file} (mode 0600)")
 
     @ledger_app.command("sync")
@@ -95,7 +90,7 @@ def register(app: typer.Typer) -> None:
         from ledger import LedgerError, sync
 
         s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
-        store = _open(s, ledger, key_file, postgres, schema, create=True, install=install)
+        store = open_ledger(s, ledger, key_file, postgres, schema, create=True, install=install)
         stop = {"now": False}
 
         def _stop(*_):
@@ -109,7 +104,7 @@ def register(app: typer.Typer) -> None:
             typer.echo("interrupted; every committed batch is kept, the next sync resumes from there", err=True)
             raise typer.Exit(130) from None
         except (BrokerUnavailable, KeyError, LedgerError) as exc:
-            raise _fail(str(exc).strip("'\"")) from None
+            fail(str(exc).strip("'\""))
         finally:
             signal.signal(signal.SIGTERM, old)
             store.close()
@@ -129,13 +124,13 @@ def register(app: typer.Typer) -> None:
         from ledger import LedgerError, purge_expired
 
         s = Settings.load(home=home)
-        store = _open(s, ledger, key_file, postgres, schema)
+        store = open_ledger(s, ledger, key_file, postgres, schema)
         try:
             summary = purge_expired(store, now)
         except LedgerError as exc:
-            raise _fail(str(exc)) from None
+            fail(str(exc))
         except Exception as exc:  # noqa: BLE001 - the database's refusal, e.g. a future cutoff on PostgreSQL
-            raise _fail(f"purge refused: {str(exc).strip()}") from None
+            fail(f"purge refused: {str(exc).strip()}")
         finally:
             store.close()
         typer.echo(f"purged {summary.total} rows in {len(summary.evidence)} chain ranges: "
@@ -158,9 +153,9 @@ def register(app: typer.Typer) -> None:
             if len(ref) != 32:
                 raise ValueError
         except ValueError:
-            raise _fail("--subject-ref must be 64 hex characters (the HMAC-SHA256 pseudonym)") from None
+            fail("--subject-ref must be 64 hex characters (the HMAC-SHA256 pseudonym)")
         s = Settings.load(home=home)
-        store = _open(s, ledger, key_file, postgres, schema)
+        store = open_ledger(s, ledger, key_file, postgres, schema)
         try:
             summary = erase_subject(store, ref, request_id, requester, legal_basis)
         finally:
@@ -183,8 +178,8 @@ def register(app: typer.Typer) -> None:
             key = load_public_key(public_key) if public_key else (
                 Signer.load(s.signing_key).public_key if s.signing_key.exists() else None)
         except KeyFileError as exc:
-            raise _fail(str(exc)) from None
-        store = _open(s, ledger, key_file, postgres, schema)
+            fail(str(exc))
+        store = open_ledger(s, ledger, key_file, postgres, schema)
         try:
             report = verify_ledger(store, key)
         finally:
@@ -204,9 +199,9 @@ def register(app: typer.Typer) -> None:
         from ledger import LedgerError, SqliteLedger, drop_sqlite, rebuild
 
         if not yes:
-            raise _fail("rebuild drops the ledger and reads every topic again; pass --yes to confirm")
+            fail("rebuild drops the ledger and reads every topic again; pass --yes to confirm")
         s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
-        old = _open(s, ledger, key_file, postgres, schema)
+        old = open_ledger(s, ledger, key_file, postgres, schema)
         before = old.content_hash()
         old.close()
 
@@ -224,7 +219,7 @@ def register(app: typer.Typer) -> None:
         try:
             store, stats = rebuild(open_empty, s.resolve_bootstrap(), prefix=s.prefix, commit_every=batch)
         except LedgerError as exc:
-            raise _fail(str(exc)) from None
+            fail(str(exc))
         after = store.content_hash()
         store.close()
         typer.echo(f"rebuilt from {stats.records} events; content hash before {before}, after {after}: "
@@ -241,11 +236,11 @@ def register(app: typer.Typer) -> None:
         from ledger.report import write_report
 
         s = Settings.load(home=home)
-        store = _open(s, ledger, key_file, postgres, schema)
+        store = open_ledger(s, ledger, key_file, postgres, schema)
         try:
-            rep = write_report(store, run, out_dir or s.home / "reports" / run)
+            rep = write_report(store, run, out_dir or s.reports / run)
         except LookupError as exc:
-            raise _fail(str(exc).strip("'\"")) from None
+            fail(str(exc).strip("'\""))
         finally:
             store.close()
         sys.stdout.write(rep.summary())

@@ -10,14 +10,10 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .config import Settings
+from .config import BootOpt, HomeOpt, PrefixOpt, Settings
+from .errors import fail
 
 console = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
 
 
 def _start_faust_fairness(bootstrap: str, prefix: str, metrics_port: int):
@@ -57,8 +53,7 @@ def register(app: typer.Typer) -> None:
         faust_fairness: bool = typer.Option(False, "--faust-fairness", help="also run the faust-streaming "
                                             "fairness app (marl.di.credit -> {run}:fairness:faust:*, exactly once) "
                                             "as a child worker process; its metrics on --metrics-port + 1"),
-        home: Optional[Path] = typer.Option(None, "--home"), bootstrap: Optional[str] = typer.Option(None, "--bootstrap"),
-        prefix: Optional[str] = typer.Option(None, "--prefix"),
+        home: Optional[Path] = HomeOpt, bootstrap: Optional[str] = BootOpt, prefix: Optional[str] = PrefixOpt,
     ) -> None:
         """Run the decision interpreter and fairness metrics, exactly once, until Ctrl-C."""
         from confluent_kafka import KafkaException
@@ -69,13 +64,13 @@ def register(app: typer.Typer) -> None:
         from stream_processors.worker import WorkerConfig, serve
 
         if default_env not in RULE_SETS:
-            _fail(f"--default-env {default_env!r} is not a rule set; use one of {sorted(RULE_SETS)}")
+            fail(f"--default-env {default_env!r} is not a rule set; use one of {sorted(RULE_SETS)}")
         s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
+        boot = s.resolve_bootstrap()
         try:
-            boot = s.resolve_bootstrap()
             ensure_topics(boot, s.prefix)
-        except (BrokerUnavailable, SystemExit) as exc:
-            _fail(str(exc))
+        except BrokerUnavailable as exc:
+            fail(str(exc))
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         console.print(f"processing {s.prefix or ''}marl.* on {boot} as {name!r}"
                       + (f"; metrics on http://127.0.0.1:{metrics_port}/metrics" if metrics_port else ""))
@@ -87,7 +82,7 @@ def register(app: typer.Typer) -> None:
             serve(WorkerConfig(boot, s.prefix, name, batch, default_env=default_env,
                                metrics_port=metrics_port or None, signing_key=str(signing_key)))
         except (KafkaException, OSError, RuntimeError) as exc:
-            _fail(f"processor {name!r} stopped: {exc}", 1)
+            fail(f"processor {name!r} stopped: {exc}", 1)
         finally:
             if child is not None:
                 _stop_child(child)
@@ -101,8 +96,7 @@ def register(app: typer.Typer) -> None:
         write: bool = typer.Option(False, "--write", help="send the results to Kafka on chains "
                                    "{run}:credit:reprocess:<rules> / {run}:fairness:reprocess:<rules>"),
         out: Optional[Path] = typer.Option(None, "--out", help="write the results as JSON lines here"),
-        home: Optional[Path] = typer.Option(None, "--home"), bootstrap: Optional[str] = typer.Option(None, "--bootstrap"),
-        prefix: Optional[str] = typer.Option(None, "--prefix"),
+        home: Optional[Path] = HomeOpt, bootstrap: Optional[str] = BootOpt, prefix: Optional[str] = PrefixOpt,
     ) -> None:
         """Apply the rules to a run's replayed joint actions; same input and rule version give the
         live processor's outputs."""
@@ -112,18 +106,18 @@ def register(app: typer.Typer) -> None:
 
         for r in (rules, default_env):
             if r is not None and r not in RULE_SETS:
-                _fail(f"{r!r} is not a rule set; use one of {sorted(RULE_SETS)}")
+                fail(f"{r!r} is not a rule set; use one of {sorted(RULE_SETS)}")
         s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
         tag = f"reprocess:{rules or 'env'}"
+        boot = s.resolve_bootstrap()
         try:
-            boot = s.resolve_bootstrap()
             events = replay(boot, run, prefix=s.prefix, rules_override=rules, default_env=default_env,
                             credit_stream=f"credit:{tag}" if write else "credit",
                             fairness_stream=f"fairness:{tag}" if write else "fairness", start_timestamp_ms=since_ms)
-        except (BrokerUnavailable, KeyError, SystemExit) as exc:
-            _fail(str(exc).strip("'\""))
+        except (BrokerUnavailable, KeyError) as exc:
+            fail(str(exc).strip("'\""))
         if not any(e.topic == "marl.di.credit" for e in events):
-            _fail(f"run {run!r} has no joint actions that could be scored under prefix {s.prefix!r}; "
+            fail(f"run {run!r} has no joint actions that could be scored under prefix {s.prefix!r}; "
                   f"check the run id (`marlgrc verify --run {run}` lists its chains)", 1)
         if out is not None:
             with out.open("w") as fh:
@@ -137,7 +131,7 @@ def register(app: typer.Typer) -> None:
                     sink.send(e.topic, e.chain_id, e.value)
                 sink.flush()
             except DeliveryError as exc:
-                _fail(str(exc), 1)
+                fail(str(exc), 1)
         counts: dict[str, int] = {}
         for e in events:
             counts[e.event_type] = counts.get(e.event_type, 0) + 1

@@ -1,13 +1,24 @@
-"""Settings, read once at the edge (environment and CLI options) into a typed object."""
+"""Settings, read once at the edge (environment and CLI options) into a typed object: the one place
+that knows the default home, where each file lives under it, and how a command finds its broker."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import typer
+
+from .errors import fail
+
+HomeOpt = typer.Option(None, "--home", help="state directory (default $MARLGRC_HOME or ~/.local/state/marlgrc)")
+BootOpt = typer.Option(None, "--bootstrap", help="Kafka bootstrap (default $MARLGRC_BOOTSTRAP or the broker `up` started)")
+PrefixOpt = typer.Option(None, "--prefix", help="topic prefix of this deployment (default $MARLGRC_TOPIC_PREFIX)")
+
 
 def default_home() -> Path:
-    return Path(os.environ.get("MARLGRC_HOME") or Path.home() / ".local" / "state" / "marlgrc")
+    """``$MARLGRC_HOME``, else ``~/.local/state/marlgrc``."""
+    env = os.environ.get("MARLGRC_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".local" / "state" / "marlgrc"
 
 
 @dataclass(frozen=True)
@@ -18,25 +29,47 @@ class Settings:
 
     @property
     def signing_key(self) -> Path:
+        """The Ed25519 key every command signs its chains' checkpoints (and checkpoints, bundles) with."""
         return self.home / "keys" / "signing.pem"
+
+    @property
+    def keystore(self) -> Path:
+        """The data subjects' key store (SQLCipher)."""
+        return self.home / "keys" / "subjects.db"
+
+    @property
+    def ledger_key(self) -> Path:
+        return self.home / "keys" / "ledger.key"
+
+    @property
+    def ledger_file(self) -> Path:
+        return self.home / "ledger" / "ledger.db"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.home / "checkpoints"
+
+    @property
+    def reports(self) -> Path:
+        return self.home / "reports"
 
     @classmethod
     def load(cls, *, home: Path | None = None, bootstrap: str | None = None, prefix: str | None = None) -> "Settings":
         return cls(
-            home=Path(home) if home else default_home(),
+            home=Path(home).expanduser() if home else default_home(),
             bootstrap=bootstrap or os.environ.get("MARLGRC_BOOTSTRAP") or None,
             prefix=prefix if prefix is not None else os.environ.get("MARLGRC_TOPIC_PREFIX", ""),
         )
 
     def resolve_bootstrap(self) -> str:
-        """The given bootstrap, else the broker `marlgrc up` started under home."""
+        """The given bootstrap (``--bootstrap`` or ``$MARLGRC_BOOTSTRAP``), else the broker `marlgrc up`
+        started under home; with neither, the command stops with an error saying so."""
         if self.bootstrap:
             return self.bootstrap
         from compose import kafka_status
 
         broker = kafka_status(self.home)
         if broker is None:
-            raise SystemExit(
-                f"no Kafka broker: none given (--bootstrap / MARLGRC_BOOTSTRAP) and none running under "
-                f"{self.home}. Start one with `marlgrc up`.")
+            fail(f"no Kafka broker: none given (--bootstrap / MARLGRC_BOOTSTRAP) and none running under "
+                 f"{self.home}. Start one with `marlgrc up`.")
         return broker.bootstrap

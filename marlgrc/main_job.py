@@ -14,7 +14,6 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from eventlog.audit import verify_kafka
@@ -22,6 +21,8 @@ from eventlog.checkpoint import Signer
 from eventlog.kafka import EventProducer, ensure_topics, read_records
 from eventlog.log import EventLog
 from eventlog.privacy import FieldProtector, LocalKeyStore
+
+from .config import Settings
 
 
 @dataclass
@@ -41,8 +42,9 @@ class MainJobResult:
         return self.kafka_ok and self.ledger_ok and self.credits == self.steps
 
 
-def run_main_job(bootstrap: str, prefix: str, home: Path, *, episodes: int = 3, seed: int = 0,
+def run_main_job(s: Settings, bootstrap: str, *, episodes: int = 3, seed: int = 0,
                  say: Callable[[str], None] = print, worker_timeout: float = 120.0) -> MainJobResult:
+    """The demo on ``bootstrap`` under the topic prefix, signing key, key store and ledger of ``s``."""
     from ledger import SqliteLedger
     from ledger.keys import KeyFile
     from ledger.materialize import sync
@@ -51,9 +53,9 @@ def run_main_job(bootstrap: str, prefix: str, home: Path, *, episodes: int = 3, 
     from producers.harness import run_episodes
     from producers.policies import builtin_policy
 
-    home = Path(home)
+    prefix = s.prefix
     ensure_topics(bootstrap, prefix)
-    signer = Signer.load_or_create(home / "keys" / "signing.pem")
+    signer = Signer.load_or_create(s.signing_key)
     run_id = f"mailbox_v0__heuristic__{seed}__{int(time.time())}__{uuid.uuid4().hex[:6]}"
     result = MainJobResult(run_id)
 
@@ -61,7 +63,7 @@ def run_main_job(bootstrap: str, prefix: str, home: Path, *, episodes: int = 3, 
     env = mailbox_v0.parallel_env()
     producer = EventProducer(bootstrap, prefix=prefix, client_id="marlgrc-demo")
     log = EventLog(producer, run_id=run_id, producer_id="demo-harness", signer=signer, checkpoint_every=1000)
-    with LocalKeyStore(home / "keys" / "subjects.db") as keys:
+    with LocalKeyStore(s.keystore) as keys:
         summary = run_episodes(env, builtin_policy("heuristic", env, seed), log, episodes=episodes, seed=seed,
                                env_id="mailbox_v0", env_version="0", config={"demo": True},
                                protector=FieldProtector(keys))
@@ -73,7 +75,7 @@ def run_main_job(bootstrap: str, prefix: str, home: Path, *, episodes: int = 3, 
     # 2. stream processors: a real worker process, stopped once every joint action is scored
     worker = subprocess.Popen([sys.executable, "-m", "stream_processors", "--bootstrap", bootstrap,
                                "--prefix", prefix, "--name", "demo-di",
-                               "--signing-key", str(home / "keys" / "signing.pem")],
+                               "--signing-key", str(s.signing_key)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + worker_timeout
@@ -97,14 +99,13 @@ def run_main_job(bootstrap: str, prefix: str, home: Path, *, episodes: int = 3, 
         say(f"2/4 stream processors: {result.credits} credit assignments, one per joint action")
 
     # 3. ledger
-    key_path = home / "keys" / "ledger.key"
-    key = KeyFile(key_path) if key_path.exists() else KeyFile.create(key_path)
-    (home / "ledger").mkdir(parents=True, exist_ok=True)
-    store = SqliteLedger(home / "ledger" / "ledger.db", key)
+    key = KeyFile(s.ledger_key) if s.ledger_key.exists() else KeyFile.create(s.ledger_key)
+    s.ledger_file.parent.mkdir(parents=True, exist_ok=True)
+    store = SqliteLedger(s.ledger_file, key)
     try:
         stats = sync(store, bootstrap, prefix=prefix)
         result.ledger_rows = getattr(stats, "events", 0) or sum(store.table_counts().values())
-        say(f"3/4 ledger: {result.ledger_rows} rows materialized into {home / 'ledger' / 'ledger.db'} (SQLCipher)")
+        say(f"3/4 ledger: {result.ledger_rows} rows materialized into {s.ledger_file} (SQLCipher)")
         lrep = verify_ledger(store, signer.public_key)
         result.ledger_ok = lrep.ok
     finally:

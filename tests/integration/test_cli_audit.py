@@ -87,7 +87,14 @@ def test_errors_say_what_to_do(tmp_path):
     assert code != 0
 
 
-def test_up_status_down(tmp_path):
+def test_up_status_down_and_every_command_finds_the_broker_up_started(tmp_path, monkeypatch):
+    """`up` starts a broker under a home; `run`, `verify` and `forget` given only that home (no
+    --bootstrap, no $MARLGRC_BOOTSTRAP) find it as `status` does (issue 14 item 8: `run` and `forget`
+    went to 127.0.0.1:9092)."""
+    from producers.envs import mailbox_v0
+
+    monkeypatch.delenv("MARLGRC_BOOTSTRAP", raising=False)
+    monkeypatch.delenv("MARLGRC_TOPIC_PREFIX", raising=False)
     home = tmp_path / "home"
     home.mkdir()
     home.chmod(0o755)
@@ -98,6 +105,28 @@ def test_up_status_down(tmp_path):
         code, out = invoke("status", "--home", home)
         assert code == 0 and "kafka: 127.0.0.1:" in out
         assert invoke("up", "--home", home)[0] == 0  # idempotent: the running broker, no new topics
+
+        code, out = invoke("run", "--env", "mailbox_v0", "--policy", "heuristic", "--episodes", 1, "--seed", 11,
+                           "--no-progress", "--home", home)
+        assert code == 0, out
+        run = out.strip().splitlines()[-1]
+        assert run.startswith("mailbox_v0__heuristic__11__")
+        code, out = invoke("verify", "--run", run, "--json", "--home", home)
+        assert code == 0, out
+        report = json.loads(out[out.index("{"):])
+        assert report["ok"] and {c["topic"]: c["events"] for c in report["chains"]}["marl.joint.action"] == 20
+
+        env = mailbox_v0.parallel_env()
+        env.reset(seed=11)
+        user = env._users[env._items["user"][0]]
+        code, out = invoke("forget", "--subject", user, "--namespace", "user", "--request-id", "req-up",
+                           "--legal-basis", "GDPR Art. 17(1)(a)", "--requester", "dpo@example.org", "--home", home)
+        assert code == 0, out
+        assert "compliance.deletion seq 0" in out and user not in out
+        code, out = invoke("verify", "--json", "--home", home)
+        assert code == 0, out
+        chains = {c["chain_id"]: c for c in json.loads(out[out.index("{"):])["chains"]}
+        assert chains["compliance:deletions"]["events"] == 1
     finally:
         code, out = invoke("down", "--home", home, "--purge")
     assert code == 0 and "kafka stopped" in out

@@ -11,10 +11,11 @@ from eventlog.codec import default_codec
 from eventlog.kafka import EventProducer, read_records
 from eventlog.log import EventLog
 from eventlog.verify import verify_records
-from learners.mappo import MAPPO, MAPPOConfig
+from learners.mappo import MAPPOConfig
 from learners.offline import train_offline
 from learners.replay import RUN_TOPICS, read_kafka, watermarks
-from marlgrc.online import KafkaTransport, train_online
+from learners.online import KafkaTransport
+from marlgrc.training import train_on_env
 from producers.harness import run_episodes
 from producers.policies import RandomPolicy
 from tests.unit.test_learners_support import MatchTarget
@@ -34,7 +35,7 @@ def _write_run(bootstrap, prefix, run_id, signer, episodes=4):
 def test_online_training_through_kafka_reads_back_exactly_its_batches(kafka, topics):
     signer = Signer.generate()
     env = MatchTarget()
-    res = train_online(env, "match_target_v0", "0", "mappo", transport=KafkaTransport(kafka.bootstrap, topics),
+    res = train_on_env(env, "match_target_v0", "0", "mappo", transport=KafkaTransport(kafka.bootstrap, topics),
                        iterations=3, seed=1, config=MAPPOConfig(seed=1, episodes_per_update=4), signer=signer,
                        public_key=signer.public_key, run_id="online1")
     assert [r["env_steps"] for r in res.curve] == [32, 64, 96]

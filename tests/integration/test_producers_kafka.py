@@ -13,7 +13,8 @@ from eventlog.kafka import EventProducer, read_records
 from eventlog.log import EventLog
 from eventlog.privacy import FieldProtector, KeyShredded, LocalKeyStore, PrivacyError
 from eventlog.verify import verify_records
-from marlgrc.commands_producers import keystore_path, register
+from marlgrc.commands_producers import register
+from marlgrc.config import Settings
 from producers.envs import mailbox_v0
 from producers.harness import run_episodes
 from producers.policies import RandomPolicy
@@ -86,7 +87,7 @@ def test_mailbox_run_leaks_nothing_and_forget_erases(kafka, topics, tmp_path, ca
 
     # pick the recipient of episode 0's first item; find its events through the key store
     user = users[0]
-    with LocalKeyStore(keystore_path(tmp_path)) as keys:
+    with LocalKeyStore(Settings.load(home=tmp_path).keystore) as keys:
         prot = FieldProtector(keys)
         codec = default_codec()
         protected = [(r.key, rec["seq"], f) for r in records if r.topic in ("marl.env.state", "marl.agent.observation")
@@ -110,7 +111,7 @@ def test_mailbox_run_leaks_nothing_and_forget_erases(kafka, topics, tmp_path, ca
     assert {a["target"]: a["count"] for a in d["actions"]} == {"keystore.subject_keys": 1, "keystore.blind_index": 1}
     assert user.encode() not in b"".join(r.value for r in after)
 
-    with LocalKeyStore(keystore_path(tmp_path)) as keys:
+    with LocalKeyStore(Settings.load(home=tmp_path).keystore) as keys:
         prot = FieldProtector(keys)
         for p in mine:
             with pytest.raises(KeyShredded) as err:

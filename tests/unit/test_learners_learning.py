@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from learners import algorithm
-from marlgrc.online import MemoryTransport, evaluate, train_online
+from learners.evaluate import evaluate
+from learners.online import MemoryTransport
+from marlgrc.training import train_on_env
 from producers.policies import RandomPolicy
 from tests.unit.test_learners_support import MatchTarget
 
@@ -26,7 +28,7 @@ def test_learns_match_target_well_above_random(case):
     continuous, overrides, iterations = CASES[case]
     env = MatchTarget(continuous=continuous)
     cfg = algorithm(name).config_cls(seed=1, episodes_per_update=10, **overrides)
-    res = train_online(env, "match_target_v0", "0", name, transport=MemoryTransport(), iterations=iterations,
+    res = train_on_env(env, "match_target_v0", "0", name, transport=MemoryTransport(), iterations=iterations,
                        seed=1, config=cfg)
     random_return = evaluate(env, RandomPolicy(env, seed=999), 50, 5000)
     if name == "dqn":
@@ -36,3 +38,51 @@ def test_learns_match_target_well_above_random(case):
     margin = 4.0
     assert trained > random_return + margin, (case, random_return, trained, res.curve)
     assert all(u > 0 for u in [r["optimizer_steps"] for r in res.curve[-1:]])
+
+
+def _loop(transport, signer=None, iterations=3):
+    """The learners' loop on its own, with a collect that is the harness bound to MatchTarget."""
+    from learners.online import train_online
+    from marlgrc.training import spec_of
+    from producers.harness import run_episodes
+
+    env = MatchTarget()
+
+    def collect(policy, log, *, episodes, seed, config):
+        run_episodes(env, policy, log, episodes=episodes, seed=seed, env_id="match_target_v0", env_version="0",
+                     config=config)
+
+    cfg = algorithm("mappo").config_cls(seed=4, episodes_per_update=3)
+    return train_online(spec_of(env, "loop1", "match_target_v0", "0", 4), "mappo", collect=collect,
+                        transport=transport, iterations=iterations, seed=4, config=cfg, signer=signer,
+                        public_key=signer.public_key if signer else None)
+
+
+def test_a_training_session_signs_every_chain_it_writes():
+    from eventlog.checkpoint import Signer
+    from eventlog.verify import verify_records
+    from learners.replay import records_from_memory
+
+    signer = Signer.from_seed(b"loop-test")
+    transport = MemoryTransport()
+    res = _loop(transport, signer)
+    report = verify_records(records_from_memory(transport.sink.sent), signer.public_key)
+    assert report.ok, [b.describe() for b in report.breaks]
+    data = [c for c in report.chains if c.topic != "marl.audit.checkpoints"]
+    # the harness's chains and the learner's policy chain, each signed through its last event
+    assert {c.chain_id for c in data} >= {"loop1:actions", "loop1:env", "loop1:lifecycle", "loop1:policy:mappo"}
+    assert all(c.signed_through_seq == c.last_seq >= 0 for c in data), [(c.chain_id, c.last_seq,
+                                                                        c.signed_through_seq) for c in data]
+    assert len(res.update_hashes) == 3
+
+
+def test_memory_transport_without_keep_drops_what_was_read_and_trains_the_same():
+    kept, dropped = MemoryTransport(), MemoryTransport(keep=False)
+    a, b = _loop(kept), _loop(dropped)
+    assert a.learner.weights_sha256() == b.learner.weights_sha256()
+    assert [r["env_steps"] for r in a.curve] == [r["env_steps"] for r in b.curve] == [24, 48, 72]
+    # what is left is the last update's policy.update (written after the last read)
+    assert len(dropped.sink.sent) < 5 < len(kept.sink.sent)
+    assert dropped.mark() == kept.mark()
+    with pytest.raises(ValueError, match="move forward"):
+        dropped.read(0, 1)

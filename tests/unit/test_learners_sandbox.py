@@ -12,7 +12,10 @@ from __future__ import annotations
 import pytest
 
 from learners.mappo import MAPPOConfig
-from marlgrc.online import GreedyPolicy, MemoryTransport, evaluate_security, make_env, train_online
+from learners.evaluate import GreedyPolicy, evaluate_security
+from learners.online import MemoryTransport
+from marlgrc.training import train_on_env
+from producers.envs import make_env
 from producers.policies import HeuristicPolicy, RandomPolicy
 
 
@@ -22,7 +25,7 @@ def test_mappo_on_sandbox_beats_random_and_heuristic_on_reward_and_security():
 
     torch.set_num_threads(1)
     env, env_id, ver = make_env("sandbox_v0")
-    res = train_online(env, env_id, ver, "mappo", transport=MemoryTransport(), iterations=60, seed=2,
+    res = train_on_env(env, env_id, ver, "mappo", transport=MemoryTransport(), iterations=60, seed=2,
                        config=MAPPOConfig(seed=2, episodes_per_update=20, update_epochs=10))
     rand = evaluate_security(env, RandomPolicy(env, seed=7), 40, seed=50_000)
     heur = evaluate_security(env, HeuristicPolicy(env), 40, seed=50_000)

@@ -7,7 +7,10 @@ import pytest
 
 from eventlog.privacy import FieldProtector, LocalKeyStore
 from learners.mappo import MAPPOConfig
-from marlgrc.online import GreedyPolicy, MemoryTransport, evaluate_security, make_env, train_online
+from learners.evaluate import GreedyPolicy, evaluate_security
+from learners.online import MemoryTransport
+from marlgrc.training import train_on_env
+from producers.envs import make_env
 from producers.harness import HarnessError
 from producers.policies import RandomPolicy
 
@@ -16,10 +19,10 @@ from producers.policies import RandomPolicy
 def test_mappo_on_mailbox_beats_random_on_reward_and_breaches(tmp_path):
     env, env_id, ver = make_env("mailbox_v0")
     with pytest.raises(HarnessError, match="FieldProtector"):  # no protector: personal data is refused
-        train_online(env, env_id, ver, "mappo", transport=MemoryTransport(), iterations=1)
+        train_on_env(env, env_id, ver, "mappo", transport=MemoryTransport(), iterations=1)
     with LocalKeyStore(tmp_path / "subjects.db") as keys:
         transport = MemoryTransport()
-        res = train_online(env, env_id, ver, "mappo", transport=transport, iterations=6, seed=1,
+        res = train_on_env(env, env_id, ver, "mappo", transport=transport, iterations=6, seed=1,
                            config=MAPPOConfig(seed=1, episodes_per_update=20, update_epochs=10),
                            protector=FieldProtector(keys))
     # the personal data never reached the events in the clear

@@ -1,0 +1,270 @@
+"""The training loop, on-policy through the event log: the producers act with the current policy,
+every transition is written as events, the learner reads exactly those offsets back, verifies and
+trains on them, and writes ``policy.update``. The training data is the audited stream and nothing else.
+
+    loop:  mark offsets -> collect(policy, log, ...) -> flush -> mark offsets
+           -> RunReader.add(records in [start, end)) -> learner.update -> policy.update event
+
+``collect`` is what runs the env and writes its steps to ``log`` (``marlgrc`` hands in
+``producers.harness.run_episodes`` bound to an env: learners never import producers); the first
+policy is built from the ``RunSpec`` the run's ``run.started`` will carry.
+
+A ``Transport`` is where the sealed events go and how a batch is read back: ``KafkaTransport`` (the
+real thing) and ``MemoryTransport`` (the same sealed event bytes kept in process; for tests and for
+CPU-only learning curves when no broker runs).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from eventlog.kafka import Record
+from eventlog.log import EventLog, MemorySink, Sink
+
+from . import algorithm
+from .lineage import emit_policy_update
+from .replay import RUN_TOPICS, Replay, ReplayError, RunReader, RunSpec
+
+Collect = Callable[..., Any]
+"""``collect(policy, log, *, episodes, seed, config)``: run ``episodes`` episodes (episode ``i``
+reset with ``seed + i``) acting with ``policy`` and write every step to ``log``; ``config`` goes into
+the run's ``run.started``."""
+
+
+class Transport(Protocol):
+    """Where a training session's events go (``sink``) and how a batch of them is read back."""
+
+    sink: Sink
+
+    def mark(self) -> Any:
+        """A position: everything sent before it (and flushed) is before it."""
+
+    def flush(self) -> None:
+        """Wait until everything sent is readable."""
+
+    def read(self, start: Any, end: Any) -> list[Record]:
+        """The records between two marks, with their offsets."""
+
+    def close(self) -> None:
+        """Release what the transport holds."""
+
+
+class MemoryTransport:
+    """The same sealed events kept in memory; offsets are positions per topic (partition 0).
+
+    Reads must move forward (each ``start`` at or after the previous ``end``), as the loop's do.
+    ``keep=False`` drops the bytes of what was read (and of everything before it): a long run then
+    holds one batch, not the whole stream; the offsets keep counting.
+    """
+
+    def __init__(self, *, keep: bool = True):
+        self.sink = MemorySink()
+        self.keep = keep
+        self._dropped = 0           # events removed from the front of sink.sent
+        self._counted = 0           # position up to which _offsets counts every topic's events
+        self._offsets: dict[str, int] = {}
+
+    def mark(self) -> int:
+        return self._dropped + len(self.sink.sent)
+
+    def flush(self) -> None:
+        pass
+
+    def _count(self, until: int) -> None:
+        base, offsets = self._dropped, self._offsets
+        for topic, _, _ in self.sink.sent[self._counted - base:until - base]:
+            offsets[topic] = offsets.get(topic, 0) + 1
+        self._counted = until
+
+    def read(self, start: int, end: int) -> list[Record]:
+        if start < self._counted:
+            raise ValueError(f"MemoryTransport reads move forward: start {start} is before {self._counted}, "
+                             f"the end of the last read")
+        self._count(start)
+        offsets, out = self._offsets, []
+        for topic, key, value in self.sink.sent[start - self._dropped:end - self._dropped]:
+            o = offsets.get(topic, 0)
+            offsets[topic] = o + 1
+            out.append(Record(topic, 0, o, key, value, 0))
+        self._counted = end
+        if not self.keep:
+            del self.sink.sent[:end - self._dropped]
+            self._dropped = end
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class KafkaTransport:
+    """Events through the broker; batches are read back by offsets [start, end) per partition.
+
+    Per-batch fixed costs are kept small: topic metadata is read once, one consumer lives as long as
+    the transport (each read assigns the batch's partitions at their start offsets and consumes
+    exactly up to the end offsets: no poll timeout is waited for), the end offsets of every
+    partition come from one ListOffsets request, and a batch starts where the previous read ended
+    (what was written in between, the learner's ``policy.update`` and checkpoints, is on topics the
+    reader does not train on; its checkpoints are skipped, see ``RunReader.add``).
+    """
+
+    def __init__(self, bootstrap: str, prefix: str = "", *, timeout: float = 30.0):
+        from confluent_kafka.admin import AdminClient
+
+        from eventlog.kafka import EventProducer, _consumer, partitions_of
+
+        self.bootstrap, self.prefix, self.timeout = bootstrap, prefix, timeout
+        self.sink = EventProducer(bootstrap, prefix=prefix)
+        self._tps = partitions_of(bootstrap, RUN_TOPICS, prefix)
+        self._admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+        self._consumer = _consumer(bootstrap)
+        self._carry: dict[tuple[str, int], int] | None = None
+
+    def _end_offsets(self) -> dict[tuple[str, int], int]:
+        from confluent_kafka import KafkaError, KafkaException, TopicPartition
+        from confluent_kafka.admin import OffsetSpec
+
+        from eventlog.topics import logical
+
+        retry = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART)
+        request = {TopicPartition(tp.topic, tp.partition): OffsetSpec.latest() for tp in self._tps}
+        for attempt in range(40):
+            try:
+                futures = self._admin.list_offsets(request, request_timeout=self.timeout)
+                return {(logical(self.prefix, tp.topic), tp.partition): fut.result().offset
+                        for tp, fut in futures.items()}
+            except KafkaException as exc:
+                # a just-created topic may have no leader yet (NOT_LEADER_FOR_PARTITION, LEADER_NOT_AVAILABLE)
+                err = exc.args[0]
+                if attempt == 39 or not (err.retriable() or err.code() in retry):
+                    raise
+                time.sleep(0.25)
+        raise AssertionError("unreachable")
+
+    def mark(self) -> dict[tuple[str, int], int]:
+        if self._carry is not None:  # a batch starts where the last read ended
+            out, self._carry = self._carry, None
+            return out
+        return self._end_offsets()
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+    def read(self, start, end) -> list[Record]:
+        from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+        from eventlog.kafka import BrokerUnavailable
+
+        pre = self.prefix
+        todo = {(pre + t, p): e for (t, p), e in end.items() if start.get((t, p), e) < e}
+        self._carry = dict(end)
+        if not todo:
+            return []
+        c = self._consumer
+        c.assign([TopicPartition(t, p, start[(t[len(pre):], p)]) for (t, p) in todo])
+        expected = sum(e - start[(t[len(pre):], p)] for (t, p), e in todo.items())
+        out: list = []
+        idle_since = time.monotonic()
+        try:
+            while todo:
+                # ask for exactly what is still missing: consume() returns as soon as it has it
+                msgs = c.consume(max(1, min(expected - len(out), 10000)), 0.2)
+                for m in msgs:
+                    err = m.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            continue
+                        raise KafkaException(err)
+                    t, p, o = m.topic(), m.partition(), m.offset()
+                    if o >= todo.get((t, p), -1):
+                        continue
+                    k = m.key()
+                    out.append(Record(t[len(pre):], p, o, k.decode() if k is not None else "", m.value(),
+                                      m.timestamp()[1]))
+                if msgs:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since > self.timeout:
+                    raise BrokerUnavailable(f"no data from {self.bootstrap} for {self.timeout:.0f}s while reading "
+                                            f"{sorted(todo)}; is the broker up (`marlgrc status`)?")
+                # the position, not the last offset seen, says when a partition is done (control records)
+                for tp in c.position([TopicPartition(t, p) for (t, p) in todo]):
+                    if tp.offset >= todo[(tp.topic, tp.partition)]:
+                        del todo[(tp.topic, tp.partition)]
+        finally:
+            c.unassign()
+        return out
+
+    def close(self) -> None:
+        self.sink.flush()
+        self._consumer.close()
+
+
+@dataclass
+class OnlineResult:
+    learner: Any
+    run_id: str
+    curve: list[dict] = field(default_factory=list)   # per update: env_steps, episodic_return, losses, ...
+    update_hashes: list[bytes] = field(default_factory=list)
+    replays: list[Replay] = field(default_factory=list)
+
+
+def train_online(spec: RunSpec, algo: str, *, collect: Collect, transport: Transport, iterations: int,
+                 seed: int = 1, config: Any = None, signer=None, public_key=None, learner: Any = None,
+                 episodes_per_update: int | None = None, keep_replays: bool = False,
+                 time_budget_s: float | None = None, on_update: Callable[[dict], None] | None = None,
+                 producer_id: str = "harness") -> OnlineResult:
+    """Run ``iterations`` of {act with the current policy -> events -> read back -> update} on run
+    ``spec.run_id``, or fewer when ``time_budget_s`` runs out (checked after each update).
+
+    ``signer`` signs checkpoints of every chain the session writes (the harness's and the
+    learner's); ``public_key`` pins the signer the reader checks them with. ``collect`` is called
+    with keyword arguments ``episodes``, ``seed`` (iteration ``it`` starts at
+    ``seed * 1_000_003 + it * episodes``) and ``config``.
+    """
+    a = algorithm(algo)
+    if learner is None:
+        learner = a.learner_cls(spec, config or a.config_cls(seed=seed))
+    E = episodes_per_update or learner.config.episodes_per_update
+    run_id = spec.run_id
+    log = EventLog(transport.sink, run_id=run_id, producer_id=producer_id, signer=signer)
+    learner_log = EventLog(transport.sink, run_id=run_id, producer_id=f"learner-{algo}", signer=signer)
+    reader = RunReader(run_id, public_key=public_key)
+    result = OnlineResult(learner, run_id)
+    t0 = time.monotonic()
+    try:
+        for it in range(iterations):
+            start = transport.mark()
+            collect(learner, log, episodes=E, seed=seed * 1_000_003 + it * E,
+                    config={"algorithm": algo, "iteration": it})
+            transport.flush()
+            end = transport.mark()
+            replay = reader.add(transport.read(start, end))
+            if replay.spec.agents != learner.spec.agents or replay.spec.action_spaces != learner.spec.action_spaces:
+                raise ReplayError(f"run {run_id}: run.started's agents/spaces differ from the spec the policy "
+                                  f"was built for")
+            parent = learner.version
+            out = learner.update(replay)
+            ev = emit_policy_update(learner_log, learner, out, replay, parent_version=parent)
+            transport.flush()
+            result.update_hashes.append(ev.event_hash)
+            if keep_replays:
+                result.replays.append(replay)
+            row = {"iteration": it, "env_steps": learner.env_steps, "episodes": learner.episodes,
+                   "charts/episodic_return": out["charts/episodic_return"],
+                   "optimizer_steps": learner.optimizer_steps,
+                   "seconds": round(time.monotonic() - t0, 2), **out["losses"]}
+            result.curve.append(row)
+            if on_update:
+                on_update(row)
+            if time_budget_s is not None and time.monotonic() - t0 > time_budget_s:
+                break
+    except BaseException as exc:  # the chains written so far are signed too, where the sink still takes it
+        for each in (log, learner_log):
+            try:
+                each.close()
+            except Exception as second:  # noqa: BLE001 - the first failure is the one to report
+                exc.add_note(f"closing {each.producer_id}'s chains also failed: {type(second).__name__}: {second}")
+        raise
+    log.close()
+    learner_log.close()
+    return result

@@ -1,0 +1,166 @@
+"""Wiring of on-policy training: the producers' harness collects, the learners' loop trains.
+
+``train_on_env`` binds an env to ``learners.online.train_online``: the first policy is built from the
+spaces the harness will write into ``run.started`` (``producers.harness.env_spaces``), and each batch
+is collected by ``producers.harness.run_episodes``. ``run_training`` is what the commands run
+(`marlgrc train-online`, `marlgrc run --algo`): settings, the home's signing key and key store, a
+transport, the loop, a signed checkpoint, and optionally an evaluation and a learning-curve file.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+from learners.online import MemoryTransport, OnlineResult, Transport, train_online
+from learners.replay import RunSpec
+from producers.harness import env_spaces, run_episodes
+
+from .config import Settings
+from .errors import fail
+
+MEMORY = "memory"  # --bootstrap memory: the sealed events stay in this process
+
+
+def spec_of(env: Any, run_id: str, env_id: str, env_version: str, seed: int) -> RunSpec:
+    """The RunSpec the harness's run.started will carry (the same space records)."""
+    return RunSpec.from_run_started(run_id, {"env_id": env_id, "env_version": env_version, "seed": seed,
+                                             "config_hash": "", **env_spaces(env)})
+
+
+def new_run_id(env_id: str, algo: str, seed: int) -> str:
+    return f"{env_id}__{algo}__{seed}__{int(time.time())}-{uuid.uuid4().hex[:6]}"
+
+
+def train_on_env(env: Any, env_id: str, env_version: str, algo: str, *, transport: Transport, iterations: int,
+                 seed: int = 1, run_id: str | None = None, protector: Any = None, max_steps: int | None = None,
+                 **loop: Any) -> OnlineResult:
+    """``learners.online.train_online`` on ``env``, collected by the harness. ``protector`` (an
+    ``eventlog.privacy.FieldProtector``) is required for envs with personal data (``subject_fields()``,
+    e.g. mailbox_v0): the harness refuses to write them in the clear. ``loop``: the loop's other
+    keyword arguments (config, signer, public_key, time_budget_s, on_update, ...)."""
+    spec = spec_of(env, run_id or new_run_id(env_id, algo, seed), env_id, env_version, seed)
+
+    def collect(policy: Any, log: Any, *, episodes: int, seed: int, config: dict) -> Any:
+        return run_episodes(env, policy, log, episodes=episodes, seed=seed, env_id=env_id, env_version=env_version,
+                            config=config, protector=protector, max_steps=max_steps)
+
+    return train_online(spec, algo, collect=collect, transport=transport, iterations=iterations, seed=seed, **loop)
+
+
+def run_training(s: Settings, *, env: str, algo: str, seed: int = 1, iterations: int | None = None,
+                 minutes: float | None = None, continuous: bool = False, env_args: dict | None = None,
+                 max_steps: int | None = None, overrides: list[str] = (), out: Path | None = None,
+                 checkpoint: Path | None = None, eval_episodes: int = 0, threads: int = 1,
+                 say: Callable[[str], None] = print) -> OnlineResult:
+    """Train ``algo`` on-policy on ``env`` with every transition through the event log, signed with the
+    home's key. ``s.bootstrap == "memory"`` keeps the events in this process (learning curves without a
+    broker); otherwise they go through Kafka (the given broker, or the one `marlgrc up` started).
+    ``out`` gets the learning curve (JSON, rewritten after every update) and, with ``eval_episodes``,
+    the evaluation of random, heuristic and learned policies. Ends with a signed checkpoint."""
+    import torch
+
+    from eventlog.checkpoint import KeyFileError, Signer
+    from eventlog.kafka import BrokerUnavailable, DeliveryError, ensure_topics
+    from eventlog.privacy import FieldProtector, LocalKeyStore, PrivacyError
+    from learners import algorithm, config_overrides
+    from learners.checkpoint import load_signing_key, save_checkpoint
+    from learners.evaluate import GreedyPolicy, evaluate, evaluate_security
+    from learners.online import KafkaTransport
+    from learners.replay import ReplayError
+    from producers.envs import EnvError, make_env
+    from producers.harness import HarnessError
+    from producers.policies import HeuristicPolicy, RandomPolicy
+
+    torch.set_num_threads(threads)
+    try:
+        a = algorithm(algo)
+        config = a.config_cls(seed=seed, **config_overrides(a.config_cls, list(overrides)))
+        e, env_id, ver = make_env(env, continuous=continuous, **(env_args or {}))
+    except (KeyError, ValueError, EnvError) as exc:
+        fail(str(exc).strip("'\""))
+    memory = s.bootstrap == MEMORY
+    if iterations is None:
+        iterations = 10**9 if minutes is not None else 10
+    try:
+        signer = Signer.load_or_create(s.signing_key)
+        key = load_signing_key(s.signing_key)
+    except KeyFileError as exc:
+        fail(str(exc))
+    boot = None
+    if not memory:
+        boot = s.resolve_bootstrap()
+        try:
+            ensure_topics(boot, s.prefix)
+        except BrokerUnavailable as exc:
+            fail(str(exc))
+    keys = protector = scratch = None
+    if hasattr(e, "subject_fields"):  # an env with personal data runs only behind a key store
+        # through Kafka, the home's; in memory the events end with the process, and so do their keys
+        if memory:
+            scratch = Path(tempfile.mkdtemp(prefix="marlgrc-keys-"))
+        path = scratch / "subjects.db" if scratch else s.keystore
+        try:
+            keys = LocalKeyStore(path)
+        except PrivacyError as exc:
+            fail(str(exc))
+        protector = FieldProtector(keys)
+
+    baselines: dict[str, dict] = {}
+    if eval_episodes:
+        baselines["random"] = evaluate_security(e, RandomPolicy(e, seed=seed), eval_episodes, seed=10_000)
+        if hasattr(e, "heuristic_action"):
+            baselines["heuristic"] = evaluate_security(e, HeuristicPolicy(e), eval_episodes, seed=10_000)
+    head = {"env": env, "algo": algo, "seed": seed, "transport": MEMORY if memory else "kafka",
+            "random_return": baselines.get("random", {}).get("mean_return")}
+    rows: list[dict] = []
+
+    def write(**more: Any) -> None:
+        if out is not None:
+            out.write_text(json.dumps({**head, **more, "curve": rows}, indent=1))
+
+    def on_update(row: dict) -> None:
+        rows.append(row)
+        write()
+        say(json.dumps(row) if out is not None else
+            f"update {row['iteration']}: env steps {row['env_steps']}, return {row['charts/episodic_return']:.2f}")
+
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    transport = MemoryTransport(keep=False) if memory else KafkaTransport(boot, s.prefix)
+    try:
+        res = train_on_env(e, env_id, ver, algo, transport=transport, iterations=iterations, seed=seed,
+                           protector=protector, max_steps=max_steps, config=config, signer=signer,
+                           public_key=signer.public_key, time_budget_s=None if minutes is None else minutes * 60,
+                           on_update=on_update)
+    except (BrokerUnavailable, DeliveryError, HarnessError, ReplayError) as exc:
+        fail(str(exc))
+    finally:
+        transport.close()
+        if keys is not None:
+            keys.close()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    base = checkpoint or s.checkpoints / res.run_id / "policy"
+    save_checkpoint(base, res.learner, key)
+    if eval_episodes:
+        learner = res.learner
+        if algo == "dqn":
+            learner.episodes = 10**9  # evaluate at the final epsilon, not the one of the last batch
+        final = evaluate(e, learner, eval_episodes, seed=10_000)
+        baselines["learned (sampled)"] = evaluate_security(e, learner, eval_episodes, seed=10_000)
+        baselines["learned (greedy)"] = evaluate_security(e, GreedyPolicy(learner), eval_episodes, seed=10_000)
+        write(config=asdict(config), final_eval_return=final, policies=baselines)
+        say(f"random {head['random_return']:.2f} -> trained {final:.2f} (mean team return over {eval_episodes} "
+            f"episodes)")
+        for name, row in baselines.items():
+            say(f"{name:18s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
+    else:
+        write(config=asdict(config))
+    say(f"run {res.run_id}: {res.learner.version}; checkpoint {base}.pt")
+    return res
