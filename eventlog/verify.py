@@ -194,12 +194,17 @@ class Verifier:
     Events after the last signed checkpoint of their chain are ``unsigned``: a break where
     ``require_signed``, or where their run has finished (a ``run.finished`` event was read) and a
     public key was given (every writer signs its chains when it closes); else a note.
+
+    ``topics``: the topics the caller reads (default: all). A checkpoint of a chain on another topic
+    is not held against it (no "truncated" chain that was simply not read); the report notes it.
     """
 
     def __init__(self, public_key: Ed25519PublicKey | None = None, trusted: TrustedState | None = None,
-                 codec: Codec | None = None, *, require_signed: bool = False):
+                 codec: Codec | None = None, *, require_signed: bool = False, topics: Iterable[str] | None = None):
         self.public_key = public_key
         self.require_signed = require_signed
+        # the topics being read (None: all): checkpoints of chains elsewhere cannot be checked here
+        self.topics = None if topics is None else frozenset(topics) | {CHECKPOINT_TOPIC}
         self._finished_runs: set[str] = set()
         self.key_id = key_id(public_key) if public_key is not None else None
         self.trusted = trusted or TrustedState()
@@ -556,39 +561,45 @@ class Verifier:
         return at(BreakKind.EDITED, xs, f"seq {xs} is not written as the chain writer writes it (zigzag varint)")
 
     def finish(self) -> Report:
+        """The report on everything fed so far (``feed`` may go on after it: a reader that trains
+        batch after batch asks after each)."""
+        notes = list(self.notes)
+        unread = sorted({t for t, _ in self._pending_cps if self.topics is not None and t not in self.topics})
+        if unread:
+            notes.append(f"checkpoints of chains on topics that were not read were not checked: {', '.join(unread)}")
         for topic, chain_id in list(self._pending_cps):
-            self._new_chain(topic, chain_id)  # checkpoints of chains of which no event was read
+            if self.topics is None or topic in self.topics:
+                self._new_chain(topic, chain_id)  # checkpoints of chains of which no event was read
         reports = []
         for st in self._chains.values():
             if st.broken is not None and st.suspect is not None:
                 st.broken = self._classify(st)
                 st.suspect = None
-            if st.broken is None and st.cp_index < len(st.checkpoints):
-                cp = st.checkpoints[-1]
-                st.broken = Break(BreakKind.TRUNCATED, st.topic, st.chain_id, st.last_partition, st.last_offset + 1,
-                                  st.next_seq, f"chain ends at seq {st.next_seq - 1}; a signed checkpoint covers "
-                                               f"up to seq {cp.last_seq}")
-            if st.signed_through + 1 in st.self_signed:  # the checkpoint that signs its chain up to itself
-                st.signed_through += 1
-            last = st.next_seq - 1
-            if st.broken is None and last > st.signed_through:
-                what = (f"events seq {st.signed_through + 1}..{last} are not covered by any signed checkpoint")
+            # breaks found at the end are reported, not kept: more events may still be fed
+            brk, last = st.broken, st.next_seq - 1
+            if brk is None and st.cp_index < len(st.checkpoints):
+                brk = Break(BreakKind.TRUNCATED, st.topic, st.chain_id, st.last_partition, st.last_offset + 1,
+                            st.next_seq, f"chain ends at seq {last}; a signed checkpoint covers up to seq "
+                                         f"{st.checkpoints[-1].last_seq}")
+            if brk is None and st.trusted is not None and last < st.trusted[0]:
+                brk = Break(BreakKind.TRUNCATED, st.topic, st.chain_id, st.last_partition, st.last_offset + 1,
+                            st.next_seq, f"chain ends at seq {last}; the trusted state has seq {st.trusted[0]}")
+            # the checkpoint event that signs its own chain up to itself counts as signed
+            signed = st.signed_through + (st.signed_through + 1 in st.self_signed)
+            if brk is None and last > signed:
+                what = f"events seq {signed + 1}..{last} are not covered by any signed checkpoint"
                 run = st.chain_id.split(":", 1)[0]
                 if self.require_signed or (self.public_key is not None and run in self._finished_runs):
                     why = "signatures are required" if self.require_signed else f"run {run} has finished"
-                    st.broken = Break(BreakKind.UNSIGNED, st.topic, st.chain_id, st.last_partition, st.last_offset,
-                                      st.signed_through + 1, f"{what} ({why}): they could have been "
-                                                             f"rewritten or appended by anyone with access")
+                    brk = Break(BreakKind.UNSIGNED, st.topic, st.chain_id, st.last_partition, st.last_offset,
+                                signed + 1, f"{what} ({why}): anyone with write access could have rewritten or "
+                                            f"appended them")
                 else:
-                    self.notes.append(f"{st.topic} {st.chain_id}: {what}")
-            if st.broken is None and st.trusted is not None and st.next_seq - 1 < st.trusted[0]:
-                st.broken = Break(BreakKind.TRUNCATED, st.topic, st.chain_id, st.last_partition, st.last_offset + 1,
-                                  st.next_seq, f"chain ends at seq {st.next_seq - 1}; the trusted state has seq "
-                                               f"{st.trusted[0]}")
-            reports.append(ChainReport(st.topic, st.chain_id, st.count, st.next_seq - 1, st.last_hash.hex(),
-                                       st.checkpoints_verified, st.signed_through, st.broken))
+                    notes.append(f"{st.topic} {st.chain_id}: {what}")
+            reports.append(ChainReport(st.topic, st.chain_id, st.count, last, st.last_hash.hex(),
+                                       st.checkpoints_verified, signed, brk))
         reports.sort(key=lambda c: (c.topic, c.chain_id))
-        return Report(reports, list(self.notes))
+        return Report(reports, notes)
 
     def trusted_after(self) -> TrustedState:
         """Trusted state extended by every checkpoint verified in this run (call after finish)."""

@@ -271,3 +271,33 @@ def test_a_long_chain_with_correct_seqs_verifies_across_varint_sizes():
     v.feed(_chain_with_seqs(seqs))
     report = v.finish()
     assert report.ok and report.chains[0].last_seq == 16389
+
+
+def test_checkpoints_of_chains_on_topics_not_read_are_noted_not_held_against_them():
+    """A reader of some topics (a learner) and `marlgrc verify` of all give one answer: a chain the
+    reader did not read is not 'truncated' because its checkpoints were read."""
+    cps = [r for r in STREAM if r.topic == "marl.audit.checkpoints"]
+    obs = [r for r in STREAM if r.topic == "marl.agent.observation"]
+    v = Verifier(SIGNER.public_key, topics=["marl.agent.observation"])
+    v.add_checkpoints(cps)
+    v.feed(obs)
+    report = v.finish()
+    assert report.ok, [b.describe() for b in report.breaks]
+    assert any("not read were not checked" in n and "marl.joint.action" in n for n in report.notes)
+    assert {c.topic for c in report.chains} == {"marl.agent.observation", "marl.audit.checkpoints"}
+    # without the scope, the unread chains are missing events that checkpoints cover
+    unscoped = Verifier(SIGNER.public_key)
+    unscoped.add_checkpoints(cps)
+    unscoped.feed(obs)
+    assert BreakKind.TRUNCATED in {b.kind for b in unscoped.finish().breaks}
+
+
+def test_finish_can_be_asked_again_as_more_arrives():
+    data = [r for r in STREAM if r.topic != "marl.audit.checkpoints"]
+    v = Verifier(SIGNER.public_key)
+    v.add_checkpoints([r for r in STREAM if r.topic == "marl.audit.checkpoints"])
+    v.feed(data[: len(data) // 2])
+    v.finish()
+    v.feed(data[len(data) // 2:])
+    first, again = v.finish(), v.finish()
+    assert first.ok and first.to_json() == again.to_json()
