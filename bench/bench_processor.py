@@ -29,7 +29,8 @@ from eventlog.log import EventLog  # noqa: E402
 from tests.synthetic import synthetic_run  # noqa: E402
 from eventlog.chain import ChainWriter  # noqa: E402
 from eventlog.codec import default_codec  # noqa: E402
-from stream_processors import credit_fairness as cf  # noqa: E402
+from stream_processors import fairness as fair  # noqa: E402
+from stream_processors import faust_fairness as ff  # noqa: E402
 from stream_processors.processor import INPUT_TOPICS, Processor  # noqa: E402
 
 
@@ -85,14 +86,15 @@ def bare_loop(bootstrap: str, src: str, dst: str, expected: int) -> None:
 
 
 def bare_fairness_loop(bootstrap: str, src: str, dst: str, expected: int) -> None:
-    """consume di.credit -> credit_fairness.step + seal -> produce (idempotent), in this process."""
+    """consume di.credit -> faust_fairness.step (the faust app's pure step) + seal -> produce (idempotent),
+    in this process."""
     codec = default_codec()
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-bf-{uuid.uuid4()}",
                   "isolation.level": "read_committed", "auto.offset.reset": "earliest", "enable.auto.commit": False})
     c.subscribe([src + "marl.di.credit"])
     prod = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 5,
                      "queue.buffering.max.messages": 1_000_000})
-    states: dict[str, cf.ChainState] = {}
+    states: dict[str, ff.ChainState] = {}
     made = 0
     deadline = time.monotonic() + 300
     while made < expected and time.monotonic() < deadline:
@@ -100,13 +102,14 @@ def bare_fairness_loop(bootstrap: str, src: str, dst: str, expected: int) -> Non
             if m.error() is not None:
                 continue
             _, rec = codec.decode(m.value())
-            st = states.setdefault(rec["chain_id"], cf.ChainState())
-            for kind, payload, sources, rule in cf.step(st, m.offset(), rec, m.value()[-32:]):
-                chain = cf.output_chain(rec["chain_id"], kind)
-                head = st.episode_head if kind == "episode" else st.sliding_head
+            st = states.setdefault(rec["chain_id"], ff.ChainState())
+            for win in ff.step(st, m.offset(), rec, m.value()[-32:]):
+                chain = ff.output_chain(rec["chain_id"], win.kind)
+                head = st.episode_head if win.kind == "episode" else st.sliding_head
                 w = ChainWriter("marl.fairness.metrics", chain, rec["run_id"], "bench", head=head, codec=codec)
-                ev = w.append("fairness.metrics", payload, rule_version=rule, source_event_hashes=sources)
-                if kind == "episode":
+                ev = w.append("fairness.metrics", win.payload, rule_version=win.rule_version,
+                              source_event_hashes=win.sources)
+                if win.kind == "episode":
                     st.episode_head = w.head
                 else:
                     st.sliding_head = w.head
@@ -194,14 +197,14 @@ def main() -> None:
     if not a.skip_faust:
         credits_src = pre
         episodes = max(1, a.actions // 1000)
-        n_out = (n - cf.WINDOW) // cf.HOP + 1 + episodes - 1  # one run: sliding windows + closed episodes
+        n_out = (n - fair.WINDOW) // fair.HOP + 1 + episodes - 1  # one run: sliding windows + closed episodes
         pre_bf = f"{base[:-1]}-bfair."
         ensure_topics(boot, pre_bf)
         t = threading.Thread(target=bare_fairness_loop, args=(boot, credits_src, pre_bf, n_out))
         t.start()
         got, dt = count_credits(boot, pre_bf, n_out, 300, topic="marl.fairness.metrics")
         t.join()
-        results["bare_fairness_loop"] = {"outputs": got, "seconds": dt, "credits_per_s": (got - 1) * cf.HOP / dt}
+        results["bare_fairness_loop"] = {"outputs": got, "seconds": dt, "credits_per_s": (got - 1) * fair.HOP / dt}
         pre_f = f"{base[:-1]}-faust."
         ensure_topics(boot, pre_f)
         copy_topic(boot, credits_src, pre_f, "marl.di.credit")
@@ -212,7 +215,7 @@ def main() -> None:
              "MARLGRC_FAUST_COMMIT_INTERVAL": "1.0"}, boot, pre_f, n_out,
             topic="marl.fairness.metrics")
         results["faust_fairness_app"] = {"outputs": got, "seconds": dt,
-                                         "credits_per_s": (got - 1) * cf.HOP / dt if dt == dt else 0.0}
+                                         "credits_per_s": (got - 1) * fair.HOP / dt if dt == dt else 0.0}
         if got < n_out:
             results["faust_fairness_app"]["log_tail"] = tail
         bf = results["bare_fairness_loop"]["credits_per_s"]

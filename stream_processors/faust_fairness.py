@@ -1,5 +1,19 @@
 """Fairness metrics from ``marl.di.credit`` as a faust-streaming app, exactly once.
 
+The metrics and their windows are ``fairness.py``'s, the same as the DI worker's ``{run}:fairness``
+chain (every window both emit has the same payload and rule_version); this module adds what the app
+needs around them: per credit chain (``{run}:credit``) one ``ChainState`` with the last input offset
+processed and the heads of its two output chains, and the faust wiring.
+
+Outputs, per input credit event, at most ONE event per output chain (faust publishes the messages
+attached to one input record in no fixed order, so two events of one chain from one input could
+land out of order):
+
+- ``{run}:fairness:faust:episode``: an episode's metrics, emitted when the next episode's first
+  credit arrives (a credit event does not say whether the episode ended, so the run's last episode
+  is not closed here; the DI worker also closes an episode on all-done);
+- ``{run}:fairness:faust:sliding``: the last ``WINDOW`` credits, every ``HOP`` credits.
+
 Run (one worker per partition set; ``marlgrc process --faust-fairness`` starts it)::
 
     MARLGRC_BOOTSTRAP=HOST:PORT MARLGRC_TOPIC_PREFIX=P python -m stream_processors.faust_fairness worker -l warning
@@ -34,14 +48,16 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from hashlib import sha256
+from typing import Mapping
 
 import faust
 
 from eventlog.chain import ChainHead, ChainWriter
 from eventlog.codec import DecodeError, default_codec
 
-from . import credit_fairness as cf
+from . import fairness as fair
 
 BOOTSTRAP = os.environ.get("MARLGRC_BOOTSTRAP", "127.0.0.1:9092")
 PREFIX = os.environ.get("MARLGRC_TOPIC_PREFIX", "")
@@ -53,6 +69,57 @@ IN_TOPIC, OUT_TOPIC, DLQ_TOPIC = "marl.di.credit", "marl.fairness.metrics", "mar
 PRODUCER_ID = f"marlgrc-{NAME}"
 
 log = logging.getLogger("marlgrc.faust_fairness")
+
+
+@dataclass
+class ChainState:
+    """What the app keeps per credit chain (a few KB, in the table): idempotency and output heads
+    around the chain's fairness windows."""
+
+    last_offset: int = -1
+    episode_head: ChainHead = field(default_factory=ChainHead)
+    sliding_head: ChainHead = field(default_factory=ChainHead)
+    windows: fair.Windows = field(default_factory=fair.Windows)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({
+            "last_offset": self.last_offset,
+            "episode_head": [self.episode_head.seq, self.episode_head.event_hash.hex()],
+            "sliding_head": [self.sliding_head.seq, self.sliding_head.event_hash.hex()],
+            **self.windows.to_json(),
+        }, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes | None) -> "ChainState":
+        if not data:
+            return cls()
+        d = json.loads(data)
+        return cls(d["last_offset"], ChainHead(d["episode_head"][0], bytes.fromhex(d["episode_head"][1])),
+                   ChainHead(d["sliding_head"][0], bytes.fromhex(d["sliding_head"][1])), fair.Windows.from_json(d))
+
+
+def step(state: ChainState, offset: int, rec: Mapping, credit_hash: bytes, *, window: int = fair.WINDOW,
+         hop: int = fair.HOP) -> list[fair.Window]:
+    """Apply one decoded credit record (at input ``offset``) to ``state`` (mutated); returns the
+    fairness windows to seal. Nothing, and no change, when ``offset <= state.last_offset`` (already
+    processed). Raises ``fair.InvalidCredit`` (or KeyError, TypeError, ValueError) before any change."""
+    if offset <= state.last_offset:
+        return []
+    o = fair.outcome(rec)
+    episode = int(rec["episode"])
+    out = state.windows.add(episode, o, credit_hash, f"{rec.get('rule_version', '')};{fair.VERSION}",
+                            size=window, hop=hop)
+    state.last_offset = offset
+    return out
+
+
+def output_chain(credit_chain: str, kind: str) -> str | None:
+    """``{run}:credit`` -> ``{run}:fairness:faust:{kind}``; None for other chains on marl.di.credit
+    (e.g. ``{run}:credit:reprocess:...``), which this app leaves alone."""
+    if not credit_chain.endswith(":credit"):
+        return None
+    return f"{credit_chain[:-len(':credit')]}:fairness:faust:{kind}"
+
 
 app = faust.App(
     f"{PREFIX}marlgrc-{NAME}", broker=f"kafka://{BOOTSTRAP}", processing_guarantee="exactly_once",
@@ -94,15 +161,15 @@ class _Metrics:
 
 
 metrics = _Metrics()
-_cache: dict[bytes, tuple[bytes, cf.ChainState]] = {}  # key -> (stored bytes, decoded), valid while identical
+_cache: dict[bytes, tuple[bytes, ChainState]] = {}  # key -> (stored bytes, decoded), valid while identical
 
 
-def _load(key: bytes) -> cf.ChainState:
+def _load(key: bytes) -> ChainState:
     raw = state.data.get(key)
     hit = _cache.get(key)
     if hit is not None and raw is not None and hit[0] is raw:
         return hit[1]
-    return cf.ChainState.from_bytes(raw)
+    return ChainState.from_bytes(raw)
 
 
 def _attach(event, channel, key: bytes, value: bytes | None, partition: int) -> None:
@@ -150,7 +217,7 @@ def handle(event) -> None:
     if name != "credit_assignment":
         return _dead(event, p, o, key, value, "wrong_schema", f"a {name} event on {IN_TOPIC}, which carries di.credit")
     chain = rec["chain_id"]
-    out_chains = {k: cf.output_chain(chain, k) for k in ("episode", "sliding")}
+    out_chains = {k: output_chain(chain, k) for k in ("episode", "sliding")}
     if out_chains["episode"] is None:
         metrics.ignored.inc()
         return None
@@ -160,20 +227,20 @@ def handle(event) -> None:
         metrics.skipped.inc()
         return None
     try:
-        outs = cf.step(st, o, rec, bytes(value[-32:]))
-    except (cf.InvalidCredit, KeyError, TypeError, ValueError) as exc:
+        outs = step(st, o, rec, bytes(value[-32:]))
+    except (fair.InvalidCredit, KeyError, TypeError, ValueError) as exc:
         _cache.pop(skey, None)  # step validates before mutating, but never trust a half-applied state
         return _dead(event, p, o, key, value, "invalid", f"di.credit {chain} seq {rec.get('seq')}: {exc}")
     run_id = rec["run_id"]
-    for kind, payload, sources, rule in outs:
-        head = st.episode_head if kind == "episode" else st.sliding_head
-        w = ChainWriter(OUT_TOPIC, out_chains[kind], run_id, PRODUCER_ID, head=head, codec=codec)
-        ev = w.append("fairness.metrics", payload, rule_version=rule, source_event_hashes=sources)
-        if kind == "episode":
+    for win in outs:
+        head = st.episode_head if win.kind == "episode" else st.sliding_head
+        w = ChainWriter(OUT_TOPIC, out_chains[win.kind], run_id, PRODUCER_ID, head=head, codec=codec)
+        ev = w.append("fairness.metrics", win.payload, rule_version=win.rule_version, source_event_hashes=win.sources)
+        if win.kind == "episode":
             st.episode_head = w.head
         else:
             st.sliding_head = w.head
-        _attach(event, fairness_out, out_chains[kind].encode(), ev.value, p)
+        _attach(event, fairness_out, out_chains[win.kind].encode(), ev.value, p)
         metrics.events_out.labels(OUT_TOPIC).inc()
     row = st.to_bytes()
     _attach(event, state.changelog_topic, skey, row, p)

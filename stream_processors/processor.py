@@ -1,7 +1,8 @@
 """The processor's state machine: input records in, sealed output events out, deterministically.
 
 It joins each ``joint.action`` with the ``env.state`` it names, picks the run's rule set from
-``run.started``, applies the pure rules (``rules.py``) and fairness metrics (``fairness.py``), and
+``run.started``, applies the pure rules (``rules.py``), computes fairness from the credit payloads
+alone (``fairness.py``, the same windows as the faust app's), and
 seals the results onto the run's ``{run}:credit`` and ``{run}:fairness`` chains. Bad input becomes a
 ``dead.letter`` event on ``dlq:{consumer}``. The rolling state of a run (chain heads, the normalizer,
 fairness tallies) snapshots to bytes per run, and each record waiting for a join is its own entry
@@ -53,11 +54,7 @@ class RunState:
     fairness_head: ChainHead = field(default_factory=ChainHead)
     pending: deque = field(default_factory=deque)       # joint actions waiting for a state / run.started
     states: dict = field(default_factory=dict)          # state hash hex -> [state, flags], insertion order
-    episode: int | None = None
-    ep_tally: fair.Tally = field(default_factory=fair.Tally)
-    ep_hashes: list = field(default_factory=list)       # [first, last] credit hash hex of the episode
-    window: deque = field(default_factory=deque)        # [outcome json, credit hash hex]
-    credits: int = 0
+    fairness: fair.Windows = field(default_factory=fair.Windows)   # over the run's credits
     checkpoint_head: ChainHead = field(default_factory=ChainHead)   # of {run}:checkpoints:{producer}
 
     def to_json(self) -> dict:
@@ -66,9 +63,7 @@ class RunState:
             "rules_env": self.rules_env, "norm": [self.norm.count, self.norm.mean, self.norm.m2],
             "credit_head": [self.credit_head.seq, self.credit_head.event_hash.hex()],
             "fairness_head": [self.fairness_head.seq, self.fairness_head.event_hash.hex()],
-            "episode": self.episode,
-            "ep_tally": self.ep_tally.to_json(), "ep_hashes": self.ep_hashes, "window": list(self.window),
-            "credits": self.credits,
+            **self.fairness.to_json(),
             "checkpoint_head": [self.checkpoint_head.seq, self.checkpoint_head.event_hash.hex()],
         }
 
@@ -78,19 +73,9 @@ class RunState:
             d["run_id"], d["env_id"], d["config_json"], d["rules_env"], Normalizer(*d["norm"]),
             ChainHead(d["credit_head"][0], bytes.fromhex(d["credit_head"][1])),
             ChainHead(d["fairness_head"][0], bytes.fromhex(d["fairness_head"][1])),
-            deque(d.get("pending", ())), dict(d.get("states", {})), d["episode"], fair.Tally.from_json(d["ep_tally"]),
-            list(d["ep_hashes"]), deque(d["window"]), d["credits"],
+            deque(d.get("pending", ())), dict(d.get("states", {})), fair.Windows.from_json(d),
             ChainHead(d["checkpoint_head"][0], bytes.fromhex(d["checkpoint_head"][1])) if "checkpoint_head" in d
             else ChainHead())   # states written before checkpoints were signed
-
-
-def _outcome_json(credit_payload: dict, acted: list[str]) -> list:
-    return [[[s["agent_id"], s["credit"]] for s in credit_payload["shares"]], acted,
-            sorted({p["agent_id"] for p in credit_payload["penalties"]}), credit_payload["global_reward"]]
-
-
-def _outcome(j: list) -> fair.StepOutcome:
-    return fair.StepOutcome(tuple((a, c) for a, c in j[0]), tuple(j[1]), tuple(j[2]), j[3])
 
 
 class Processor:
@@ -358,56 +343,31 @@ class Processor:
         rules = self._rules_for(r)
         decision = decision_from_records(ja, state)
         credit, norm = rules.interpret(decision, r.norm)
-        r.norm = norm
         jah = bytes.fromhex(ja["hash"])
         payload = credit.payload(decision.episode, decision.step, jah)
+        try:  # fairness sees the credit event only, as every fairness processor does
+            o = fair.outcome(payload)
+        except fair.InvalidCredit as exc:  # a rule set's bug, dead-lettered with the joint action it scored
+            raise InvalidDecision(f"rule set {rules.version} gave a credit fairness cannot use: {exc}") from exc
+        r.norm = norm
         w = self._writer("marl.di.credit", f"{r.run_id}:{self.credit_stream}", r.run_id, r.credit_head)
         ev = w.append("di.credit", payload, policy_version=ja["policy_version"], rule_version=rules.version,
                       source_event_hashes=[jah, bytes.fromhex(state_hash)])
         self._sealed(r.run_id, w.topic, w.chain_id, r.credit_head, ev)
         r.credit_head = w.head
-        r.credits += 1
-        out = [ev]
-        acted = [a.agent_id for a in decision.actions if a.discrete > 0 or any(a.continuous)]
-        oj = _outcome_json(payload, acted)
-        # fairness: an episode closes on all-done, or when the next episode's first action arrives
-        if r.episode is not None and decision.episode != r.episode and r.ep_tally.steps:
-            out.append(self._episode_metrics(r, rules.version))
-        r.episode = decision.episode
-        r.ep_tally.add(_outcome(oj))
-        h = ev.event_hash.hex()
-        r.ep_hashes = [r.ep_hashes[0] if r.ep_hashes else h, h]
-        r.window.append([oj, h])
-        while len(r.window) > self.window:
-            r.window.popleft()
-        if r.credits % self.hop == 0 and len(r.window) == self.window:
-            out.append(self._window_metrics(r, rules.version))
+        # an episode closes when the next episode's first credit arrives (in add), or on all-done
+        windows = r.fairness.add(decision.episode, o, ev.event_hash, f"{rules.version};{fair.VERSION}",
+                                 size=self.window, hop=self.hop)
         if decision.episode_over:
-            out.append(self._episode_metrics(r, rules.version))
-        return out
+            windows.append(r.fairness.close_episode())
+        return [ev, *(self._fairness_event(r, win) for win in windows if win is not None)]
 
-    def _fairness_event(self, r: RunState, rule_version: str, payload: dict, sources: Iterable[str]) -> Event:
+    def _fairness_event(self, r: RunState, win: fair.Window) -> Event:
         w = self._writer("marl.fairness.metrics", f"{r.run_id}:{self.fairness_stream}", r.run_id, r.fairness_head)
-        ev = w.append("fairness.metrics", payload, rule_version=f"{rule_version};{fair.VERSION}",
-                      source_event_hashes=[bytes.fromhex(h) for h in sources])
+        ev = w.append("fairness.metrics", win.payload, rule_version=win.rule_version, source_event_hashes=win.sources)
         self._sealed(r.run_id, w.topic, w.chain_id, r.fairness_head, ev)
         r.fairness_head = w.head
         return ev
-
-    def _episode_metrics(self, r: RunState, rule_version: str) -> Event:
-        metrics, agent_metrics = r.ep_tally.metrics()
-        end = r.credits - 1
-        payload = {"episode": r.episode, "window": "episode", "window_start": end - r.ep_tally.steps + 1,
-                   "window_end": end, "metrics": metrics, "agent_metrics": agent_metrics}
-        ev = self._fairness_event(r, rule_version, payload, r.ep_hashes)
-        r.ep_tally, r.ep_hashes = fair.Tally(), []
-        return ev
-
-    def _window_metrics(self, r: RunState, rule_version: str) -> Event:
-        metrics, agent_metrics = fair.window_metrics([_outcome(o) for o, _ in r.window])
-        payload = {"episode": r.episode, "window": "sliding", "window_start": r.credits - len(r.window),
-                   "window_end": r.credits - 1, "metrics": metrics, "agent_metrics": agent_metrics}
-        return self._fairness_event(r, rule_version, payload, [r.window[0][1], r.window[-1][1]])
 
     def _dead(self, topic: str, partition: int, offset: int, key: bytes, value: bytes, kind: str, reason: str
               ) -> Event:

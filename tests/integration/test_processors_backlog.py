@@ -38,7 +38,7 @@ def test_backlog_of_wide_joint_actions_commits_and_scores_everything(kafka):
     w = Worker(WorkerConfig(bootstrap, prefix, "wide", batch=500))
     deadline = time.monotonic() + 80
     w.run(until=lambda w: time.monotonic() > deadline
-          or sum(r.credits for r in w.processor.runs.values()) >= STEPS and not any(
+          or sum(r.credit_head.seq + 1 for r in w.processor.runs.values()) >= STEPS and not any(
               r.pending for r in w.processor.runs.values()))
 
     codec = default_codec()

@@ -1,6 +1,7 @@
 """The faust-streaming fairness app as a REAL faust worker process on the real broker: credit events
-in, SIGKILL mid-stream, restart; every expected fairness event exists exactly once, its chains
-verify (eventlog.verify), a poison record is dead-lettered once with its reason and the stream goes on."""
+in, SIGKILL mid-stream, restart; every expected fairness event exists exactly once, with the payload
+and rule_version the DI worker's processor gave the same window, its chains verify (eventlog.verify),
+a poison record is dead-lettered once with its reason and the stream goes on."""
 from __future__ import annotations
 
 import os
@@ -20,10 +21,10 @@ from eventlog.codec import default_codec
 from eventlog.kafka import EventProducer, ensure_topics, read_records
 from eventlog.log import EventLog, MemorySink
 from eventlog.verify import verify_records
-from tests.synthetic import synthetic_run
-from stream_processors import credit_fairness as cf
+from stream_processors.faust_fairness import output_chain
 from stream_processors.processor import INPUT_TOPICS, Processor
 from stream_processors.replay import payload_fields
+from tests.synthetic import synthetic_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -32,15 +33,22 @@ RUNS, EPISODES, STEPS = 6, 2, 600
 POISON = b"\x00not an avro event\xff"
 
 
-def _credits(run_id: str, seed: int) -> list:
+def _di_outputs(run_id: str, seed: int) -> tuple[list, dict[str, list]]:
+    """The run's credit events as the DI worker's processor seals them, and its fairness windows by kind
+    as (payload, rule_version): what the faust app must compute from those credits alone."""
     mem = MemorySink()
     synthetic_run(EventLog(mem, run_id=run_id, producer_id="t"), episodes=EPISODES, steps=STEPS, agents=3, seed=seed)
     p = Processor()
-    out = []
+    credits, windows = [], defaultdict(list)
     for j, (t, k, v) in enumerate(mem.sent):
         if t in INPUT_TOPICS:
-            out += [ev for ev in p.feed(t, 0, j, k, v) if ev.topic == "marl.di.credit"]
-    return out
+            for ev in p.feed(t, 0, j, k, v):
+                if ev.topic == "marl.di.credit":
+                    credits.append(ev)
+                else:
+                    rec = default_codec().decode(ev.value)[1]
+                    windows[rec["window"]].append((payload_fields(ev.value), rec["rule_version"]))
+    return credits, windows
 
 
 def _worker(bootstrap: str, prefix: str, datadir: Path, log_path: Path) -> subprocess.Popen:
@@ -60,17 +68,16 @@ def test_faust_fairness_exactly_once_across_sigkill(kafka, tmp_path):
     bootstrap, prefix = kafka.bootstrap, f"t{uuid.uuid4().hex[:10]}."
     ensure_topics(bootstrap, prefix)
     ids = [f"run{i}-{uuid.uuid4().hex[:6]}" for i in range(RUNS)]
-    runs = {run_id: _credits(run_id, i) for i, run_id in enumerate(ids)}
+    runs = {run_id: _di_outputs(run_id, i) for i, run_id in enumerate(ids)}
     # the credit events as the DI worker would have written them, one chain per run (chain id = key)
     sink = EventProducer(bootstrap, prefix=prefix)
-    expected: dict[str, list] = defaultdict(list)
-    for i, (_, evs) in enumerate(runs.items()):
-        st = cf.ChainState()
-        for n, ev in enumerate(evs):
+    expected: dict[str, list] = {}
+    for i, (run_id, (evs, windows)) in enumerate(runs.items()):
+        for ev in evs:
             sink.send(ev.topic, ev.chain_id, ev.value)
-            rec = default_codec().decode(ev.value)[1]
-            for kind, payload, _, _ in cf.step(st, n, rec, ev.event_hash):
-                expected[cf.output_chain(ev.chain_id, kind)].append(payload)
+        # the same windows as the DI worker's, but the run's last episode: its end is not in a credit event
+        expected[output_chain(f"{run_id}:credit", "sliding")] = windows["sliding"]
+        expected[output_chain(f"{run_id}:credit", "episode")] = windows["episode"][:-1]
         if i == RUNS // 2:
             sink.flush()
             raw = Producer({"bootstrap.servers": bootstrap})
@@ -124,7 +131,7 @@ def test_faust_fairness_exactly_once_across_sigkill(kafka, tmp_path):
     for chain, recs in got.items():
         decoded = [codec.decode(r.value)[1] for r in recs]
         assert [d["seq"] for d in decoded] == list(range(len(recs))), f"{chain}: out of order, hole or duplicate"
-        assert [payload_fields(r.value) for r in recs] == expected[chain]
+        assert [(payload_fields(r.value), d["rule_version"]) for r, d in zip(recs, decoded)] == expected[chain]
         # the output went to its input's partition: one chain, one partition
         run_credit = chain.rsplit(":fairness:", 1)[0] + ":credit"
         assert {r.partition for r in recs} == {credit_partition[run_credit]}

@@ -1,4 +1,6 @@
-"""Fairness metrics against seed 001's own numbers and known distributions."""
+"""The one fairness definition (stream_processors/fairness.py): seed 001's formulas on hand-computed
+cases, their invariants under Hypothesis, what a bid and a win are, the windows, and the DI worker and
+the faust app giving the same metrics for the same credit events."""
 from __future__ import annotations
 
 import math
@@ -7,7 +9,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from eventlog.codec import default_codec
+from eventlog.log import EventLog, MemorySink
 from stream_processors import fairness as f
+from stream_processors import faust_fairness as ff
+from stream_processors.processor import INPUT_TOPICS, Processor
+from stream_processors.replay import payload_fields
+from tests.synthetic import synthetic_run
+
+# ------------------------------------------------------------------ Gini and Jain
 
 
 @pytest.mark.parametrize("values, expected", [
@@ -15,28 +25,70 @@ from stream_processors import fairness as f
     ([0, 0, 0, 10], 0.75),                # one holds everything: (n-1)/n
     ([1, 2, 3, 4], 0.25),                 # 2*30/(4*10) - 5/4
     ([1, 3], 0.25),                       # 2*7/(2*4) - 3/2
+    ([4, 1, 3, 2], 0.25),                 # sorted first
+    ([7], 0.0),
     ([], 0.0), ([0, 0], 0.0),
 ])
 def test_gini_known_distributions(values, expected):
     assert f.gini(values) == pytest.approx(expected)
 
 
-def test_gini_shifts_negative_rewards():
+def test_gini_and_jain_shift_negative_credit_to_zero_first():
     assert f.gini([-1, -1, -1]) == 0.0
     assert f.gini([-2, 0, 2, 4]) == pytest.approx(f.gini([0, 2, 4, 6]))
+    assert f.gini([-1, 1]) == pytest.approx(0.5)        # [0, 2]: one holds everything
+    assert f.jain([-1, 1]) == pytest.approx(0.5)
+    assert f.jain([-3, -3]) == 1.0
 
 
 @pytest.mark.parametrize("values, expected", [
-    ([3, 3, 3], 1.0), ([0, 0, 0, 8], 0.25), ([1, 2], 0.9), ([0, 0], 1.0)])
+    ([3, 3, 3], 1.0), ([0, 0, 0, 8], 0.25), ([1, 2], 0.9), ([1, 3], 0.8), ([0, 0], 1.0), ([], 1.0)])
 def test_jain_known_distributions(values, expected):
     assert f.jain(values) == pytest.approx(expected)
 
 
-@given(st.lists(st.floats(0, 1e6, allow_nan=False), min_size=1, max_size=30))
-def test_gini_and_jain_bounds(values):
+_amounts = st.floats(0, 1e6, allow_nan=False, allow_subnormal=False)
+_credit_values = st.lists(st.floats(-1e6, 1e6, allow_nan=False, allow_subnormal=False), min_size=1, max_size=30)
+
+
+@given(_credit_values)
+def test_gini_in_0_1_and_jain_in_1_over_n_1(values):
     n = len(values)
-    assert -1e-9 <= f.gini(values) <= (n - 1) / n + 1e-9
-    assert 1 / n - 1e-9 <= f.jain(values) <= 1 + 1e-9
+    g = f.gini(values)
+    assert 0.0 <= g < 1.0
+    assert g <= (n - 1) / n + 1e-12
+    assert 1 / n - 1e-12 <= f.jain(values) <= 1 + 1e-12
+
+
+@given(st.lists(_amounts, min_size=1, max_size=30), st.floats(1e-3, 1e3))
+def test_gini_and_jain_ignore_the_unit(values, scale):
+    scaled = [v * scale for v in values]
+    assert f.gini(scaled) == pytest.approx(f.gini(values), abs=1e-9)
+    assert f.jain(scaled) == pytest.approx(f.jain(values), abs=1e-9)
+
+
+@given(st.lists(_amounts, min_size=1, max_size=30), st.randoms(use_true_random=False))
+def test_gini_and_jain_ignore_who_holds_what(values, rnd):
+    shuffled = list(values)
+    rnd.shuffle(shuffled)
+    assert f.gini(shuffled) == f.gini(values)   # sorted, and exact sums (math.fsum): not even a rounding apart
+    assert f.jain(shuffled) == f.jain(values)
+
+
+@given(st.floats(1e-3, 1e6), st.integers(1, 30))
+def test_equal_shares_are_perfectly_fair(v, n):
+    assert f.gini([v] * n) == pytest.approx(0.0, abs=1e-12)
+    assert f.jain([v] * n) == pytest.approx(1.0, abs=1e-12)
+
+
+@given(st.lists(_amounts, min_size=2, max_size=30), st.floats(1.0, 1e6))
+def test_giving_the_richest_more_never_lowers_gini(values, extra):
+    richer = sorted(values)
+    richer[-1] += extra
+    assert f.gini(richer) >= f.gini(values) - 1e-12
+
+
+# ------------------------------------------------------------------ seed 001's thresholds
 
 
 @pytest.mark.parametrize("wealth, rate", [
@@ -68,28 +120,102 @@ def test_cooperative_score(bph, collab, ratio, score):
     assert f.cooperative_score(bph, collab, ratio) == pytest.approx(score)
 
 
-def _outcome(credits, acted=None, penalized=(), g=None):
-    acted = tuple(a for a, _ in credits) if acted is None else acted
-    return f.StepOutcome(tuple(credits), acted, tuple(penalized), sum(c for _, c in credits) if g is None else g)
+# ------------------------------------------------------------------ a step: wealth, win, bid
+
+
+def credit(shares, penalized=(), g=None):
+    """A di.credit payload as fairness reads it."""
+    return {"shares": [{"agent_id": a, "credit": c, "rule": "r"} for a, c in shares],
+            "penalties": [{"rule": "p", "agent_id": a, "amount": 0.25, "reason": ""} for a in penalized],
+            "global_reward": sum(c for _, c in shares) if g is None else g}
+
+
+@pytest.mark.parametrize("shares, penalized, winner, bidders", [
+    ([("a", 0.5), ("b", 0.0), ("c", 0.0)], (), "a", ("a",)),               # a zero share is no bid
+    ([("a", 0.5), ("b", 0.0), ("c", 0.0)], ("c",), "a", ("a", "c")),       # a penalty is a stake
+    ([("a", 1 / 3), ("b", 1 / 3), ("c", 1 / 3)], (), None, ("a", "b", "c")),  # a tie wins nobody the step
+    ([("a", 0.0), ("b", -1.0), ("c", -1.0)], (), "a", ("a", "b", "c")),     # only a bid wins: the winner bid
+    ([("a", 0.0), ("b", 0.0)], (), None, ()),
+])
+def test_who_wins_and_who_bids(shares, penalized, winner, bidders):
+    o = f.outcome(credit(shares, penalized))
+    assert (o.winner, o.bidders, o.penalized) == (winner, bidders, tuple(sorted(penalized)))
+    assert o.credits == tuple(shares)
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (credit([]), "no shares"),
+    (credit([("a", 1.0), ("a", 2.0)]), "two shares"),
+    (credit([("a", math.nan)], g=0.0), "not finite"),
+    (credit([("a", math.inf)], g=0.0), "not finite"),
+    (credit([("a", 1.0)], g=math.nan), "global reward"),
+])
+def test_a_credit_no_metric_can_use_is_refused(payload, reason):
+    with pytest.raises(f.InvalidCredit, match=reason):
+        f.outcome(payload)
+
+
+_agents = st.lists(st.sampled_from("abcdef"), min_size=1, max_size=6, unique=True)
+_credit = st.one_of(st.just(0.0), st.sampled_from([1.0, -1.0]), st.floats(-10, 10, allow_nan=False))
+
+
+@st.composite
+def outcomes(draw):
+    agents = draw(_agents)
+    shares = [(a, draw(_credit)) for a in agents]
+    penalized = draw(st.lists(st.sampled_from(agents), unique=True))
+    return f.outcome(credit(shares, penalized, g=draw(st.floats(-5, 5, allow_nan=False))))
+
+
+@given(st.lists(outcomes(), min_size=1, max_size=40))
+def test_a_tally_never_counts_a_win_without_a_bid(outs):
+    t = f.Tally()
+    for o in outs:
+        assert o.winner is None or o.winner in o.bidders
+        t.add(o)
+    assert all(t.wins[a] <= t.bids[a] <= t.steps for a in t.agents)
+    assert all(t.collab[a] <= t.bids[a] for a in t.agents)
+    assert sum(t.wins.values()) <= t.steps
+    assert math.fsum(t.wealth.values()) == pytest.approx(math.fsum(c for o in outs for _, c in o.credits), abs=1e-9)
+    _, agent = t.metrics()
+    boost = {x["agent_id"]: x["value"] for x in agent if x["name"] == "affirmative_boost"}
+    assert all(boost[a] == 0.0 for a in t.agents if t.wins[a] == t.steps)   # winning every step earns no boost
+
+
+def test_a_steady_winner_at_zero_credit_gets_no_affirmative_boost():
+    # fairness/seed001-1 counted no bid for a (zero credit, or a NOOP action) yet a win every step, and
+    # boosted it as if it were starved (win rate of an agent that never bid = 0)
+    outs = [f.outcome(credit([("a", 0.0), ("b", -1.0), ("c", -1.0)])) for _ in range(10)]
+    _, agent = f.window_metrics(outs)
+    am = {(x["agent_id"], x["name"]): x["value"] for x in agent}
+    assert am[("a", "win_share")] == 1.0 and am[("a", "affirmative_boost")] == 0.0
+    assert am[("b", "affirmative_boost")] == 0.15
+
+
+# ------------------------------------------------------------------ windows of steps
 
 
 def test_window_metrics_monopoly():
-    # agent a wins every step and holds all the wealth
-    outs = [_outcome([("a", 10.0), ("b", 0.0), ("c", 0.0), ("d", 0.0)], acted=("a",)) for _ in range(20)]
+    # agent a wins every step and holds all the wealth; the others have zero shares: only a bids
+    outs = [f.outcome(credit([("a", 10.0), ("b", 0.0), ("c", 0.0), ("d", 0.0)])) for _ in range(20)]
     metrics, agent = f.window_metrics(outs)
     m = {x["name"]: x["value"] for x in metrics}
     am = {(x["agent_id"], x["name"]): x["value"] for x in agent}
     assert m["gini"] == pytest.approx(0.75) and m["jain"] == pytest.approx(0.25)
+    assert m["total_credit"] == 200.0 and m["steps"] == 20 and m["agents"] == 4
     assert am[("a", "win_share")] == 1.0 and am[("a", "diversity_factor")] == -0.2
     assert am[("b", "diversity_factor")] == 0.15 and am[("b", "affirmative_boost")] == 0.15
     assert am[("a", "wealth")] == 200.0 and am[("a", "tax_rate")] == 0.10
     assert am[("a", "ubi_eligibility")] == 0.0 and am[("b", "ubi_eligibility")] == 1.0
-    # a bids every step: 100 bids per 100-step hour > 50 -> -0.2; takes 4x its fair share
+    # a bids every step: 100 bids per 100-step hour > 50 -> -0.2; takes 4x its fair share -> no +0.1
     assert am[("a", "cooperative_index")] == pytest.approx(0.3)
+    # b never bids (0 per hour), no collaborative job, ratio 0 < 1.2 -> 0.5 + 0.1
+    assert am[("b", "cooperative_index")] == pytest.approx(0.6)
+    assert m["cooperative_index"] == pytest.approx((0.3 + 3 * 0.6) / 4)
 
 
 def test_window_metrics_equal_cooperative_team():
-    outs = [_outcome([("a", 1.0), ("b", 1.0)]) for _ in range(12)]
+    outs = [f.outcome(credit([("a", 1.0), ("b", 1.0)])) for _ in range(12)]
     metrics, agent = f.window_metrics(outs)
     m = {x["name"]: x["value"] for x in metrics}
     am = {(x["agent_id"], x["name"]): x["value"] for x in agent}
@@ -100,8 +226,18 @@ def test_window_metrics_equal_cooperative_team():
     assert m["cooperative_index"] == pytest.approx(0.6)
 
 
+def test_a_penalty_or_a_team_loss_is_no_collaborative_job():
+    penalized = [f.outcome(credit([("a", 1.0), ("b", 1.0)], penalized=("b",))) for _ in range(12)]
+    lost = [f.outcome(credit([("a", 1.0), ("b", 1.0)], g=-0.5)) for _ in range(12)]
+    for outs in (penalized, lost):
+        t = f.Tally()
+        for o in outs:
+            t.add(o)
+        assert t.collab == {"a": 0, "b": 0} and t.bids == {"a": 12, "b": 12}
+
+
 def test_tally_is_incremental_and_round_trips():
-    outs = [_outcome([("a", float(i)), ("b", 1.0)]) for i in range(5)]
+    outs = [f.outcome(credit([("a", float(i)), ("b", 1.0)])) for i in range(5)]
     t = f.Tally()
     for o in outs[:3]:
         t.add(o)
@@ -110,3 +246,115 @@ def test_tally_is_incremental_and_round_trips():
         t.add(o)
     assert t.metrics() == f.window_metrics(outs)
     assert all(math.isfinite(x["value"]) for x in t.metrics()[0])
+
+
+@given(outcomes())
+def test_a_step_outcome_round_trips_through_json(o):
+    assert f.StepOutcome.from_json(o.to_json()) == o
+
+
+def test_a_window_saved_under_seed001_1_reads_with_todays_bids():
+    # [credits, acted, penalized, g]: the stored "acted" list is not trusted, bids follow from the credits
+    old = [[["a", 0.0], ["b", 2.0]], ["a"], ["a"], 2.0]
+    o = f.StepOutcome.from_json(old)
+    assert o == f.outcome(credit([("a", 0.0), ("b", 2.0)], penalized=("a",)))
+    assert o.bidders == ("a", "b")
+
+
+def _add_all(w, items, **kw):
+    return [win for episode, o, h in items for win in w.add(episode, o, h, "rule", **kw)]
+
+
+def _steps(episodes, steps):
+    return [(e, f.outcome(credit([("a", float(i % 3)), ("b", 1.0)])), bytes([e, i % 256]) * 16)
+            for e in range(episodes) for i in range(steps)]
+
+
+def test_windows_close_an_episode_when_the_next_begins_and_slide_every_hop():
+    items = _steps(3, 10)
+    wins = _add_all(f.Windows(), items, size=8, hop=4)
+    kinds = [(w.kind, w.payload["window_start"], w.payload["window_end"]) for w in wins]
+    # sliding windows once 8 credits are in, every 4 credits; episodes 0 and 1 closed by their successors
+    # (an episode's last credit comes before the credit that closes it)
+    assert kinds == [("sliding", 0, 7), ("episode", 0, 9), ("sliding", 4, 11), ("sliding", 8, 15),
+                     ("sliding", 12, 19), ("episode", 10, 19), ("sliding", 16, 23), ("sliding", 20, 27)]
+    ep1 = wins[5]
+    assert ep1.payload["episode"] == 1 and ep1.sources == [items[10][2], items[19][2]]
+    assert ep1.payload["metrics"] == f.window_metrics([o for _, o, _ in items[10:20]])[0]
+    assert wins[2].sources == [items[4][2], items[11][2]] and wins[2].rule_version == "rule"
+
+
+def test_windows_close_episode_is_empty_once_closed():
+    w = f.Windows()
+    _add_all(w, _steps(1, 3))
+    closed = w.close_episode()
+    assert closed.kind == "episode" and closed.payload["window_end"] == 2
+    assert w.close_episode() is None
+    assert _add_all(w, [(1, f.outcome(credit([("a", 1.0)])), b"\1" * 32)]) == []  # nothing left to close
+
+
+@given(st.lists(st.tuples(st.integers(0, 2), outcomes()), min_size=1, max_size=60), st.integers(0, 60))
+def test_windows_restored_from_json_at_any_point_continue_identically(items, cut):
+    items = [(e, o, i.to_bytes(32, "big")) for i, (e, o) in enumerate(sorted(items, key=lambda x: x[0]))]
+    whole = _add_all(f.Windows(), items, size=10, hop=3)
+    first = f.Windows()
+    a = _add_all(first, items[:cut], size=10, hop=3)
+    again = f.Windows.from_json(first.to_json())
+    assert a + _add_all(again, items[cut:], size=10, hop=3) == whole
+
+
+# ------------------------------------------------------------------ one definition, two live processors
+
+
+def _di_run(run_id="r", episodes=2, steps=140, agents=3, seed=4):
+    sink = MemorySink()
+    synthetic_run(EventLog(sink, run_id=run_id, producer_id="t"), episodes=episodes, steps=steps, agents=agents,
+                  seed=seed)
+    p = Processor()
+    out = []
+    for i, (t, k, v) in enumerate(sink.sent):
+        if t in INPUT_TOPICS:
+            out += p.feed(t, 0, i, k, v)
+    return out
+
+
+def test_the_faust_app_and_the_di_worker_give_the_same_windows_for_the_same_credits():
+    events = _di_run()
+    codec = default_codec()
+    credits = [e for e in events if e.topic == "marl.di.credit"]
+    di = {"episode": [], "sliding": []}
+    for e in events:
+        if e.topic == "marl.fairness.metrics":
+            rec = codec.decode(e.value)[1]
+            di[rec["window"]].append((payload_fields(e.value), rec["rule_version"], rec["source_event_hashes"]))
+    st_ = ff.ChainState()
+    faust = {"episode": [], "sliding": []}
+    for n, e in enumerate(credits):
+        for w in ff.step(st_, n, codec.decode(e.value)[1], e.event_hash):
+            faust[w.kind].append((w.payload, w.rule_version, w.sources))
+    assert len(di["sliding"]) == (280 - 100) // 25 + 1 and len(di["episode"]) == 2
+    assert faust["sliding"] == di["sliding"]
+    assert faust["episode"] == di["episode"][:-1]    # the faust app cannot see the run's last episode end
+    assert {r for _, r, _ in di["sliding"]} == {"passthrough/di-1;" + f.VERSION}
+
+
+def test_the_faust_step_skips_what_it_already_processed_and_refuses_a_bad_credit_unchanged():
+    codec = default_codec()
+    credits = [(codec.decode(e.value)[1], e.event_hash) for e in _di_run(episodes=1, steps=140)
+               if e.topic == "marl.di.credit"]
+    straight = ff.ChainState()
+    whole = [w for n, (rec, h) in enumerate(credits) for w in ff.step(straight, n, rec, h)]
+    st_ = ff.ChainState()
+    for n, (rec, h) in enumerate(credits[:110]):
+        ff.step(st_, n, rec, h)
+    saved = st_.to_bytes()
+    assert ff.step(st_, 109, *credits[109]) == []                     # redelivered after a crash: skipped
+    with pytest.raises(f.InvalidCredit):
+        ff.step(st_, 110, dict(credits[110][0], shares=[]), credits[110][1])
+    assert st_.to_bytes() == saved                                     # refused before any change
+    restored = ff.ChainState.from_bytes(saved)
+    rest = [w for n, (rec, h) in enumerate(credits[110:], 110) for w in ff.step(restored, n, rec, h)]
+    assert [w.payload["window_end"] for w in whole] == [99, 124]
+    assert rest == whole[1:]
+    assert ff.output_chain("r:credit", "sliding") == "r:fairness:faust:sliding"
+    assert ff.output_chain("r:credit:reprocess:x", "sliding") is None

@@ -239,6 +239,30 @@ def test_processor_unjoinable_action_goes_to_dead_letters_at_finish():
     assert all(d["payload_sha256"] == __import__("hashlib").sha256(d["payload"]).digest() for d in letters)
 
 
+def test_a_credit_fairness_cannot_score_is_a_dead_letter_of_its_joint_action(monkeypatch):
+    """A rule set that names one agent in two shares: the joint action it scored is dead-lettered,
+    nothing is sealed for it, and the run's normalizer does not move."""
+    import stream_processors.processor as proc
+
+    class TwoSharesForOne:
+        version = "broken/1"
+
+        def interpret(self, d, norm):
+            a = d.actions[0].agent_id
+            return R.Credit(0.0, 2.0, (), (R.Share(a, 1.0, "x"), R.Share(a, 1.0, "x")), ()), norm.update(1.0)
+
+    recs = _run_records(episodes=1, steps=3)
+    p = Processor()
+    monkeypatch.setattr(proc, "rules_for", lambda *a, **k: TwoSharesForOne())
+    out = _feed(p, recs)
+    letters = [default_codec().decode(e.value)[1] for e in out]
+    assert [e.event_type for e in out] == ["dead.letter"] * 3
+    assert {d["error_kind"] for d in letters} == {"invalid"}
+    assert all("broken/1" in d["reason"] and "two shares" in d["reason"] for d in letters)
+    assert {d["payload"] for d in letters} == {v for t, _, v in recs if t == "marl.joint.action"}
+    assert p.runs["r"].norm == R.Normalizer() and p.runs["r"].credit_head.seq == -1
+
+
 def _wide_run(steps=1500, agents=20):
     sink = MemorySink()
     synthetic_run(EventLog(sink, run_id="w", producer_id="p"), episodes=1, steps=steps, agents=agents)
