@@ -90,10 +90,11 @@ def load_public_key(path_or_pem: Path | bytes) -> Ed25519PublicKey:
     try:
         key = serialization.load_pem_public_key(data)
     except ValueError as exc:
-        raise KeyFileError(f"not a PEM public key ({path_or_pem if not isinstance(path_or_pem, bytes) else 'bytes'}): "
-                           f"{exc}; export one with `marlgrc export --public-key`") from None
+        raise KeyFileError(f"{path_or_pem if not isinstance(path_or_pem, bytes) else 'the given bytes'} is not a "
+                           f"PEM public key ({exc}); the signer's operator prints it with `marlgrc public-key`") from None
     if not isinstance(key, Ed25519PublicKey):
-        raise KeyFileError("the public key is not Ed25519")
+        raise KeyFileError(f"the public key is {type(key).__name__.lstrip('_')}, not Ed25519: checkpoints are signed "
+                           f"with Ed25519; get the signer's key with `marlgrc public-key`")
     return key
 
 

@@ -104,6 +104,7 @@ class EventProducer:
         self.prefix = prefix
         self._producer = Producer(conf)
         self._failures: list[str] = []
+        self._failed_chains: dict[tuple[str, str], int] = {}  # (topic, chain id) -> events not delivered
         self._fatal: str | None = None
         self.sent = 0
 
@@ -113,7 +114,10 @@ class EventProducer:
 
     def _on_delivery(self, err, msg) -> None:
         if err is not None:
-            self._failures.append(f"{msg.topic()} key={msg.key()!r}: {err.str()}")
+            chain = (msg.topic()[len(self.prefix):], (msg.key() or b"").decode("utf-8", "backslashreplace"))
+            self._failed_chains[chain] = self._failed_chains.get(chain, 0) + 1
+            if len(self._failures) < 3:
+                self._failures.append(f"{chain[0]} {chain[1]}: {err.str()}")
 
     def send(self, topic: str, key: str, value: bytes, partition: int | None = None) -> None:
         """Queue one event; ``partition`` only to reproduce a recorded layout (tests, imports)."""
@@ -132,20 +136,26 @@ class EventProducer:
 
     def flush(self, timeout: float = 120.0) -> None:
         remaining = self._producer.flush(timeout)
-        self._raise_if_failed()
         if remaining:
-            raise DeliveryError(
-                f"{remaining} events not acknowledged by Kafka at {self.bootstrap} after {timeout:.0f}s; "
-                f"check the broker (`marlgrc status`) and verify the affected chains before writing more")
+            # give up on what is still queued or in flight: each purged event comes back through its
+            # delivery report, so the error names every chain that now has a gap
+            self._producer.purge()
+            self._producer.flush(5.0)
+            self._raise_if_failed(f"not acknowledged by Kafka at {self.bootstrap} after {timeout:.0f}s "
+                                  f"(check the broker with `marlgrc status`)")
+        self._raise_if_failed()
 
-    def _raise_if_failed(self) -> None:
+    def _raise_if_failed(self, why: str = "not delivered") -> None:
         if self._fatal:
             raise DeliveryError(f"fatal producer error: {self._fatal}; the producer must be recreated")
-        if self._failures:
-            first = "; ".join(self._failures[:3])
+        if self._failed_chains:
+            n = sum(self._failed_chains.values())
+            chains = ", ".join(f"{t} {c} ({k})" for (t, c), k in sorted(self._failed_chains.items())[:10])
+            more = len(self._failed_chains) - 10
             raise DeliveryError(
-                f"{len(self._failures)} events were not delivered (first: {first}). The chains they belong "
-                f"to now have gaps: run `marlgrc verify` and resume those chains from their last good head")
+                f"{n} events {why}, on chains {chains}{f' and {more} more' if more > 0 else ''}; first errors: "
+                f"{'; '.join(self._failures)}. These chains now have gaps: run `marlgrc verify` and resume "
+                f"them from their last good head before writing more")
 
     def close(self) -> None:
         self.flush()

@@ -301,3 +301,17 @@ def test_finish_can_be_asked_again_as_more_arrives():
     v.feed(data[len(data) // 2:])
     first, again = v.finish(), v.finish()
     assert first.ok and first.to_json() == again.to_json()
+
+
+def test_a_garbage_public_key_names_the_command_that_prints_the_right_one(tmp_path):
+    from typer.main import get_command
+
+    from eventlog.checkpoint import KeyFileError, load_public_key
+    from marlgrc.cli import app
+
+    bad = tmp_path / "key.pem"
+    bad.write_text("not a key\n")
+    with pytest.raises(KeyFileError) as info:
+        load_public_key(bad)
+    assert str(bad) in str(info.value) and "`marlgrc public-key`" in str(info.value)
+    assert "public-key" in get_command(app).commands  # the command the message names exists
