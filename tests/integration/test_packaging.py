@@ -273,3 +273,27 @@ def test_demo_runs_from_the_installed_package(installed: Installed, kafka, prefi
                 "--prefix", prefix, "--home", str(home), "--episodes", "1"],
                cwd=installed.outside, env=installed.env, timeout=300)
     assert "verdict: VERIFIED" in res.stdout, res.stdout[-4000:]
+
+
+# docs/ARCHITECTURE.md, "Dependency rules": which of the project's parts each part may import.
+MAY_IMPORT = {
+    "schemas": set(),
+    "eventlog": {"schemas"},
+    "producers": {"eventlog", "schemas"},
+    "stream_processors": {"eventlog", "schemas"},
+    "learners": {"eventlog", "schemas"},
+    "ledger": {"eventlog", "schemas"},
+    "compose": set(),
+    "marlgrc": set(PARTS),
+}
+
+
+def test_parts_import_only_inward() -> None:
+    assert set(MAY_IMPORT) == set(PARTS)
+    wrong = []
+    for part in PARTS:
+        for path in sorted((REPO / part).rglob("*.py")):
+            for name in sorted((_imported_names(path) & set(PARTS)) - MAY_IMPORT[part] - {part}):
+                wrong.append(f"{path.relative_to(REPO)} imports {name}")
+    assert not wrong, ("imports against docs/ARCHITECTURE.md's dependency rules (wire parts together "
+                       "in marlgrc/ instead):\n" + "\n".join(wrong))
