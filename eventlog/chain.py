@@ -92,7 +92,7 @@ _SEALERS_MAX = 256
 
 
 class ChainWriter:
-    """Appends events to one chain. Not thread-safe: one writer per chain (DESIGN.md).
+    """Appends events to one chain. Not thread-safe: one writer per chain (docs/ARCHITECTURE.md, "The hash contract").
 
     ``topic`` is the logical topic name (``marl.joint.action``); a deployment prefix is applied by
     the Kafka layer, so hashes never depend on it. The header is encoded here directly, in the

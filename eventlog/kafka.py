@@ -167,7 +167,7 @@ def _consumer(bootstrap: str, **extra) -> Consumer:
         "group.id": f"marlgrc-reader-{uuid.uuid4()}",
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
-        # set explicitly: clients differ in their default (DESIGN.md)
+        # set explicitly: clients differ in their default (docs/ARCHITECTURE.md, "Topics and delivery")
         "isolation.level": "read_committed",
         "auto.offset.reset": "earliest",
         "fetch.max.bytes": 52428800,
