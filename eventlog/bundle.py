@@ -11,9 +11,10 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Literal
 
 import fastavro
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .kafka import Record
 
@@ -82,13 +83,37 @@ def write_bundle(out_dir: Path, records: Iterable[Record], *, public_key_pem: by
     return manifest
 
 
+class Manifest(BaseModel):
+    """What ``manifest.json`` must hold (docs/HASHING.md §6); other keys (run_id, source, prefix, ...)
+    are kept as they are, and all of them are covered by the signature."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: Literal["marlgrc-bundle/1"]
+    created_at: str
+    events: int = Field(ge=0)
+    topics: dict[str, int]
+    events_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    signer_key_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$")
+
+
 def read_manifest(bundle_dir: Path) -> dict:
+    """The bundle's manifest, checked against ``Manifest``; a BundleError says what is wrong with it."""
     path = Path(bundle_dir) / "manifest.json"
     if not path.exists():
         raise BundleError(f"{bundle_dir} is not a marlgrc bundle: no manifest.json (create one with `marlgrc export`)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not JSON ({exc}); ask for a fresh export") from None
+    if isinstance(manifest, dict) and manifest.get("format") != FORMAT:
         raise BundleError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    try:
+        Manifest.model_validate(manifest)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in exc.errors())
+        raise BundleError(f"{path} is not a valid bundle manifest ({problems}); ask for a fresh export") from None
     return manifest
 
 

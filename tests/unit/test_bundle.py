@@ -144,3 +144,25 @@ def test_a_rolled_back_bundle_of_a_finished_run_shows_unsigned_events_even_unpin
 def test_a_sealed_bundle_verifies_with_its_pinned_key(sealed):
     report, _ = verify_bundle(sealed, public_key=SIGNER.public_key, pinned=True)
     assert report.ok and not report.notes
+
+
+@pytest.mark.parametrize("change,says", [
+    (lambda m: m.pop("events_sha256"), "events_sha256: Field required"),
+    (lambda m: m.update(events=-3), "events: Input should be greater than or equal to 0"),
+    (lambda m: m.update(signature="zz"), "signature: String should match pattern"),
+    (lambda m: m.update(topics=["marl.joint.action"]), "topics: Input should be a valid dictionary"),
+])
+def test_a_malformed_manifest_is_refused_with_what_is_wrong(sealed, tmp_path, change, says):
+    import json
+
+    folder = tmp_path / "b"
+    shutil.copytree(sealed, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="not a valid bundle manifest") as info:
+        verify_bundle(folder, public_key=SIGNER.public_key)
+    assert says in str(info.value)
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="is not JSON"):
+        verify_bundle(folder, public_key=SIGNER.public_key)
