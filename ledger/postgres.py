@@ -236,7 +236,7 @@ class PostgresLedger(LedgerStore):
 
     def write(self, rows, offsets, findings=(), *, commit=True):
         try:
-            super().write(rows, offsets, findings, commit=commit)
+            return super().write(rows, offsets, findings, commit=commit)
         except psycopg.Error as exc:
             raise LedgerError(f"the PostgreSQL ledger refused a batch: {str(exc).strip()}") from None
 

@@ -15,14 +15,13 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 from eventlog.merkle import merkle_root
 
+from .ingest import Finding, StoredCopy, copy_findings
 from .keys import KeyProvider, LedgerKeyError
-from .nativewrite import attach as attach_writer, write_error
-from .tables import (ALL_TABLES, DELETION_EVENTS, EVENT_TABLES, INGEST_OFFSETS, INTEGRITY_FINDINGS, LINEAGE,
-                     TABLES, Table)
+from .tables import ALL_TABLES, EVENT_TABLES, INGEST_OFFSETS, INTEGRITY_FINDINGS, LINEAGE, TABLES, Table
 
 
 class LedgerError(RuntimeError):
@@ -31,24 +30,6 @@ class LedgerError(RuntimeError):
 
 class AppendOnlyError(LedgerError):
     """An UPDATE or DELETE outside the purge and erasure procedures was refused."""
-
-
-@dataclass(frozen=True)
-class Finding:
-    """An integrity problem met while ingesting (recorded in ``integrity_findings``)."""
-
-    kind: str
-    topic: str
-    partition: int
-    offset: int
-    chain_id: str
-    seq: int
-    event_id: str
-    detail: str
-
-    def describe(self) -> str:
-        return (f"{self.kind} in {self.topic} chain {self.chain_id} at partition {self.partition} offset "
-                f"{self.offset} seq {self.seq}: {self.detail}")
 
 
 @dataclass(frozen=True)
@@ -112,33 +93,27 @@ def contiguous_ranges(rows: Iterable[tuple]) -> list[list[tuple]]:
 
 
 class PendingWrite:
-    """A batch being written (``LedgerStore.begin_write``): ``wait()`` returns once it is committed and
-    raises what stopped it otherwise."""
+    """A batch written but not yet committed (``LedgerStore.begin_write``): ``wait()`` returns once it
+    is committed and raises what stopped it otherwise. ``findings``: what the store found while
+    inserting it (``event_id`` conflicts, ``LedgerStore.write``)."""
 
-    def __init__(self, wait: Callable[[], None]):
-        self._wait = wait
-
-    @classmethod
-    def on_thread(cls, work: Callable[[], None]) -> "PendingWrite":
-        box: list[BaseException] = []
+    def __init__(self, store: "LedgerStore", findings: list[Finding]):
+        self.findings = findings
+        self._error: list[BaseException] = []
 
         def run():
             try:
-                work()
+                store.commit()
             except BaseException as exc:  # noqa: BLE001 - handed to wait()
-                box.append(exc)
+                self._error.append(exc)
 
-        t = threading.Thread(target=run, name="ledger-commit", daemon=True)
-        t.start()
-
-        def wait():
-            t.join()
-            if box:
-                raise box[0]
-        return cls(wait)
+        self._thread = threading.Thread(target=run, name="ledger-commit", daemon=True)
+        self._thread.start()
 
     def wait(self) -> None:
-        self._wait()
+        self._thread.join()
+        if self._error:
+            raise self._error[0]
 
 
 class LedgerStore(ABC):
@@ -176,20 +151,11 @@ class LedgerStore(ABC):
         params = ", ".join(self._json_param(c) if k == "json" else self.ph for c, k in table.columns)
         return f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES ({params}) ON CONFLICT DO NOTHING"
 
-    def _statements(self, rows: dict[str, list[dict] | list[tuple]], offsets: dict[tuple[str, int], int],
-                    findings: Iterable[Finding] = ()) -> list[tuple[str, list[tuple]]]:
-        """The ``(sql, parameter rows)`` of one batch's transaction, in order: event rows (lineage after
-        its policy updates), findings, then the consumer offsets."""
+    def _tail_statements(self, offsets: dict[tuple[str, int], int],
+                         findings: list[Finding]) -> list[tuple[str, list[tuple]]]:
+        """The ``(sql, parameter rows)`` that end a batch's transaction after its event rows: the
+        findings, then the consumer offsets."""
         out: list[tuple[str, list[tuple]]] = []
-        for name in _WRITE_ORDER:
-            batch = rows.get(name)
-            if not batch:
-                continue
-            table = TABLES[name]
-            if not isinstance(batch[0], tuple):
-                cols = table.column_names
-                batch = [tuple(r.get(c) for c in cols) for r in batch]
-            out.append((self._insert_sql(table), batch))
         if findings:
             now = _now_micros()
             out.append((
@@ -204,32 +170,57 @@ class LedgerStore(ABC):
                 [(t, p, o) for (t, p), o in sorted(offsets.items())]))
         return out
 
+    def _insert_rows(self, cur, rows: dict[str, list[dict] | list[tuple]]) -> list[Finding]:
+        """Insert a batch's rows (lineage after its policy updates), each table with one
+        ``executemany``. Where a table stored fewer rows than it was given, some ``event_id`` was
+        held already: ``ingest.copy_findings`` says which rows came from another record, and what
+        they are (the same bytes again: ``duplicated``; other bytes: ``edited``). Returns those
+        findings; the lineage rows of a refused policy update are not inserted."""
+        findings: list[Finding] = []
+        refused: set[str] = set()
+        for name in _WRITE_ORDER:
+            batch = rows.get(name)
+            if not batch:
+                continue
+            table = TABLES[name]
+            if not isinstance(batch[0], tuple):
+                cols = table.column_names
+                batch = [tuple(r.get(c) for c in cols) for r in batch]
+            if name == LINEAGE.name and refused:
+                batch = [r for r in batch if r[0] not in refused]
+            cur.executemany(self._insert_sql(table), batch)
+            if table.event_table and cur.rowcount != len(batch):
+                found, gone = copy_findings(batch, self.stored_copies([r[0] for r in batch], [name]))
+                findings += found
+                refused |= gone
+        return findings
+
     def write(self, rows: dict[str, list[dict] | list[tuple]], offsets: dict[tuple[str, int], int],
-              findings: list[Finding] = (), *, commit: bool = True) -> None:
+              findings: list[Finding] = (), *, commit: bool = True) -> list[Finding]:
         """Rows, consumer offsets (next offset to read) and findings, in one transaction. A table's
         rows are dicts (column -> value, missing columns NULL) or tuples in ``Table.columns`` order.
+        Returns the findings the store adds (``_insert_rows``), written in the same transaction.
         ``commit=False`` leaves the transaction open for ``commit()`` (or ``rollback()``), which may
         be called from another thread; nothing else may use the store until then."""
         cur = self._cursor()
         self._begin()
         try:
-            for sql, params in self._statements(rows, offsets, findings):
+            added = self._insert_rows(cur, rows)
+            for sql, params in self._tail_statements(offsets, list(findings) + added):
                 cur.executemany(sql, params)
             if commit:
                 self._commit()
         except BaseException:
             self._rollback()
             raise
+        return added
 
     def begin_write(self, rows: dict[str, list[dict] | list[tuple]], offsets: dict[tuple[str, int], int],
-                    findings: list[Finding] = ()) -> "PendingWrite":
-        """Start writing one batch as ``write`` does, in its own transaction, and return at once; the
-        result's ``wait()`` returns when it is committed and raises (after the rollback) when it is not.
-        Nothing else may use the store until then. Here: the rows are inserted on this thread and the
-        COMMIT runs on another (the GIL is free while the database writes); backends that can do more
-        of the work off the GIL override this."""
-        self.write(rows, offsets, findings, commit=False)
-        return PendingWrite.on_thread(self.commit)
+                    findings: list[Finding] = ()) -> PendingWrite:
+        """``write`` on this thread, then its COMMIT on another (the GIL is free while the database
+        writes its pages): the result's ``wait()`` returns when the batch is committed and raises
+        (after the rollback) when it is not. Nothing else may use the store until then."""
+        return PendingWrite(self, self.write(rows, offsets, findings, commit=False))
 
     def commit(self) -> None:
         """Commit the transaction a ``write(..., commit=False)`` left open (rolled back if that fails)."""
@@ -270,16 +261,24 @@ class LedgerStore(ABC):
                 heads[(ev.topic, ev.chain_id)] = (ev.last_seq, ev.head_hash)
         return heads
 
-    def event_ids(self, event_ids: list[str]) -> set[str]:
-        """Which of ``event_ids`` are stored already (duplicate detection on ingest)."""
-        found: set[str] = set()
-        for t in EVENT_TABLES:
+    def stored_copies(self, event_ids: list[str], tables: Iterable[str] = DELETABLE) -> dict[str, StoredCopy]:
+        """Where the store holds each of ``event_ids`` (those it holds), with its bytes."""
+        found: dict[str, StoredCopy] = {}
+        for name in tables:
             for i in range(0, len(event_ids), 500):
                 chunk = event_ids[i:i + 500]
                 marks = ", ".join([self.ph] * len(chunk))
-                found.update(r[0] for r in self.query(f"SELECT event_id FROM {t.name} WHERE event_id IN ({marks})",
-                                                      tuple(chunk)))
+                for r in self.query(f"SELECT event_id, topic, kafka_partition, kafka_offset, raw FROM {name} "
+                                    f"WHERE event_id IN ({marks})", tuple(chunk)):
+                    found[r[0]] = StoredCopy(r[1], r[2], r[3], bytes(r[4]))
         return found
+
+    def taken_seqs(self, slots: list[tuple[str, str, str, int]]) -> set[tuple[str, str, int]]:
+        """Which ``(table, topic, chain_id, seq)`` hold an event already, as ``(topic, chain_id, seq)``."""
+        ph = self.ph
+        return {(topic, chain, seq) for table, topic, chain, seq in slots
+                if self.query(f"SELECT 1 FROM {TABLES[table].name} WHERE topic = {ph} AND chain_id = {ph} "
+                              f"AND seq = {ph} LIMIT 1", (topic, chain, seq))}
 
     def stored_events(self) -> Iterator[StoredEvent]:
         """Every stored event with its raw bytes, per table in (topic, partition, offset) order."""
@@ -549,8 +548,7 @@ class SqliteLedger(LedgerStore):
             self._install()
         finally:
             os.umask(old_umask)
-        # the C batch writer (ledger/nativewrite.py) where the connection allows it, else executemany
-        self._writer = attach_writer(self.conn, self.path) if encrypted else None
+        self._pending: PendingWrite | None = None
 
     def _opens(self, module, *, last: bool) -> bool:
         """Whether the connection reads the file (key and settings right); raises on the last try."""
@@ -582,36 +580,26 @@ class SqliteLedger(LedgerStore):
             self.conn.execute("ROLLBACK")
 
     def write(self, rows, offsets, findings=(), *, commit=True):
-        if commit and self._writer is not None:
-            return self.begin_write(rows, offsets, findings).wait()
         try:
-            super().write(rows, offsets, findings, commit=commit)
-        except self._module.IntegrityError as exc:
-            raise LedgerError(f"ledger {self.path} refused a batch: {exc}") from None
+            return super().write(rows, offsets, findings, commit=commit)
+        except self._module.Error as exc:
+            raise self._refused(exc, "") from None
 
     def begin_write(self, rows, offsets, findings=()):
-        """With the C batch writer: the inserts and the COMMIT both run on its own thread, without the
-        GIL (``ledger/_rowwrite.c``)."""
-        if self._writer is None:
-            return super().begin_write(rows, offsets, findings)
-        job = self._job = self._writer.start(self._statements(rows, offsets, findings))
-
-        def wait():
-            try:
-                job.wait()
-            except write_error() as exc:
-                code, message, _ = exc.args
-                if code & 0xFF == 19:  # SQLITE_CONSTRAINT
-                    raise LedgerError(f"ledger {self.path} refused a batch: {message}") from None
-                raise LedgerError(f"ledger {self.path}: writing a batch failed (SQLite code {code}): {message}; "
-                                  f"it was rolled back, and a restart continues from the stored offsets") from None
-        return PendingWrite(wait)
+        self._pending = super().begin_write(rows, offsets, findings)
+        return self._pending
 
     def commit(self):
         try:
             super().commit()
-        except self._module.IntegrityError as exc:
-            raise LedgerError(f"ledger {self.path} refused a batch at commit: {exc}") from None
+        except self._module.Error as exc:
+            raise self._refused(exc, " at commit") from None
+
+    def _refused(self, exc: Exception, where: str) -> LedgerError:
+        if isinstance(exc, self._module.IntegrityError):
+            return LedgerError(f"ledger {self.path} refused a batch{where}: {exc}")
+        return LedgerError(f"ledger {self.path}: writing a batch failed{where}: {exc}; it was rolled back, and "
+                           f"the next sync continues from the stored offsets")
 
     def _delete_rows(self, kind, cutoff, subject_ref, request_id, requester, legal_basis, deleted_at):
         cur = self.conn.cursor()
@@ -656,13 +644,12 @@ class SqliteLedger(LedgerStore):
         self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
-        job, self._job = getattr(self, "_job", None), None
-        if job is not None and not job.joined:
+        pending, self._pending = self._pending, None
+        if pending is not None:
             try:
-                job.wait()  # its thread uses the connection: let it end first
+                pending.wait()  # its thread uses the connection: let it end first
             except Exception:  # noqa: BLE001 - rolled back; the caller that started it hears of it
                 pass
-        self._writer = None  # holds the connection's handle: gone before the connection
         try:
             self.conn.close()
         except Exception:  # noqa: BLE001 - closing twice is harmless

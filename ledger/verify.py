@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from eventlog.kafka import Record
 from eventlog.verify import CHECKPOINT_TOPIC, Report, Verifier
 
-from .store import Evidence, Finding, LedgerStore
+from .ingest import Finding
+from .store import Evidence, LedgerStore
 
 
 @dataclass
@@ -50,8 +51,17 @@ class _LedgerVerifier(Verifier):
 
     def bridge(self, topic: str, chain_id: str, evidence: list[Evidence]) -> int:
         """Advance the chain past ``evidence`` (consecutive ranges from its next seq). Returns the number
-        of checkpoints skipped because they overlap the bridged seqs."""
-        return self.resume(topic, chain_id, evidence[-1].last_seq + 1, evidence[-1].head_hash)
+        of checkpoints skipped because they overlap the bridged seqs.
+
+        A skipped checkpoint was signed (its signature is checked with the checkpoint chain) but its
+        Merkle root cannot be recomputed without the deleted events: its events count as signed
+        through it, and the report counts it as spanning deleted ranges, not as verified.
+        (``Verifier.resume`` does not say which checkpoints it skipped, so this reads its chain state.)"""
+        skipped = self.resume(topic, chain_id, evidence[-1].last_seq + 1, evidence[-1].head_hash)
+        st = self._chains[(topic, chain_id)]
+        for cp in st.checkpoints[st.cp_index - skipped:st.cp_index]:
+            st.signed_through = max(st.signed_through, cp.last_seq)
+        return skipped
 
 
 def _bridge_run(evidence: list[Evidence], next_seq: int, last_hash: bytes, until_seq: int | None) -> list[Evidence]:

@@ -8,13 +8,13 @@ import os
 import threading
 import time
 from hashlib import sha256
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from eventlog.chain import MICROS_PER_DAY
 from eventlog.checkpoint import Signer
+from eventlog.codec import default_codec
 from eventlog.kafka import Record
 from eventlog.log import EventLog, MemorySink
 from eventlog.merkle import merkle_root
@@ -96,6 +96,23 @@ def to_records(sent: list[tuple], partitions: int = 3) -> list[Record]:
     return out
 
 
+def _sealed(rec: dict) -> bytes:
+    """``rec`` encoded with its event_hash recomputed: an event a writer with no key could forge."""
+    v = default_codec().encode(SCHEMA_OF[rec["event_type"]], dict(rec, event_hash=bytes(32)))
+    return v[:-32] + sha256(v[:-32]).digest()
+
+
+SCHEMA_OF = {"joint.action": "joint_action"}
+
+
+def _action(chain: str, seq: int, prev: bytes, event_id: str) -> dict:
+    return {"prev_event_hash": prev, "seq": seq, "chain_id": chain, "event_id": event_id, "event_type": "joint.action",
+            "run_id": "r", "produced_at": 1, "producer_id": "p", "data_classification": "internal",
+            "retention_expiry": 2**62, "feature_schema_version": "1", "policy_version": "", "rule_version": "",
+            "source_event_hashes": [], "episode": 0, "step": seq, "actions": [], "joint_vector": [],
+            "event_hash": bytes(32)}
+
+
 RECORDS = to_records(make_run("r1"))
 OLD_AND_NEW = to_records(make_run("r0", age_micros=OLD) + make_run("r1"))
 
@@ -143,27 +160,103 @@ class LedgerStorageContract:
 
     def test_duplicate_writes_are_idempotent_and_reported(self):
         led = self.ingested()
-        stats = Materializer(led).ingest(RECORDS[:20], commit_every=7)   # the same events again, new offsets
+        again = [r._replace(offset=r.offset + 10_000) for r in RECORDS[:20]]   # the same events at new offsets
+        stats = Materializer(led).ingest(again, commit_every=7)
         assert sum(led.table_counts()[t] for t in expected_counts(RECORDS)) == len(RECORDS)
-        assert {f.kind for f in stats.findings} == {"duplicated"} and len(stats.findings) == 20
+        assert [f.kind for f in stats.findings] == ["duplicated"] * 20
+        assert all(f"offset {r.offset - 10_000}" in f.detail for f, r in zip(stats.findings, again))
+
+    def test_reading_the_same_records_again_is_idempotent_and_silent(self):
+        led = self.ingested()
+        before = led.table_counts()
+        stats = Materializer(led).ingest(RECORDS[:20], commit_every=7)   # offsets rewound: same records
+        assert stats.findings == [] and stats.records == 20
+        assert led.table_counts() == before and led.findings() == []
+
+    def test_an_event_id_stored_with_other_bytes_is_a_finding_and_fails_verify(self):
+        """Issue 14 item 4: another event under a stored event_id is never dropped silently, whether
+        it arrives as its chain's next event (caught by the insert) or behind its head."""
+        led = self.ingested()
+        codec = default_codec()
+        stored = next(r for r in RECORDS if r.key == "r1:actions" and codec.decode(r.value)[1]["seq"] == 4)
+        _, rec = codec.decode(stored.value)
+        # a forged chain of its own whose first event reuses a stored event_id: its chain's next event
+        forged = _sealed(dict(rec, chain_id="r9:actions", seq=0, prev_event_hash=bytes(32)))
+        # and a re-sealed edit of the stored event itself, behind its chain's head
+        edited = _sealed(dict(rec, episode=rec["episode"] + 100))
+        stats = Materializer(led).ingest([
+            Record("marl.joint.action", 0, 90_000, "r9:actions", forged, 0),
+            Record("marl.joint.action", stored.partition, 90_001, "r1:actions", edited, 0)], commit_every=10)
+        assert sorted((f.offset, f.kind, f.chain_id, f.event_id) for f in stats.findings) == [
+            (90_000, "edited", "r9:actions", rec["event_id"]), (90_001, "edited", "r1:actions", rec["event_id"])]
+        for f in stats.findings:
+            assert f"event_id {rec['event_id']} is already in the ledger with other bytes" in f.detail
+            assert f"from marl.joint.action partition {stored.partition} offset {stored.offset}" in f.detail
+        (raw,), = led.query(f"SELECT raw FROM joint_actions WHERE event_id = {led.ph}", (rec["event_id"],))
+        assert bytes(raw) == stored.value   # the stored row is never replaced
+        assert led.count("joint_actions") == expected_counts(RECORDS)["joint_actions"]
+        assert [f.kind for f in led.findings()] == ["edited", "edited"]
+        report = verify_ledger(led, SIGNER.public_key)
+        assert not report.ok and report.chains.ok   # the stored chains are intact; the findings fail it
+        assert sum(f"is already in the ledger with other bytes" in line for line in report.lines()) == 2
+
+    def test_seq_starts_at_0_and_grows_by_1(self):
+        """Correct links but seqs that skip, start late, repeat or step back are breaks of the
+        verifier's kinds; every event is still stored."""
+        def chain(seqs, name):
+            """Each event links to the one before it; a second event with the same seq (a fork) links
+            where the first did, and the chain goes on from the first."""
+            out, links, first = [], [], {}
+            for i, seq in enumerate(seqs):
+                if i == 0:
+                    prev = bytes(32)
+                elif seq == seqs[i - 1]:
+                    prev = links[-1]
+                else:
+                    prev = first[seqs[i - 1]]
+                v = _sealed(_action(name, seq, prev, event_id=f"{name}-{i}"))
+                out.append(Record("marl.joint.action", 0, i, name, v, 0))
+                links.append(prev)
+                first.setdefault(seq, v[-32:])
+            return out
+
+        cases = {
+            "c-skips": ([0, 2, 4], [("missing", 2, "seq 1..1 missing"), ("missing", 4, "seq 3..3 missing")]),
+            "c-late": ([3, 4], [("missing", 3, "seq 0..2 missing before seq 3")]),
+            "c-back": ([0, 2, 1], [("missing", 2, "seq 1..1 missing"), ("reordered", 1, "seq 1 arrives after seq 2")]),
+            "c-fork": ([0, 1, 1, 2], [("inserted", 1, "seq 1 is already held by another event")]),
+        }
+        for name, (seqs, want) in cases.items():
+            led = self.new_ledger()
+            stats = Materializer(led).ingest(chain(seqs, name), commit_every=100)
+            got = [(f.kind, f.seq, f.detail) for f in stats.findings]
+            assert [(k, s) for k, s, _ in got] == [(k, s) for k, s, _ in want], (name, got)
+            assert all(d.startswith(w) for (_, _, d), (_, _, w) in zip(got, want)), (name, got)
+            assert led.count("joint_actions") == len(seqs), name
+            assert not verify_ledger(led).ok, name
+        # the same out-of-place events, each in a batch of its own: the store tells reordered from inserted
+        for name, (seqs, want) in cases.items():
+            led = self.new_ledger()
+            stats = Materializer(led).ingest(chain(seqs, name), commit_every=1)
+            assert [(f.kind, f.seq) for f in stats.findings] == [(k, s) for k, s, _ in want], name
 
     def test_crash_inside_a_transaction_loses_and_duplicates_nothing(self):
         clean = self.ingested()
         led = self.new_ledger()
         m = Materializer(led)
-        real_statements, calls = led._statements, {"n": 0}
+        real_statements, calls = led._tail_statements, {"n": 0}
 
         def crashing_statements(*args):
             # the fourth transaction fails after its rows and offsets, just before its COMMIT: a real
-            # failure inside the backend's transaction (SQLCipher: on the C writer's thread)
+            # failure inside the backend's transaction
             calls["n"] += 1
             out = real_statements(*args)
             return out + [("SELECT no_such_column FROM ingest_offsets", [()])] if calls["n"] == 4 else out
 
-        led._statements = crashing_statements
+        led._tail_statements = crashing_statements
         with pytest.raises(Exception, match="no_such_column"):
             m.ingest(RECORDS, commit_every=37)
-        led._statements = real_statements
+        led._tail_statements = real_statements
         committed = led.offsets()
         assert 0 < sum(committed.values()) < len(RECORDS)
         rest = [r for r in RECORDS if r.offset >= committed.get((r.topic, r.partition), 0)]
@@ -299,21 +392,6 @@ class TestSqlCipherStorage(LedgerStorageContract):
         led.conn.execute(f"DELETE FROM {table} WHERE chain_id = ? AND seq = ?", (chain, seq))
 
 
-class TestSqlCipherStorageWithoutTheCWriter(TestSqlCipherStorage):
-    """The same contract on the executemany path (no C compiler, or a connection that cannot load it)."""
-
-    def new_ledger(self):
-        led = super().new_ledger()
-        assert led._writer is not None   # the default path above really is the C writer
-        led._writer = None
-        return led
-
-    def reopen(self, led):
-        again = super().reopen(led)
-        again._writer = None
-        return again
-
-
 # ------------------------------------------------------------------ SQLCipher only
 def test_file_is_0600_and_wrong_key_is_one_clear_error(tmp_path, capfd):
     path = tmp_path / "l.db"
@@ -408,8 +486,7 @@ def test_erasure_leaves_no_trace_of_the_subject_on_disk(tmp_path):
     assert (tmp_path / "l.db-wal").stat().st_size == 0   # checkpointed and truncated after the erasure
 
 
-@pytest.mark.parametrize("c_writer", [True, False])
-def test_a_failed_commit_stops_the_ingest_and_nothing_after_it_is_written(tmp_path, c_writer):
+def test_a_failed_commit_stops_the_ingest_and_nothing_after_it_is_written(tmp_path):
     """Each batch is written (and committed) while the next one is checked: when a COMMIT fails, that
     batch is rolled back, no later batch is written, and a restart from the stored offsets ends with
     exactly what a clean ingest gives. The failure is SQLite's own: the third transaction defers its
@@ -419,8 +496,8 @@ def test_a_failed_commit_stops_the_ingest_and_nothing_after_it_is_written(tmp_pa
     class FailingCommit(SqliteLedger):
         batches = 0
 
-        def _statements(self, rows, offsets, findings=()):
-            out = super()._statements(rows, offsets, findings)
+        def _tail_statements(self, offsets, findings):
+            out = super()._tail_statements(offsets, findings)
             type(self).batches += 1
             if type(self).batches == 3:
                 orphan = ("no-such-policy-update", 0, "marl.env.state", 0, 0, 1, "c", 0, 1, bytes(32))
@@ -429,9 +506,6 @@ def test_a_failed_commit_stops_the_ingest_and_nothing_after_it_is_written(tmp_pa
             return out
 
     led = FailingCommit(tmp_path / "l.db", KEY)
-    assert led._writer is not None
-    if not c_writer:
-        led._writer = None
     with pytest.raises(LedgerError, match="FOREIGN KEY constraint failed"):
         Materializer(led).ingest(RECORDS, commit_every=20)
     assert not led.conn.in_transaction
