@@ -35,11 +35,12 @@ def emit_policy_update(log: EventLog, learner, result: dict, replay: Replay, *, 
 
 
 def continue_policy_chain(log: EventLog, replay: Replay, algorithm: str) -> None:
-    """One writer per chain: a new training session on a run continues ``{run}:policy:{algo}`` and its
-    own checkpoint chain from the heads the replay read and verified, instead of forking them at seq 0."""
+    """One writer per chain: a new training session on a run continues ``{run}:policy:{algo}`` from the
+    head the replay read and verified, instead of forking it at seq 0. Its checkpoints go on the
+    session's own checkpoint chain (give each session's log a producer id of its own): a checkpoint
+    chain continued by another log would leave its last self-checkpoint uncovered."""
     run = replay.spec.run_id
-    mine = {("marl.policy.update", policy_chain(run, algorithm)),
-            ("marl.audit.checkpoints", f"{run}:checkpoints:{log.producer_id}")}
+    mine = ("marl.policy.update", policy_chain(run, algorithm))
     for c in replay.report.chains:
-        if (c.topic, c.chain_id) in mine and c.last_seq >= 0:
+        if (c.topic, c.chain_id) == mine and c.last_seq >= 0:
             log.writer(c.topic, c.chain_id, head=ChainHead(c.last_seq, bytes.fromhex(c.head_hash)))

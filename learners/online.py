@@ -2,8 +2,8 @@
 every transition is written as events, the learner reads exactly those offsets back, verifies and
 trains on them, and writes ``policy.update``. The training data is the audited stream and nothing else.
 
-    loop:  mark offsets -> collect(policy, log, ...) -> flush -> mark offsets
-           -> RunReader.add(records in [start, end)) -> learner.update -> policy.update event
+    loop:  mark offsets -> collect(policy, the batch's log, ...) -> close it (signed) -> mark offsets
+           -> RunReader.add(records in [start, end)) -> learner.update -> policy.update event (signed)
 
 ``collect`` is what runs the env and writes its steps to ``log`` (``marlgrc`` hands in
 ``producers.harness.run_episodes`` bound to an env: learners never import producers); the first
@@ -21,6 +21,7 @@ from typing import Any, Callable, Protocol
 
 from eventlog.kafka import Record
 from eventlog.log import EventLog, MemorySink, Sink
+from eventlog.verify import CHECKPOINT_TOPIC
 
 from . import algorithm
 from .lineage import emit_policy_update
@@ -102,10 +103,9 @@ class KafkaTransport:
 
     Per-batch fixed costs are kept small: topic metadata is read once, one consumer lives as long as
     the transport (each read assigns the batch's partitions at their start offsets and consumes
-    exactly up to the end offsets: no poll timeout is waited for), the end offsets of every
-    partition come from one ListOffsets request, and a batch starts where the previous read ended
-    (what was written in between, the learner's ``policy.update`` and checkpoints, is on topics the
-    reader does not train on; its checkpoints are skipped, see ``RunReader.add``).
+    exactly up to the end offsets: no poll timeout is waited for), and the end offsets of every
+    partition come from one ListOffsets request. What the learner writes between batches (its
+    ``policy.update`` and checkpoints) is before the next batch's start, so it is never read back.
     """
 
     def __init__(self, bootstrap: str, prefix: str = "", *, timeout: float = 30.0):
@@ -118,7 +118,6 @@ class KafkaTransport:
         self._tps = partitions_of(bootstrap, RUN_TOPICS, prefix)
         self._admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
         self._consumer = _consumer(bootstrap)
-        self._carry: dict[tuple[str, int], int] | None = None
 
     def _end_offsets(self) -> dict[tuple[str, int], int]:
         from confluent_kafka import KafkaError, KafkaException, TopicPartition
@@ -142,9 +141,6 @@ class KafkaTransport:
         raise AssertionError("unreachable")
 
     def mark(self) -> dict[tuple[str, int], int]:
-        if self._carry is not None:  # a batch starts where the last read ended
-            out, self._carry = self._carry, None
-            return out
         return self._end_offsets()
 
     def flush(self) -> None:
@@ -157,7 +153,6 @@ class KafkaTransport:
 
         pre = self.prefix
         todo = {(pre + t, p): e for (t, p), e in end.items() if start.get((t, p), e) < e}
-        self._carry = dict(end)
         if not todo:
             return []
         c = self._consumer
@@ -216,9 +211,10 @@ def train_online(spec: RunSpec, algo: str, *, collect: Collect, transport: Trans
     """Run ``iterations`` of {act with the current policy -> events -> read back -> update} on run
     ``spec.run_id``, or fewer when ``time_budget_s`` runs out (checked after each update).
 
-    ``signer`` signs checkpoints of every chain the session writes (the harness's and the
-    learner's); ``public_key`` pins the signer the reader checks them with. ``collect`` is called
-    with keyword arguments ``episodes``, ``seed`` (iteration ``it`` starts at
+    ``signer`` signs every chain the session writes: each batch is signed before it is read back
+    (the harness's log of iteration ``it`` is ``{producer_id}-{it}``), and the learner's policy chain
+    after each update; ``public_key`` pins the signer the reader checks them with. ``collect`` is
+    called with keyword arguments ``episodes``, ``seed`` (iteration ``it`` starts at
     ``seed * 1_000_003 + it * episodes``) and ``config``.
     """
     a = algorithm(algo)
@@ -226,16 +222,27 @@ def train_online(spec: RunSpec, algo: str, *, collect: Collect, transport: Trans
         learner = a.learner_cls(spec, config or a.config_cls(seed=seed))
     E = episodes_per_update or learner.config.episodes_per_update
     run_id = spec.run_id
-    log = EventLog(transport.sink, run_id=run_id, producer_id=producer_id, signer=signer)
     learner_log = EventLog(transport.sink, run_id=run_id, producer_id=f"learner-{algo}", signer=signer)
     reader = RunReader(run_id, public_key=public_key)
     result = OnlineResult(learner, run_id)
+    heads: dict = {}  # the run's data chains: where the next batch's log continues them
     t0 = time.monotonic()
     try:
         for it in range(iterations):
             start = transport.mark()
-            collect(learner, log, episodes=E, seed=seed * 1_000_003 + it * E,
-                    config={"algorithm": algo, "iteration": it})
+            # a log per batch, continuing the run's chains: closing it signs everything the batch
+            # wrote, on a checkpoint chain that starts and ends in the batch, before it is read back
+            log = EventLog(transport.sink, run_id=run_id, producer_id=f"{producer_id}-{it}", signer=signer)
+            for (topic, chain_id), head in heads.items():
+                log.writer(topic, chain_id, head=head)
+            try:
+                collect(learner, log, episodes=E, seed=seed * 1_000_003 + it * E,
+                        config={"algorithm": algo, "iteration": it})
+            except BaseException as exc:
+                _close_after(log, exc)
+                raise
+            log.close()
+            heads.update((k, h) for k, h in log.heads().items() if k[0] != CHECKPOINT_TOPIC)
             transport.flush()
             end = transport.mark()
             replay = reader.add(transport.read(start, end))
@@ -245,6 +252,8 @@ def train_online(spec: RunSpec, algo: str, *, collect: Collect, transport: Trans
             parent = learner.version
             out = learner.update(replay)
             ev = emit_policy_update(learner_log, learner, out, replay, parent_version=parent)
+            if signer is not None:
+                learner_log.checkpoint()
             transport.flush()
             result.update_hashes.append(ev.event_hash)
             if keep_replays:
@@ -258,13 +267,17 @@ def train_online(spec: RunSpec, algo: str, *, collect: Collect, transport: Trans
                 on_update(row)
             if time_budget_s is not None and time.monotonic() - t0 > time_budget_s:
                 break
-    except BaseException as exc:  # the chains written so far are signed too, where the sink still takes it
-        for each in (log, learner_log):
-            try:
-                each.close()
-            except Exception as second:  # noqa: BLE001 - the first failure is the one to report
-                exc.add_note(f"closing {each.producer_id}'s chains also failed: {type(second).__name__}: {second}")
+    except BaseException as exc:
+        _close_after(learner_log, exc)
         raise
-    log.close()
     learner_log.close()
     return result
+
+
+def _close_after(log: EventLog, exc: BaseException) -> None:
+    """Close (sign) ``log`` after ``exc``, where the sink still takes it; a second failure is noted on
+    the first, which is the one to report."""
+    try:
+        log.close()
+    except Exception as second:  # noqa: BLE001
+        exc.add_note(f"closing {log.producer_id}'s chains also failed: {type(second).__name__}: {second}")

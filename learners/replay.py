@@ -229,15 +229,19 @@ class _Step:
 class RunReader:
     """Reads one run's records, batch after batch (``add``), verifying and joining as it goes.
 
-    Keeps verification state, segment counters and incomplete episodes between batches, so an online
-    learner reads exactly the new offsets each time. ``public_key`` pins the checkpoint signer; without
-    it signatures are not checked (the report notes it) but every hash chain still is.
+    Keeps each chain's verified head, segment counters and incomplete episodes between batches, so an
+    online learner reads exactly the new offsets each time. ``public_key`` pins the checkpoint signer;
+    without it signatures are not checked (the report notes it) but every hash chain still is.
+    ``topics``: the topics the records come from; checkpoints of chains on other topics (the fairness
+    chains the decision interpreter signs beside its credits) are not held against the run.
     """
 
-    def __init__(self, run_id: str, *, public_key=None, allow_unverified: bool = False):
+    def __init__(self, run_id: str, *, public_key=None, allow_unverified: bool = False,
+                 topics: Iterable[str] = VERIFY_TOPICS):
         self.run_id = run_id
         self.allow_unverified = allow_unverified
-        self.verifier = Verifier(public_key)
+        self.public_key = public_key
+        self.topics = frozenset(topics)
         self.codec = default_codec()
         self.spec: RunSpec | None = None
         self.verified = True
@@ -246,8 +250,7 @@ class RunReader:
         self._segment: dict[tuple[str, str], int] = {}
         self._steps: dict[tuple[int, int, int], _Step] = {}        # (segment, episode, step)
         self._credit: dict[bytes, dict] = {}                        # joint_action_hash -> credit record
-        self._batches = 0
-        self.skipped_checkpoints = 0
+        self._heads: dict[tuple[str, str], tuple[int, bytes]] = {}  # chain -> (next seq, last hash) verified
 
     def _segment_of(self, r: Record, episode: int, step: int) -> int:
         key = (r.topic, r.key)
@@ -260,18 +263,12 @@ class RunReader:
         return seg
 
     def add(self, records: Iterable[Record]) -> Replay:
-        recs = [r for r in records if r.topic in VERIFY_TOPICS and r.key.startswith(self._prefix)]
+        """Verify and join the next batch of the run's records (each chain in offset order,
+        continuing where the last batch left it)."""
+        recs = [r for r in records if r.topic in self.topics and r.key.startswith(self._prefix)]
         cps = [r for r in recs if r.topic == CHECKPOINT_TOPIC]
         data = [r for r in recs if r.topic != CHECKPOINT_TOPIC]
-        if cps and not self._batches:
-            self.verifier.add_checkpoints(cps)
-        elif cps:
-            # the Verifier installs a chain's checkpoints when it first meets the chain; later batches'
-            # checkpoints are left to `marlgrc verify` (hash chains are still checked here)
-            self.skipped_checkpoints += len(cps)
-        self._batches += 1
-        self.verifier.feed(data)
-        report = self.verifier.finish()
+        report = self._verify(cps, data)
         breaks = [b for b in report.breaks if b.chain_id.startswith(self._prefix)]
         if breaks:
             if not self.allow_unverified:
@@ -307,6 +304,25 @@ class RunReader:
                               f"marl.run.lifecycle from its beginning (or check the run id)")
         episodes, credited = self._complete_episodes()
         return Replay(self.spec, episodes, ranges, self.verified, report, credited)
+
+    def _verify(self, cps: list[Record], data: list[Record]) -> Report:
+        """One batch verified on its own, each chain continued from the hash and seq the last batch
+        ended it with, against the checkpoints read in this batch. A writer that is read batch after
+        batch (the online loop's harness) signs each batch before it is read, on a checkpoint chain
+        that starts in that batch; a checkpoint chain continued from an earlier batch would start
+        here past seq 0 and be reported as missing its start."""
+        verifier = Verifier(self.public_key, topics=self.topics)
+        verifier.add_checkpoints(cps)
+        for key in {(r.topic, r.key) for r in data}:
+            head = self._heads.get(key)
+            if head is not None:
+                verifier.resume(*key, *head)
+        verifier.feed(data)
+        report = verifier.finish()
+        for c in report.chains:
+            next_seq, last_hash, _ = verifier.expects(c.topic, c.chain_id)
+            self._heads[(c.topic, c.chain_id)] = (next_seq, last_hash)
+        return report
 
     def _ingest(self, r: Record, name: str, rec: dict) -> None:
         if name == "run_started":

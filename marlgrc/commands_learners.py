@@ -3,6 +3,7 @@ signed checkpoints and ONNX export; `marlgrc train-online`: on-policy through th
 learning curve (the one loop: ``learners.online``, wired in ``marlgrc.training``)."""
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -71,7 +72,9 @@ def register(app: typer.Typer) -> None:
             except CheckpointError as exc:
                 fail(str(exc))
         sink = EventProducer(boot, prefix=s.prefix) if boot else MemorySink()
-        log = EventLog(sink, run_id=replay.spec.run_id, producer_id=f"learner-{algo}", signer=signer)
+        # a checkpoint chain of this session's own; the policy chain continues (train_offline)
+        log = EventLog(sink, run_id=replay.spec.run_id, producer_id=f"learner-{algo}-{uuid.uuid4().hex[:8]}",
+                       signer=signer)
         try:
             learner, events = train_offline(replay, algo, log=log, seed=seed, updates=updates, learner=learner)
         except ReplayError as exc:

@@ -13,7 +13,7 @@ from eventlog.log import EventLog
 from eventlog.verify import verify_records
 from learners.mappo import MAPPOConfig
 from learners.offline import train_offline
-from learners.replay import RUN_TOPICS, read_kafka, watermarks
+from learners.replay import RUN_TOPICS, VERIFY_TOPICS, read_kafka, watermarks
 from learners.online import KafkaTransport
 from marlgrc.training import train_on_env
 from producers.harness import run_episodes
@@ -64,13 +64,14 @@ def test_online_training_through_kafka_reads_back_exactly_its_batches(kafka, top
 def test_same_offsets_same_seed_same_config_give_identical_weights(kafka, topics):
     signer = Signer.generate()
     _write_run(kafka.bootstrap, topics, "det1", signer)
-    ends = watermarks(kafka.bootstrap, RUN_TOPICS, topics)
+    ends = watermarks(kafka.bootstrap, VERIFY_TOPICS, topics)  # every topic read, bounded: the same records
     shas = []
     for seed in (3, 3, 4):
         rp = read_kafka(kafka.bootstrap, "det1", prefix=topics, public_key=signer.public_key,
                         start_offsets={k: 0 for k in ends}, end_offsets=ends)
         assert rp.verified and len(rp.episodes) == 4
-        log = EventLog(EventProducer(kafka.bootstrap, prefix=topics), run_id="det1", producer_id=f"l{len(shas)}")
+        log = EventLog(EventProducer(kafka.bootstrap, prefix=topics), run_id="det1", producer_id=f"l{len(shas)}",
+                       signer=signer)  # every chain of a finished run is signed, or a reader refuses it
         learner, events = train_offline(rp, "mappo", log=log, seed=seed, updates=2)
         log.close()
         shas.append(learner.weights_sha256())

@@ -86,3 +86,46 @@ def test_memory_transport_without_keep_drops_what_was_read_and_trains_the_same()
     assert dropped.mark() == kept.mark()
     with pytest.raises(ValueError, match="move forward"):
         dropped.read(0, 1)
+
+
+def test_train_online_command_writes_a_curve_and_a_checkpoint_signed_with_the_home_key(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from eventlog.checkpoint import Signer
+    from learners.checkpoint import CheckpointError, load_checkpoint
+    from marlgrc.cli import app
+
+    home, curve = tmp_path / "home", tmp_path / "curves" / "c.json"
+    res = CliRunner().invoke(app, ["train-online", "--env", "tests.unit.test_learners_support:MatchTarget",
+                                   "--algo", "mappo", "--iterations", "2", "--bootstrap", "memory", "--set",
+                                   "episodes_per_update=3", "--eval-episodes", "4", "--out", str(curve),
+                                   "--checkpoint", str(tmp_path / "ck"), "--home", str(home)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(curve.read_text())
+    assert data["transport"] == "memory" and data["config"]["episodes_per_update"] == 3
+    assert [r["env_steps"] for r in data["curve"]] == [24, 48]
+    assert set(data["policies"]) == {"random", "learned (sampled)", "learned (greedy)"}
+    assert data["random_return"] == data["policies"]["random"]["mean_return"]
+    run_id = res.stdout.strip().splitlines()[-1]
+    assert run_id.startswith("test_learners_support__mappo__1__")
+    assert load_checkpoint(tmp_path / "ck", Signer.load(home / "keys" / "signing.pem").public_key)
+    with pytest.raises(CheckpointError, match="not the trusted key"):
+        load_checkpoint(tmp_path / "ck", Signer.generate().public_key)
+
+
+def test_train_online_command_errors_are_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from marlgrc.cli import app
+
+    common = ["--bootstrap", "memory", "--home", str(tmp_path), "--iterations", "1"]
+    for args, says in ((["--env", "no_such_env_v1"], "neither a built-in env"),
+                       (["--algo", "sac"], "unknown algorithm"),
+                       (["--set", "no_field=1"], "has no field 'no_field'"),
+                       (["--set", "update_epochs=many"], "update_epochs takes a int")):
+        res = CliRunner().invoke(app, ["train-online", *args, *common])
+        assert res.exit_code == 2, (args, res.output)
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], (args, res.output)
