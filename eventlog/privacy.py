@@ -16,6 +16,7 @@ except by ``FieldProtector.reveal`` to a caller holding the key store.
 from __future__ import annotations
 
 import hmac
+import json
 import os
 import secrets
 import struct
@@ -23,7 +24,7 @@ import threading
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
-from typing import Iterable, NamedTuple, Protocol, Sequence
+from typing import Callable, Iterable, NamedTuple, Protocol, Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -187,6 +188,10 @@ class LocalKeyStore:
             CREATE TABLE IF NOT EXISTS subject_keys (
                 subject_ref BLOB PRIMARY KEY REFERENCES blind_index(subject_ref) ON DELETE CASCADE,
                 subject_key BLOB NOT NULL, created_at INTEGER NOT NULL DEFAULT (unixepoch()));
+            CREATE TABLE IF NOT EXISTS erasure_requests (
+                request_id TEXT PRIMARY KEY, namespace TEXT NOT NULL, subject_ref BLOB NOT NULL,
+                requester TEXT NOT NULL, legal_basis TEXT NOT NULL,
+                created_at INTEGER NOT NULL DEFAULT (unixepoch()), steps TEXT NOT NULL DEFAULT '{}');
         """)
         row = self._db.execute("SELECT value FROM meta WHERE name='index_key'").fetchone()
         if row is None:
@@ -269,11 +274,92 @@ class LocalKeyStore:
             except Exception:
                 self._db.execute("ROLLBACK")
                 raise
-            # no WAL frame and no free page may keep the shredded key (secure_delete zeroes the page)
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self._db.execute("VACUUM")
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._scrub()
         return Shredded(namespace, ref, keys, rows)
+
+    def open_erasure(self, request_id: str, namespace: str, raw_id: str, *, requester: str,
+                     legal_basis: str) -> "ErasureRequest | None":
+        """Record the intent to erase a subject under ``request_id`` (while its key still exists, so its
+        pseudonym is known) and return the request; a request recorded before is returned as it is,
+        with the steps it completed (``run_erasure`` then does the rest). None when the subject has
+        no key and no request was recorded."""
+        for what, value in (("request id", request_id), ("requester", requester), ("legal basis", legal_basis)):
+            if not value.strip():
+                raise PrivacyError(f"an erasure needs a {what}; nothing was changed")
+        bi = blind_index(self._index_key, namespace, raw_id)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT subject_ref FROM blind_index WHERE blind_index=?", (bi,)).fetchone()
+                ref = None if row is None else bytes(row[0])
+                found = self._request(request_id)
+                if found is not None:
+                    if found.namespace != namespace or (ref is not None and ref != found.subject_ref):
+                        raise PrivacyError(f"request {request_id} was recorded for another subject or namespace; "
+                                           f"use a new request id")
+                elif ref is not None:
+                    self._db.execute("INSERT INTO erasure_requests (request_id, namespace, subject_ref, requester, "
+                                     "legal_basis) VALUES (?, ?, ?, ?, ?)",
+                                     (request_id, namespace, ref, requester, legal_basis))
+                    found = self._request(request_id)
+                self._db.execute("COMMIT")
+            except Exception:
+                self._db.execute("ROLLBACK")
+                raise
+        return found
+
+    def erasure_request(self, request_id: str) -> "ErasureRequest | None":
+        with self._lock:
+            return self._request(request_id)
+
+    def _request(self, request_id: str) -> "ErasureRequest | None":
+        row = self._db.execute("SELECT namespace, subject_ref, requester, legal_basis, steps FROM erasure_requests "
+                               "WHERE request_id=?", (request_id,)).fetchone()
+        if row is None:
+            return None
+        return ErasureRequest(request_id, row[0], bytes(row[1]), row[2], row[3], json.loads(row[4]))
+
+    def erasure_step_done(self, request_id: str, step: str, result: dict) -> None:
+        """Record that ``step`` of the request completed with ``result`` (counts, event hash)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                steps = json.loads(self._db.execute("SELECT steps FROM erasure_requests WHERE request_id=?",
+                                                    (request_id,)).fetchone()[0])
+                steps[step] = result
+                self._db.execute("UPDATE erasure_requests SET steps=? WHERE request_id=?",
+                                 (json.dumps(steps), request_id))
+                self._db.execute("COMMIT")
+            except Exception:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def shred_ref(self, namespace: str, subject_ref: bytes, *, request_id: str | None = None) -> Shredded:
+        """Delete the key and blind-index row of the subject with pseudonym ``subject_ref``; with a
+        ``request_id``, the erasure's shred step is recorded in the same transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                keys = self._db.execute("DELETE FROM subject_keys WHERE subject_ref=?", (subject_ref,)).rowcount
+                rows = self._db.execute("DELETE FROM blind_index WHERE subject_ref=?", (subject_ref,)).rowcount
+                if request_id is not None:
+                    steps = json.loads(self._db.execute("SELECT steps FROM erasure_requests WHERE request_id=?",
+                                                        (request_id,)).fetchone()[0])
+                    steps[SHRED_STEP] = {"keystore.subject_keys": keys, "keystore.blind_index": rows}
+                    self._db.execute("UPDATE erasure_requests SET steps=? WHERE request_id=?",
+                                     (json.dumps(steps), request_id))
+                self._db.execute("COMMIT")
+            except Exception:
+                self._db.execute("ROLLBACK")
+                raise
+            self._scrub()
+        return Shredded(namespace, subject_ref, keys, rows)
+
+    def _scrub(self) -> None:
+        # no WAL frame and no free page may keep a shredded key (secure_delete zeroes the page)
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._db.execute("VACUUM")
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def subjects(self) -> int:
         with self._lock:
@@ -365,11 +451,54 @@ class FieldProtector:
         return self.keys.shred(namespace, raw_id)
 
 
-def deletion_payload(shredded: Shredded, *, request_id: str, requester: str, legal_basis: str,
-                     extra_actions: Iterable[tuple[str, int]] = ()) -> dict:
-    """The ``compliance.deletion`` payload for one erasure (no raw identifier in it)."""
-    actions = [{"target": "keystore.subject_keys", "count": shredded.keys_deleted},
-               {"target": "keystore.blind_index", "count": shredded.index_rows_deleted}]
-    actions += [{"target": t, "count": int(c)} for t, c in extra_actions]
-    return {"request_id": request_id, "requester": requester, "legal_basis": legal_basis,
-            "namespace": shredded.namespace, "subject_ref": shredded.subject_ref, "actions": actions}
+@dataclass(frozen=True)
+class ErasureRequest:
+    """An erasure recorded in the key store before anything was deleted, and the steps it completed."""
+
+    request_id: str
+    namespace: str
+    subject_ref: bytes
+    requester: str
+    legal_basis: str
+    steps: dict[str, dict]
+
+
+SHRED_STEP = "keystore.shred"
+ErasureStep = Callable[[ErasureRequest, dict], dict]
+
+
+def run_erasure(keys: "LocalKeyStore", request: ErasureRequest,
+                steps: Sequence[tuple[str, ErasureStep]]) -> tuple[list[str], dict[str, dict]]:
+    """Run an erasure's steps in order, each at most once per request: a step recorded as done (by an
+    earlier, interrupted run) is skipped, and each step's result is recorded as soon as it returns.
+    A step gets the request and the results so far. The request was recorded (``open_erasure``)
+    before any step, with the subject's pseudonym, so steps after the key is shredded
+    (``shred_step``) can still run and a re-run completes what is left (docs/PRIVACY.md). A step must
+    be idempotent for the request id: a crash after its effect and before its record repeats it.
+    Returns (names of the steps done before this run, every step's result)."""
+    before = list(request.steps)
+    results = dict(request.steps)
+    for name, step in steps:
+        if name in results:
+            continue
+        results[name] = step(request, results)
+        keys.erasure_step_done(request.request_id, name, results[name])
+    return before, results
+
+
+def shred_step(keys: "LocalKeyStore") -> tuple[str, ErasureStep]:
+    """The step that deletes the subject's key and blind-index row (crypto-shredding), recorded in the
+    key store's transaction that deletes them."""
+    def shred(request: ErasureRequest, _results: dict) -> dict:
+        s = keys.shred_ref(request.namespace, request.subject_ref, request_id=request.request_id)
+        return {"keystore.subject_keys": s.keys_deleted, "keystore.blind_index": s.index_rows_deleted}
+    return SHRED_STEP, shred
+
+
+def deletion_payload(request: ErasureRequest, results: dict[str, dict]) -> dict:
+    """The ``compliance.deletion`` payload of an erasure (no raw identifier in it): every count that
+    its steps reported, by target."""
+    actions = [{"target": target, "count": int(count)}
+               for step in results.values() for target, count in step.items() if isinstance(count, int)]
+    return {"request_id": request.request_id, "requester": request.requester, "legal_basis": request.legal_basis,
+            "namespace": request.namespace, "subject_ref": request.subject_ref, "actions": actions}

@@ -7,13 +7,13 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import typer
 
 from eventlog.chain import ChainHead
 from eventlog.checkpoint import KeyFileError, Signer
-from eventlog.privacy import FieldProtector, LocalKeyStore, PrivacyError, Shredded, deletion_payload
+from eventlog.privacy import FieldProtector, LocalKeyStore, PrivacyError, deletion_payload
 
 from .config import BootOpt, HomeOpt, PrefixOpt, Settings
 from .errors import fail
@@ -35,45 +35,64 @@ def parse_env_args(pairs: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-def _erase_from_ledger(s: Settings, subject_ref: bytes, ledger: Optional[Path], key_file: Optional[Path],
-                       pg: Optional[str], request_id: str, requester: str, legal_basis: str) -> list[tuple[str, int]]:
-    """The ledger's part of an erasure (when a ledger is configured): rows deleted in one transaction
-    with a tombstone. Returns (target, count) pairs for the compliance.deletion event."""
+def _ledger_steps(s: Settings, ledger: Optional[Path], key_file: Optional[Path], pg: Optional[str], schema: str,
+                  requester: str) -> list[tuple[str, Callable]]:
+    """The ledgers' part of an erasure, one step per ledger: the SQLCipher ledger (``ledger`` or the
+    home's, when it exists) and the PostgreSQL ledger at ``pg``, each opened now (a wrong key fails
+    before anything is changed). A step deletes the subject's rows in one transaction with a tombstone."""
     from ledger.lifecycle import erase_subject
 
     from .commands_ledger import open_ledger
 
+    targets = []
     path = ledger or s.ledger_file
-    if not pg and not path.exists():
-        return []
-    store = open_ledger(s, path, key_file, pg, "ledger")
-    try:
-        summary = erase_subject(store, subject_ref, request_id, requester, legal_basis)
-    finally:
-        close = getattr(store, "close", None)
-        if close:
-            close()
-    return [(f"ledger.{table}", n) for table, n in sorted(summary.counts.items())]
+    if path.exists():
+        targets.append((f"ledger:{path}", "ledger", lambda: open_ledger(s, path, key_file, None, "ledger")))
+    elif ledger is not None:
+        fail(f"no ledger at {ledger}; nothing was changed", 2)
+    if pg:
+        targets.append((f"ledger:postgres:{schema}", "ledger.postgres",
+                        lambda: open_ledger(s, None, None, pg, schema)))
+    for _, _, opener in targets:
+        _close(opener())
+
+    def step(prefix: str, opener: Callable) -> Callable:
+        def run(request, _results) -> dict:
+            store = opener()
+            try:
+                summary = erase_subject(store, request.subject_ref, request.request_id, requester,
+                                        request.legal_basis)
+            finally:
+                _close(store)
+            return {f"{prefix}.{table}": n for table, n in sorted(summary.counts.items())}
+        return run
+    return [(name, step(prefix, opener)) for name, prefix, opener in targets]
 
 
-def publish_deletion(s: Settings, bootstrap: str, shredded: Shredded, *, request_id: str, legal_basis: str,
-                     requester: str, extra_actions: Iterable[tuple[str, int]] = ()):
-    """Append one ``compliance.deletion`` event to the deletions chain, resuming from its head on Kafka."""
-    from eventlog.kafka import EventProducer, chain_head_from_topic, ensure_topics
-    from eventlog.log import EventLog
+def _close(store) -> None:
+    close = getattr(store, "close", None)
+    if close:
+        close()
 
-    ensure_topics(bootstrap, s.prefix)
-    seq, head = chain_head_from_topic(bootstrap, DELETIONS_TOPIC, DELETIONS_CHAIN, s.prefix)
-    signer = Signer.load_or_create(s.signing_key)
-    producer = EventProducer(bootstrap, prefix=s.prefix, client_id="marlgrc-forget")
-    # a producer id of its own, so this invocation's checkpoint chain starts fresh without forking another's
-    log = EventLog(producer, run_id="compliance", producer_id=f"forget-{uuid.uuid4().hex[:12]}", signer=signer)
-    log.writer(DELETIONS_TOPIC, DELETIONS_CHAIN, head=ChainHead(seq, head))
-    event = log.append(DELETIONS_CHAIN, "compliance.deletion",
-                       deletion_payload(shredded, request_id=request_id, requester=requester,
-                                        legal_basis=legal_basis, extra_actions=extra_actions))
-    log.close()
-    return event
+
+def publish_step(s: Settings, bootstrap: str) -> tuple[str, Callable]:
+    """The erasure step that appends its ``compliance.deletion`` event (every count of the steps before
+    it) to the deletions chain, resuming from the chain's head on Kafka."""
+    def publish(request, results) -> dict:
+        from eventlog.kafka import EventProducer, chain_head_from_topic, ensure_topics
+        from eventlog.log import EventLog
+
+        ensure_topics(bootstrap, s.prefix)
+        seq, head = chain_head_from_topic(bootstrap, DELETIONS_TOPIC, DELETIONS_CHAIN, s.prefix)
+        signer = Signer.load_or_create(s.signing_key)
+        producer = EventProducer(bootstrap, prefix=s.prefix, client_id="marlgrc-forget")
+        # a producer id of its own, so this invocation's checkpoint chain starts fresh without forking another's
+        log = EventLog(producer, run_id="compliance", producer_id=f"forget-{uuid.uuid4().hex[:12]}", signer=signer)
+        log.writer(DELETIONS_TOPIC, DELETIONS_CHAIN, head=ChainHead(seq, head))
+        event = log.append(DELETIONS_CHAIN, "compliance.deletion", deletion_payload(request, results))
+        log.close()
+        return {"seq": event.seq, "event_hash": event.event_hash.hex()}
+    return "kafka.compliance_deletion", publish
 
 
 def register(app: typer.Typer) -> None:
@@ -175,33 +194,40 @@ def register(app: typer.Typer) -> None:
         ledger_key_file: Optional[Path] = typer.Option(None, "--ledger-key-file"),
         ledger_pg: Optional[str] = typer.Option(None, "--ledger-postgres", envvar="MARLGRC_LEDGER_PG_DSN",
                                                 help="PostgreSQL ledger to erase from too"),
+        schema: str = typer.Option("ledger", "--schema", help="PostgreSQL schema of that ledger"),
     ) -> None:
-        """Erase one data subject: shred its key and blind-index row, delete its ledger rows (with a
-        tombstone), publish a compliance.deletion event."""
+        """Erase one data subject: delete its ledger rows (with a tombstone) in every ledger, shred its
+        key and blind-index row, then publish a compliance.deletion event. The request is recorded
+        first; a re-run with the same --request-id completes whatever an interrupted run left."""
         from eventlog.kafka import BrokerUnavailable, DeliveryError
+        from eventlog.privacy import run_erasure, shred_step
 
+        who = requester or os.environ.get("USER", "")
+        if not who.strip():
+            fail("an erasure names who asked for it: pass --requester (or set $USER); nothing was changed", 2)
         s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
         path = s.keystore
         if not path.exists():
-            fail(f"no key store at {path}; pass the --home the producers ran with", 1)
-        boot = s.resolve_bootstrap()  # before anything is shredded: the deletion event must have somewhere to go
+            fail(f"no key store at {path}; pass the --home the producers ran with; nothing was changed", 2)
+        # everything that can refuse is checked before anything changes: the broker, the ledgers' keys
+        boot = s.resolve_bootstrap()
+        ledgers = _ledger_steps(s, ledger, ledger_key_file, ledger_pg, schema, who)
         try:
             with LocalKeyStore(path) as keys:
-                shredded = keys.shred(namespace, subject)
+                request = keys.open_erasure(request_id, namespace, subject, requester=who, legal_basis=legal_basis)
+                if request is None:
+                    fail(f"no key for this subject in namespace {namespace!r} and no request {request_id!r} on "
+                         f"record (never seen, another namespace, or erased under another request id); "
+                         f"nothing was changed", 2)
+                before, results = run_erasure(keys, request, [*ledgers, shred_step(keys), publish_step(s, boot)])
         except PrivacyError as exc:
-            fail(str(exc), 1)
-        if shredded is None:
-            fail(f"no key for this subject in namespace {namespace!r} (already erased, never seen, or "
-                 f"another namespace); nothing was deleted", 2)
-        who = requester or os.environ.get("USER", "")
-        ledger_counts = _erase_from_ledger(s, shredded.subject_ref, ledger, ledger_key_file, ledger_pg,
-                                           request_id, who, legal_basis)
-        try:
-            event = publish_deletion(s, boot, shredded, request_id=request_id, legal_basis=legal_basis,
-                                     requester=who, extra_actions=ledger_counts)
+            fail(str(exc), 2)
         except (BrokerUnavailable, DeliveryError, KeyFileError) as exc:
-            fail(f"the key of subject {shredded.subject_ref.hex()} was shredded but the deletion event for "
-                 f"request {request_id} was not published ({exc}); publish it again once Kafka is up", 1)
-        typer.echo(f"erased subject {shredded.subject_ref.hex()} in namespace {namespace!r}: "
-                   f"{shredded.keys_deleted} key, {shredded.index_rows_deleted} blind-index row; "
-                   f"compliance.deletion seq {event.seq} {event.event_hash.hex()}")
+            fail(f"request {request_id}: publishing its compliance.deletion event failed ({exc}); every step "
+                 f"before it is done and recorded: run the same command again once Kafka is up", 2)
+        if before:
+            typer.echo(f"resumed request {request_id}: already done: {', '.join(before)}")
+        counts = ", ".join(f"{t}={n}" for r in results.values() for t, n in r.items() if t not in ("seq", "event_hash"))
+        event = results["kafka.compliance_deletion"]
+        typer.echo(f"erased subject {request.subject_ref.hex()} in namespace {namespace!r} ({counts}); "
+                   f"compliance.deletion seq {event['seq']} {event['event_hash']}")

@@ -65,3 +65,55 @@ def test_forget_erases_keys_ledger_rows_and_everything_still_verifies(kafka, top
     res = runner.invoke(app, ["verify", "--ledger", "--home", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert "ledger verifies" in res.output
+
+
+def test_forget_validates_first_erases_every_ledger_and_a_rerun_completes_the_request(
+        kafka, topics, postgres, tmp_path, monkeypatch):
+    """Issue 14 items 5 and 6: a missing requester changes nothing; with --ledger-postgres the
+    SQLCipher ledger is erased too; a re-run of the same request says what was already done."""
+    import uuid
+
+    from eventlog.privacy import LocalKeyStore
+    from ledger.postgres import PostgresLedger, install
+
+    runner = CliRunner()
+    common = ["--bootstrap", kafka.bootstrap, "--prefix", topics, "--home", str(tmp_path)]
+    assert runner.invoke(app, ["run", "--env", "mailbox_v0", "--policy", "heuristic", "--episodes", "1", "--seed", "6",
+                               "--no-progress", *common]).exit_code == 0
+    assert runner.invoke(app, ["ledger", "sync", *common]).exit_code == 0
+    schema = f"erase_{uuid.uuid4().hex[:8]}"
+    install(postgres.dsn, schema)
+    res = runner.invoke(app, ["ledger", "sync", "--postgres", postgres.dsn, "--schema", schema, *common])
+    assert res.exit_code == 0, res.output
+    _, users = raw_ids(6, 1)
+    user = users[0]
+    forget = ["forget", "--subject", user, "--namespace", "user", "--request-id", "req-8",
+              "--legal-basis", "GDPR Art. 17(1)(a)", *common]
+
+    monkeypatch.delenv("USER", raising=False)
+    res = runner.invoke(app, forget)
+    assert res.exit_code == 2 and "--requester" in res.output and "nothing was changed" in res.output
+    with LocalKeyStore(tmp_path / "keys" / "subjects.db") as keys:  # the key is still there
+        assert keys.subject_key("user", user, create=False) is not None
+
+    res = runner.invoke(app, [*forget, "--requester", "dpo", "--ledger-postgres", postgres.dsn])  # no such schema
+    assert res.exit_code == 2 and "no ledger in schema 'ledger'" in res.output
+    with LocalKeyStore(tmp_path / "keys" / "subjects.db") as keys:  # checked before anything changed
+        assert keys.subject_key("user", user, create=False) is not None and keys.erasure_request("req-8") is None
+
+    forget += ["--requester", "dpo", "--ledger-postgres", postgres.dsn, "--schema", schema]
+    res = runner.invoke(app, forget)
+    assert res.exit_code == 0, res.output
+    store = SqliteLedger(tmp_path / "ledger" / "ledger.db", KeyFile(tmp_path / "keys" / "ledger.key"))
+    pg = PostgresLedger(postgres.dsn, schema)
+    for ledger in (store, pg):  # both ledgers hold the tombstone
+        assert [t["request_id"] for t in ledger.tombstones() if t["kind"] == "erasure"] == ["req-8"]
+    store.close()
+    pg.close()
+    assert "ledger.postgres." in res.output and "ledger." in res.output
+
+    res = runner.invoke(app, forget)
+    assert res.exit_code == 0, res.output
+    assert "resumed request req-8: already done:" in res.output and "kafka.compliance_deletion" in res.output
+    deletions = read_records(kafka.bootstrap, ["marl.compliance.deletions"], prefix=topics)
+    assert len(list(deletions)) == 1  # nothing was published twice

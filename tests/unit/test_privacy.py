@@ -126,3 +126,75 @@ def test_mailbox_run_carries_no_raw_identifier(store):
     assert prot.reveal(k, first["seq"], fields["sender_address"]).decode() in raw
     records = [Record(t, 0, i, k, v, 0) for i, (t, k, v) in enumerate(sink.sent)]
     assert verify_records(records, signer.public_key).ok
+
+
+def _steps(store, calls, crash_at=None):
+    """An erasure's steps as the CLI orders them (ledger, shred, publish), each recording its call;
+    ``crash_at`` names the step that dies after its effect and before its result is recorded."""
+    from eventlog.privacy import shred_step
+
+    def step(name, effect):
+        def run(request, results):
+            out = effect(request, results)
+            calls.append(name)
+            if name == crash_at:
+                raise KeyboardInterrupt(f"crash in {name}")
+            return out
+        return name, run
+    shred_name, shred = shred_step(store)
+    return [step("ledger:sqlcipher", lambda r, res: {"ledger.rows": 3}),
+            step(shred_name, shred),
+            step("kafka.compliance_deletion", lambda r, res: {"event_hash": "ab" * 32, "seen": list(res)})]
+
+
+def test_an_erasure_is_recorded_before_anything_is_deleted_and_refuses_missing_inputs(store):
+    from eventlog.privacy import PrivacyError
+
+    store.subject_key("user", "alice")
+    for missing in ({"requester": ""}, {"legal_basis": " "}):
+        args = {"requester": "dpo", "legal_basis": "GDPR 17", **missing}
+        with pytest.raises(PrivacyError, match="nothing was changed"):
+            store.open_erasure("req-1", "user", "alice", **args)
+    assert store.erasure_request("req-1") is None and store.subject_key("user", "alice", create=False) is not None
+    assert store.open_erasure("req-1", "user", "bob", requester="dpo", legal_basis="b") is None  # no key, no request
+
+
+@pytest.mark.parametrize("crash_at", [None, "ledger:sqlcipher", "keystore.shred", "kafka.compliance_deletion"])
+def test_an_interrupted_erasure_is_completed_by_a_rerun_of_its_request(store, crash_at):
+    from eventlog.privacy import deletion_payload, run_erasure
+
+    key = store.subject_key("user", "alice")
+    request = store.open_erasure("req-7", "user", "alice", requester="dpo", legal_basis="GDPR 17(1)(b)")
+    calls: list[str] = []
+    order = ["ledger:sqlcipher", "keystore.shred", "kafka.compliance_deletion"]
+    if crash_at is not None:
+        with pytest.raises(KeyboardInterrupt):
+            run_erasure(store, request, _steps(store, calls, crash_at))
+        assert calls[-1] == crash_at
+        # the re-run finds the request by its id, even when the key is gone already
+        request = store.open_erasure("req-7", "user", "alice", requester="dpo", legal_basis="GDPR 17(1)(b)")
+        # the shred is recorded with its effect, in one key store transaction; other steps are not
+        recorded = order[:order.index(crash_at) + (crash_at == "keystore.shred")]
+        assert request is not None and list(request.steps) == recorded
+    done_before, results = run_erasure(store, request, _steps(store, calls))
+    assert done_before == (recorded if crash_at else [])
+    # every step ran once; one that crashed before its record ran again (steps are idempotent per request)
+    assert calls == (order[:order.index(crash_at) + 1] + order[len(recorded):] if crash_at else order)
+    assert list(results) == order and results["kafka.compliance_deletion"]["seen"] == order[:2]
+    assert store.subject_key("user", "alice", create=False) is None and store.subjects() == 0
+    payload = deletion_payload(request, results)
+    assert payload["subject_ref"] == pseudonym(key, "user", "alice")
+    assert {a["target"]: a["count"] for a in payload["actions"]} == {
+        "ledger.rows": 3, "keystore.subject_keys": 1, "keystore.blind_index": 1}
+    # a third run has nothing left to do
+    request = store.open_erasure("req-7", "user", "alice", requester="dpo", legal_basis="GDPR 17(1)(b)")
+    again: list[str] = []
+    assert run_erasure(store, request, _steps(store, again))[0] == order and again == []
+
+
+def test_a_request_id_cannot_be_reused_for_another_subject(store):
+    store.subject_key("user", "alice")
+    store.subject_key("user", "bob")
+    store.open_erasure("req-9", "user", "alice", requester="dpo", legal_basis="b")
+    with pytest.raises(PrivacyError, match="another subject"):
+        store.open_erasure("req-9", "user", "bob", requester="dpo", legal_basis="b")
