@@ -177,3 +177,37 @@ def test_cli_sync_verify_purge_report(kafka, topics, tmp_path, monkeypatch):
                               "--prefix", topics])
     # the topics still hold the purged run r0, so the rebuilt ledger differs from the purged one
     assert res.exit_code == 0 and "DIFFERENT" in res.output, res.output
+
+
+def test_cli_an_event_id_stored_with_other_bytes_fails_sync_and_verify(kafka, topics, tmp_path, monkeypatch):
+    """Issue 14 item 4 end to end: a forged event that reuses a stored event_id (a chain of its own,
+    valid hash and link) is not dropped silently: `ledger sync` and `ledger verify` both name it and
+    exit 1, and the stored row keeps its bytes."""
+    from eventlog.codec import default_codec
+    from marlgrc.commands_ledger import register
+    from tests.unit.test_ledger_storage import _sealed
+
+    sent = make_run("r1")
+    produce(kafka, topics, sent)
+    app = typer.Typer()
+    register(app)
+    monkeypatch.setenv("MARLGRC_LEDGER_KEY", KEY.key.hex())
+    common = ["--home", str(tmp_path), "--ledger", str(tmp_path / "l.db")]
+    runner = CliRunner()
+    res = runner.invoke(app, ["ledger", "sync", *common, "--bootstrap", kafka.bootstrap, "--prefix", topics])
+    assert res.exit_code == 0 and "0 integrity findings" in res.output, res.output
+    original = next(v for t, k, v in sent if k == "r1:actions")
+    _, rec = default_codec().decode(original)
+    forged = _sealed(dict(rec, chain_id="r9:actions", producer_id="someone else"))
+    produce(kafka, topics, [("marl.joint.action", "r9:actions", forged)])
+    res = runner.invoke(app, ["ledger", "sync", *common, "--bootstrap", kafka.bootstrap, "--prefix", topics])
+    assert res.exit_code == 1 and "1 integrity findings" in res.output, res.output
+    assert "FINDING edited in marl.joint.action chain r9:actions" in res.output
+    assert f"event_id {rec['event_id']} is already in the ledger with other bytes" in res.output
+    res = runner.invoke(app, ["ledger", "verify", *common])
+    assert res.exit_code == 1 and "ledger does NOT verify" in res.output, res.output
+    assert "FINDING (at ingest) edited in marl.joint.action chain r9:actions" in res.output
+    led = SqliteLedger(tmp_path / "l.db", KEY)
+    (raw,), = led.query("SELECT raw FROM joint_actions WHERE event_id = ?", (rec["event_id"],))
+    assert bytes(raw) == original
+    led.close()
