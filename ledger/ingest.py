@@ -84,7 +84,8 @@ class StoredCopy(NamedTuple):
 # positions in an event row (``Table.columns`` order), named from the header
 _COL = {name: i for i, (name, _) in enumerate(HEADER_COLUMNS)}
 ID, TOPIC, PARTITION, OFFSET = _COL["event_id"], _COL["topic"], _COL["kafka_partition"], _COL["kafka_offset"]
-CHAIN, SEQ, RAW = _COL["chain_id"], _COL["seq"], _COL["raw"]
+CHAIN, SEQ, EVENT_TYPE = _COL["chain_id"], _COL["seq"], _COL["event_type"]
+PREV, RAW = _COL["prev_event_hash"], _COL["raw"]
 _TOPIC_OF_TYPE = {event_type: topic for event_type, (_, topic) in schema_files.EVENT_TYPES.items()}
 
 
@@ -199,7 +200,7 @@ def check_batch(records: Iterable, heads: dict[tuple[str, str], tuple[int, bytes
     ``eventlog.kafka.Record``) against ``heads`` ((topic, chain) -> (seq, event_hash) of the chain's
     last event; updated in place): every event's hash is recomputed, its key, topic, seq and link
     checked. A pure function of the records and the heads."""
-    decode = (codec or default_codec()).decode
+    codec = codec or default_codec()
     topic_of = _TOPIC_OF_TYPE
     rows: dict[str, list[tuple]] = {}
     findings: list[Finding | None] = []
@@ -216,7 +217,7 @@ def check_batch(records: Iterable, heads: dict[tuple[str, str], tuple[int, bytes
         topic, partition, offset, key, v = record[:5]
         offsets[(topic, partition)] = offset + 1
         try:
-            name, rec = decode(v)
+            _, event_rows = decode_rows(v, topic, partition, offset, codec)
         except DecodeError as exc:
             findings.append(Finding(UNDECODABLE, topic, partition, offset, key, -1, "",
                                     f"{exc}; value SHA-256 {sha256(v or b'').hexdigest()}"))
@@ -225,11 +226,11 @@ def check_batch(records: Iterable, heads: dict[tuple[str, str], tuple[int, bytes
             findings.append(Finding(UNDECODABLE, topic, partition, offset, key, -1, "",
                                     f"value is not event bytes ({type(v).__name__}): {exc}"))
             continue
-        event_id, chain, seq, event_hash = rec["event_id"], rec["chain_id"], rec["seq"], v[-32:]
-        if topic_of.get(rec["event_type"]) != topic:
+        row = event_rows[0][1]
+        event_id, chain, seq, event_type, event_hash = row[ID], row[CHAIN], row[SEQ], row[EVENT_TYPE], v[-32:]
+        if topic_of.get(event_type) != topic:
             findings.append(Finding(WRONG_TOPIC, topic, partition, offset, chain, seq, event_id,
-                                    f"{rec['event_type']} belongs on {topic_of.get(rec['event_type'])}, "
-                                    f"found on {topic}"))
+                                    f"{event_type} belongs on {topic_of.get(event_type)}, found on {topic}"))
         if key != chain:
             findings.append(Finding(WRONG_KEY, topic, partition, offset, chain, seq, event_id,
                                     f"Kafka key {key!r} is not the event's chain id"))
@@ -238,7 +239,7 @@ def check_batch(records: Iterable, heads: dict[tuple[str, str], tuple[int, bytes
                                     "event_hash does not match SHA-256 of the event's bytes"))
         hkey = (topic, chain)
         head_seq, head_hash = heads.get(hkey) or (-1, ZERO_HASH)
-        if seq == head_seq + 1 and rec["prev_event_hash"] == head_hash:  # the chain's next event
+        if seq == head_seq + 1 and row[PREV] == head_hash:  # the chain's next event
             heads[hkey] = changed[hkey] = (seq, event_hash)
         elif seq > head_seq:
             if seq > head_seq + 1:
@@ -255,7 +256,7 @@ def check_batch(records: Iterable, heads: dict[tuple[str, str], tuple[int, bytes
             if seen is None:
                 seen, slots = _batch_index(rows)
             positions = []
-            for table, trow in row_tuples_for_event(name, rec, topic, partition, offset, v):
+            for table, trow in event_rows:
                 table_rows = rows.setdefault(table, [])
                 positions.append((table, len(table_rows)))
                 table_rows.append(trow)
@@ -269,7 +270,7 @@ def check_batch(records: Iterable, heads: dict[tuple[str, str], tuple[int, bytes
         if seen is not None:
             seen.setdefault(event_id, StoredCopy(topic, partition, offset, v))
             slots.add((topic, chain, seq))
-        for table, trow in row_tuples_for_event(name, rec, topic, partition, offset, v):
+        for table, trow in event_rows:
             rows.setdefault(table, []).append(trow)
     return CheckedBatch(n, rows, offsets, findings, pending, changed)
 
