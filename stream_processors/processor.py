@@ -15,11 +15,13 @@ whatever the interleaving of the input topics, because a joint action waits (in 
 its state and the run's ``run.started`` have been seen. The live worker and ``marlgrc reprocess``
 both drive this class, so the same input and rule version give the same payloads.
 
-Signed checkpoints: with a ``signer``, ``checkpoint()`` signs what the credit and fairness chains got
-since the last call (one ``audit.checkpoint`` per chain: seq range, Merkle root, head) onto the run's
-``{run}:checkpoints:{producer_id}`` chain, as ``eventlog.EventLog`` does for the producers' chains; the
-worker calls it once per transaction, so a checkpoint commits with the events it covers and an
-auditor detects a chain truncated after it.
+Signed checkpoints: with a ``signer``, ``checkpoint()`` signs what every chain it writes got since the
+last call: one ``audit.checkpoint`` per chain (seq range, Merkle root, head) on the run's
+``{run}:checkpoints:{producer_id}`` chain (``dlq:{consumer}:checkpoints:{producer_id}`` for the
+dead-letter chain), then one checkpoint of that checkpoint chain itself (``signing.py``), as ``eventlog.EventLog``
+does for the producers' chains. The worker calls it once per transaction, so every chain, checkpoint
+chains included, is signed through its head whenever a transaction commits, and an auditor detects a
+chain truncated after a checkpoint.
 """
 from __future__ import annotations
 
@@ -30,17 +32,17 @@ from hashlib import sha256
 from typing import Callable, Iterable
 
 from eventlog.chain import ChainHead, ChainWriter, Event, now_micros
-from eventlog.checkpoint import Signer, checkpoint_payload, statement_for
+from eventlog.checkpoint import Signer
 from eventlog.codec import Codec, DecodeError, default_codec
 
 from . import fairness as fair
 from .rules import InvalidDecision, Normalizer, RuleSet, decision_from_records, rules_for
+from .signing import CHECKPOINT_TOPIC, CheckpointChain, Unsigned, checkpoint_chain_id, sign
 
 INPUT_TOPICS = ("marl.run.lifecycle", "marl.env.state", "marl.joint.action")
 EXPECTED = {"marl.run.lifecycle": ("run_started", "run_finished"), "marl.env.state": ("env_state",),
             "marl.joint.action": ("joint_action",)}
 DLQ_TOPIC = "marl.dlq"
-CHECKPOINT_TOPIC = "marl.audit.checkpoints"
 
 
 @dataclass
@@ -55,7 +57,7 @@ class RunState:
     pending: deque = field(default_factory=deque)       # joint actions waiting for a state / run.started
     states: dict = field(default_factory=dict)          # state hash hex -> [state, flags], insertion order
     fairness: fair.Windows = field(default_factory=fair.Windows)   # over the run's credits
-    checkpoint_head: ChainHead = field(default_factory=ChainHead)   # of {run}:checkpoints:{producer}
+    checkpoints: CheckpointChain = field(default_factory=CheckpointChain)  # {run}:checkpoints:{producer}
 
     def to_json(self) -> dict:
         return {
@@ -64,7 +66,9 @@ class RunState:
             "credit_head": [self.credit_head.seq, self.credit_head.event_hash.hex()],
             "fairness_head": [self.fairness_head.seq, self.fairness_head.event_hash.hex()],
             **self.fairness.to_json(),
-            "checkpoint_head": [self.checkpoint_head.seq, self.checkpoint_head.event_hash.hex()],
+            # the head alone, as the revision before self-checkpoints kept it (a rollback still continues the chain)
+            "checkpoint_head": [self.checkpoints.head.seq, self.checkpoints.head.event_hash.hex()],
+            "checkpoint_chain": self.checkpoints.to_json(),
         }
 
     @classmethod
@@ -74,8 +78,9 @@ class RunState:
             ChainHead(d["credit_head"][0], bytes.fromhex(d["credit_head"][1])),
             ChainHead(d["fairness_head"][0], bytes.fromhex(d["fairness_head"][1])),
             deque(d.get("pending", ())), dict(d.get("states", {})), fair.Windows.from_json(d),
-            ChainHead(d["checkpoint_head"][0], bytes.fromhex(d["checkpoint_head"][1])) if "checkpoint_head" in d
-            else ChainHead())   # states written before checkpoints were signed
+            # states saved before the checkpoint chain signed itself, or before anything was signed
+            CheckpointChain.from_json(d.get("checkpoint_chain"), legacy_head=ChainHead(
+                d["checkpoint_head"][0], bytes.fromhex(d["checkpoint_head"][1])) if "checkpoint_head" in d else None))
 
 
 class Processor:
@@ -106,6 +111,7 @@ class Processor:
         self.clock = clock
         self.runs: dict[str, RunState] = {}
         self.dlq_head = ChainHead()
+        self.dlq_checkpoints = CheckpointChain()   # dlq:{consumer}:checkpoints:{producer_id}
         self.dirty: set[str] = set()
         self._writers: dict[tuple[str, str], ChainWriter] = {}
         self._rules: dict[str, RuleSet] = {}
@@ -114,8 +120,8 @@ class Processor:
         self._join_persisted: set[tuple[str, str, str]] = set()
         self._arrival = 0
         self.signer = signer
-        # (topic, chain) -> [run id, first seq, head before it, event hashes]: not checkpointed yet
-        self._unsigned: dict[tuple[str, str], list] = {}
+        # (topic, chain) -> (run id, or None for the dead-letter chain; its events not checkpointed yet)
+        self._unsigned: dict[tuple[str, str], tuple[str | None, Unsigned]] = {}
         rules_for(rules_override or default_env)  # fail fast on an unknown name
 
     # -- state -----------------------------------------------------------------------------
@@ -130,36 +136,51 @@ class Processor:
 
     # -- signed checkpoints ----------------------------------------------------------------
 
-    def _sealed(self, run_id: str, topic: str, chain_id: str, prev: ChainHead, ev: Event) -> None:
+    def _sealed(self, run_id: str | None, topic: str, chain_id: str, prev: ChainHead, ev: Event) -> None:
+        """Record ``ev`` (sealed after ``prev``) for the next checkpoint; run None: the dead-letter chain."""
         if self.signer is None:
             return
         entry = self._unsigned.get((topic, chain_id))
         if entry is None:
-            self._unsigned[(topic, chain_id)] = [run_id, ev.seq, prev.event_hash, [ev.event_hash]]
+            self._unsigned[(topic, chain_id)] = (run_id, Unsigned(prev, [ev.event_hash]))
         else:
-            entry[3].append(ev.event_hash)
+            entry[1].hashes.append(ev.event_hash)
 
     def checkpoint(self) -> list[Event]:
         """Sign every chain's events since the last call: one ``audit.checkpoint`` per chain on its
-        run's checkpoint chain (nothing without a signer, or when nothing was sealed)."""
-        out = []
-        for (topic, chain_id), (run_id, first_seq, prev_hash, hashes) in self._unsigned.items():
-            r = self._run(run_id)
-            stmt = statement_for(topic, chain_id, first_seq, prev_hash, hashes)
-            w = self._writer(CHECKPOINT_TOPIC, f"{run_id}:checkpoints:{self.producer_id}", run_id, r.checkpoint_head)
-            out.append(w.append("audit.checkpoint", checkpoint_payload(stmt, self.signer),
-                                source_event_hashes=[stmt.head_event_hash]))
-            r.checkpoint_head = w.head
+        run's checkpoint chain (the dead-letter chain's on ``dlq:{consumer}:checkpoints:{producer}``), then one
+        checkpoint of each checkpoint chain that got any, covering it up to the event before that
+        one (``signing.sign``). Nothing without a signer, or when nothing was sealed."""
+        by_owner: dict[str | None, list] = {}
+        for (topic, chain_id), (run_id, unsigned) in self._unsigned.items():
+            by_owner.setdefault(run_id, []).append(unsigned.statement(topic, chain_id))
         self._unsigned = {}
+        out: list[Event] = []
+        for run_id, statements in by_owner.items():
+            if run_id is None:
+                chain = checkpoint_chain_id(self.dlq_chain, self.producer_id)
+                w = self._writer(CHECKPOINT_TOPIC, chain, "", self.dlq_checkpoints.head)
+                events, self.dlq_checkpoints = sign(w, self.dlq_checkpoints, statements, self.signer)
+                self.dirty.add("")
+            else:
+                r = self._run(run_id)
+                w = self._writer(CHECKPOINT_TOPIC, checkpoint_chain_id(run_id, self.producer_id), run_id,
+                                 r.checkpoints.head)
+                events, r.checkpoints = sign(w, r.checkpoints, statements, self.signer)
+            out += events
         return out
 
     def snapshot_dlq(self) -> bytes:
-        return json.dumps([self.dlq_head.seq, self.dlq_head.event_hash.hex()]).encode()
+        return json.dumps([self.dlq_head.seq, self.dlq_head.event_hash.hex(), *self.dlq_checkpoints.to_json()]).encode()
 
     def restore_dlq(self, data: bytes) -> None:
-        seq, h = json.loads(data)
-        self.dlq_head = ChainHead(seq, bytes.fromhex(h))
+        d = json.loads(data)
+        self.dlq_head = ChainHead(d[0], bytes.fromhex(d[1]))
+        # [seq, hash]: saved before the dead-letter chain was signed (its checkpoint chain did not exist)
+        self.dlq_checkpoints = CheckpointChain.from_json(d[2:] if len(d) > 2 else None)
         self._writers.pop((DLQ_TOPIC, self.dlq_chain), None)
+        self._writers.pop((CHECKPOINT_TOPIC, checkpoint_chain_id(self.dlq_chain, self.producer_id)), None)
+        self._unsigned = {k: v for k, v in self._unsigned.items() if v[0] is not None}
 
     # -- join entries: one state record per waiting joint action / env.state ------------------
 
@@ -376,6 +397,7 @@ class Processor:
             "source_topic": topic, "source_partition": partition, "source_offset": offset, "source_key": key,
             "error_kind": kind, "reason": reason, "consumer": self.consumer, "payload": value,
             "payload_sha256": sha256(value).digest()})
+        self._sealed(None, w.topic, w.chain_id, self.dlq_head, ev)
         self.dlq_head = w.head
         self.dirty.add("")
         return ev

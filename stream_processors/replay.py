@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Iterable, Iterator
 
 from eventlog.chain import Event
+from eventlog.checkpoint import Signer
 from eventlog.codec import HEADER_FIELDS, default_codec
 from eventlog.kafka import Record, read_records
 
@@ -20,20 +21,29 @@ def run_records(records: Iterable[Record], run_id: str) -> Iterator[Record]:
 
 
 def reprocess_records(records: Iterable[Record], processor: Processor) -> list[Event]:
+    """The processor's events for ``records``, then what ``finish()`` gives, then (with a signer) the
+    checkpoints that sign all of them, checkpoint chains included."""
     out: list[Event] = []
     for r in records:
         out.extend(processor.feed(r.topic, r.partition, r.offset, r.key, r.value))
-    return out + processor.finish()
+    out += processor.finish()
+    return out + processor.checkpoint()
 
 
 def reprocess(bootstrap: str, run_id: str, *, prefix: str = "", rules_override: str | None = None,
               default_env: str = "passthrough", credit_stream: str = "credit", fairness_stream: str = "fairness",
-              start_timestamp_ms: int | None = None) -> list[Event]:
+              start_timestamp_ms: int | None = None, signer: Signer | None = None) -> list[Event]:
     """Replay ``run_id``'s lifecycle, env.state and joint.action records (from the beginning, or from
-    ``start_timestamp_ms``) through a fresh Processor; return the sealed events, not yet sent."""
-    p = Processor(consumer=f"reprocess:{run_id}", producer_id="marlgrc-reprocess", default_env=default_env,
+    ``start_timestamp_ms``) through a fresh Processor; return the sealed events, not yet sent.
+
+    ``signer``: for results that will be written (``marlgrc reprocess --write``): the events end with
+    the checkpoints signing every chain, on ``{run}:checkpoints:marlgrc-reprocess-{credit stream}`` (a
+    checkpoint chain per output stream, so two reprocessings with different rules do not fork one)."""
+    producer = "marlgrc-reprocess" if credit_stream == "credit" else \
+        f"marlgrc-reprocess-{credit_stream.replace(':', '-')}"
+    p = Processor(consumer=f"reprocess:{run_id}", producer_id=producer, default_env=default_env,
                   rules_override=rules_override, max_pending=None, max_states=None,
-                  credit_stream=credit_stream, fairness_stream=fairness_stream)
+                  credit_stream=credit_stream, fairness_stream=fairness_stream, signer=signer)
     recs = read_records(bootstrap, INPUT_TOPICS, prefix=prefix, start_timestamp_ms=start_timestamp_ms)
     return reprocess_records(run_records(recs, run_id), p)
 

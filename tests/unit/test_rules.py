@@ -339,7 +339,7 @@ def test_processor_signs_its_credit_and_fairness_chains_and_a_truncation_after_a
     cps = [e for e in signed if e.event_type == "audit.checkpoint"]
     assert {e.chain_id for e in cps} == {"r:checkpoints:marlgrc-di"}
     report = verify_records(_as_records(signed), signer.public_key)
-    assert report.ok, report.lines()
+    assert report.ok, report.breaks
     by_chain = {c.chain_id: c for c in report.chains}
     for chain in ("r:credit", "r:fairness"):
         c = by_chain[chain]
@@ -367,4 +367,159 @@ def test_processor_checkpoint_head_survives_snapshot_and_restore():
     rest = [e for i, (t, k, v) in enumerate(recs[70:], start=70) for e in b.feed(t, 0, i, k, v)]
     rest += b.checkpoint()
     report = verify_records(_as_records(first + rest), signer.public_key)
-    assert report.ok, report.lines()
+    assert report.ok, report.breaks
+
+
+# ------------------------------------------------------------------ every chain signed through its head
+
+
+def _signed_run(signer, run_id="r"):
+    """A run as a signing producer writes it and closes it (every input chain signed, run.finished):
+    (topic, key, value) of everything, and the processor's input records among them."""
+    sink = MemorySink()
+    log = EventLog(sink, run_id=run_id, producer_id="p", signer=signer)
+    synthetic_run(log, episodes=2, steps=30, agents=3)
+    log.close()
+    return sink.sent, [(t, k, v) for t, k, v in sink.sent if t in INPUT_TOPICS]
+
+
+def _records(items):
+    """(topic, key, value) or events -> Records, offsets per topic in order (one partition)."""
+    from eventlog.kafka import Record
+
+    offsets: dict[str, int] = {}
+    out = []
+    for it in items:
+        t, k, v = (it.topic, it.chain_id, it.value) if hasattr(it, "chain_id") else it
+        o = offsets[t] = offsets.get(t, -1) + 1
+        out.append(Record(t, 0, o, k, v, 0))
+    return out
+
+
+def _verify(records, public_key, *, require_signed=False):
+    from eventlog.verify import Verifier, split_checkpoints
+
+    cps, data = split_checkpoints(records)
+    v = Verifier(public_key, require_signed=require_signed)
+    v.add_checkpoints(cps)
+    v.feed(data)
+    return v.finish()
+
+
+def _with_poison(recs, at):
+    """``recs`` with an undecodable record on marl.joint.action at each index in ``at``."""
+    out = list(recs)
+    for i in sorted(at, reverse=True):
+        out.insert(i, ("marl.joint.action", "poison", b"\x00poison %d" % i))
+    return out
+
+
+def test_every_chain_the_processor_writes_is_signed_through_its_head_across_a_restore():
+    """Issue 14 item 3: after a finished run, credit, fairness, dead-letter and both checkpoint chains
+    verify with the key and no `unsigned` break, each signed through its last event, also when the
+    worker restarted from its saved state in the middle."""
+    from eventlog.checkpoint import Signer
+    from eventlog.verify import BreakKind
+
+    signer = Signer.from_seed(b"di-worker")
+    produced, inputs = _signed_run(signer)
+    recs = _with_poison(inputs, at=(10, 120))
+    a = Processor(track_joins=True, signer=signer)
+    first = _feed_checkpointed(a, recs[:90], every=35)
+    b = _restored(a, Processor(signer=signer))
+    rest = []
+    for n, (i, (t, k, v)) in enumerate(enumerate(recs[90:], start=90), start=1):
+        rest += b.feed(t, 0, i, k, v)
+        if n % 35 == 0:
+            rest += b.checkpoint()
+    rest += b.checkpoint()
+    records = _records(list(produced) + first + rest)
+    report = _verify(records, signer.public_key)
+    assert report.ok, report.breaks
+    assert not any(b.kind == BreakKind.UNSIGNED for b in report.breaks)
+    assert not [n for n in report.notes if "not covered" in n], report.notes
+    strict = _verify(records, signer.public_key, require_signed=True)   # the dead-letter chain belongs to no run
+    assert strict.ok, strict.breaks
+    chains = {c.chain_id: c for c in strict.chains}
+    written = {"r:credit", "r:fairness", "dlq:marlgrc-di", "r:checkpoints:marlgrc-di",
+               "dlq:marlgrc-di:checkpoints:marlgrc-di"}
+    assert written <= set(chains)
+    for chain in written:
+        c = chains[chain]
+        assert c.last_seq >= 1 and c.signed_through_seq == c.last_seq and c.unsigned == 0, (chain, c)
+    assert chains["dlq:marlgrc-di"].events == 2                       # one poison record before the restore, one after
+    assert chains["r:checkpoints:marlgrc-di"].checkpoints_verified >= 4   # it signs itself, on both sides of it
+    assert chains["dlq:marlgrc-di:checkpoints:marlgrc-di"].checkpoints_verified == 2
+
+
+def test_without_its_last_self_checkpoint_the_checkpoint_chain_of_a_finished_run_is_unsigned():
+    from eventlog.checkpoint import Signer
+    from eventlog.verify import BreakKind
+
+    signer = Signer.from_seed(b"di-worker")
+    produced, inputs = _signed_run(signer)
+    out = _feed_checkpointed(Processor(signer=signer), inputs, every=40)
+    own = [e for e in out if e.chain_id == "r:checkpoints:marlgrc-di"]
+    last = own[-1]
+    assert default_codec().decode(last.value)[1]["checked_chain_id"] == "r:checkpoints:marlgrc-di"
+    assert _verify(_records(list(produced) + out), signer.public_key).ok
+    report = _verify(_records(list(produced) + [e for e in out if e is not last]), signer.public_key)
+    assert [(b.kind, b.chain_id) for b in report.breaks] == [(BreakKind.UNSIGNED, "r:checkpoints:marlgrc-di")]
+
+
+def test_each_transaction_signs_its_checkpoint_chain_from_the_previous_self_checkpoint():
+    """HASHING.md §4: the self-checkpoints of a checkpoint chain are contiguous: each starts at the
+    previous one (first_seq = its seq, prev_head_hash = the hash before it) and ends just before itself."""
+    from eventlog.checkpoint import Signer
+
+    codec = default_codec()
+    signer = Signer.from_seed(b"di-worker")
+    _, inputs = _signed_run(signer)
+    out = _feed_checkpointed(Processor(signer=signer), inputs, every=30)
+    chain = [e for e in out if e.chain_id == "r:checkpoints:marlgrc-di"]
+    selfs = [(e, codec.decode(e.value)[1]) for e in chain]
+    selfs = [(e, d) for e, d in selfs if d["checked_chain_id"] == "r:checkpoints:marlgrc-di"]
+    assert len(selfs) >= 3
+    prev = None
+    for e, d in selfs:
+        assert d["last_seq"] == e.seq - 1
+        if prev is None:
+            assert (d["first_seq"], d["prev_head_hash"]) == (0, bytes(32))
+        else:
+            assert (d["first_seq"], d["prev_head_hash"]) == (prev[1]["last_seq"] + 1, prev[1]["head_event_hash"])
+            assert d["first_seq"] == prev[0].seq                  # it covers the previous self-checkpoint
+        prev = (e, d)
+    assert chain[-1] is selfs[-1][0]   # every transaction ends with the chain's checkpoint of itself
+
+
+def test_states_saved_before_checkpoint_chains_signed_themselves_still_load_and_continue():
+    from eventlog.checkpoint import Signer
+    from stream_processors.processor import RunState
+
+    codec = default_codec()
+    signer = Signer.from_seed(b"di-worker")
+    _, inputs = _signed_run(signer)
+    a = Processor(track_joins=True, signer=signer)
+    first = _feed_checkpointed(a, inputs[:80], every=80)
+    saved = json.loads(a.snapshot("r"))
+    head = a.runs["r"].checkpoints.head
+    # the previous revision: the checkpoint chain's head only; the one before it: nothing signed
+    legacy = {k: v for k, v in saved.items() if k != "checkpoint_chain"}
+    assert legacy["checkpoint_head"] == [head.seq, head.event_hash.hex()]
+    st = RunState.from_json(legacy)
+    assert (st.checkpoints.head, st.checkpoints.covered) == (head, head)
+    unsigned = RunState.from_json({k: v for k, v in legacy.items() if k != "checkpoint_head"})
+    assert unsigned.checkpoints.head.seq == unsigned.checkpoints.covered.seq == -1
+    b = Processor(signer=signer)
+    b.restore("r", json.dumps(legacy).encode())
+    b.restore_dlq(json.dumps([4, "ab" * 32]).encode())        # the dead-letter head as it used to be saved
+    b.restore_joins([(run, kind, h, v) for (run, kind, h), v in a.take_join_changes().items() if v is not None])
+    assert b.dlq_head.seq == 4 and b.dlq_checkpoints.head.seq == -1
+    rest = [e for i, (t, k, v) in enumerate(inputs[80:], start=80) for e in b.feed(t, 0, i, k, v)] + b.checkpoint()
+    chain = [e for e in rest if e.chain_id == "r:checkpoints:marlgrc-di"]
+    assert chain[0].seq == head.seq + 1 and codec.decode(chain[0].value)[1]["prev_event_hash"] == head.event_hash
+    own = codec.decode(chain[-1].value)[1]
+    # the events the old revision left unsigned stay so; from the restore on, everything is covered
+    assert (own["checked_chain_id"], own["first_seq"], own["prev_head_hash"], own["last_seq"]) == \
+        ("r:checkpoints:marlgrc-di", head.seq + 1, head.event_hash, chain[-1].seq - 1)
+    assert first and rest
