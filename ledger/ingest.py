@@ -11,7 +11,7 @@ topic its type does not belong to. A chain starts at seq 0 and grows by 1 (docs/
 
 ==============  ==========================================================================
 ``edited``      the event's bytes do not hash to its ``event_hash``; or its link does not
-                match the previous event's hash; or its ``event_id`` is already stored with
+                match the previous event's hash; or its ``event_id`` is already in the ledger with
                 other bytes (that copy is not stored: a row is never replaced)
 ``missing``     its seq is beyond the next one (the chain starts at 3, or jumps 4 -> 6)
 ``duplicated``  an event already seen (same ``event_id``, same bytes) comes again at another
