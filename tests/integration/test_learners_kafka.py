@@ -117,3 +117,35 @@ def test_train_command_trains_checkpoints_resumes_and_refuses_tampering(kafka, t
     assert r.exit_code == 2 and "modified after it was signed" in r.output
     r = runner.invoke(app, ["train", "--run", "nope", "--algo", "ippo", *common])
     assert r.exit_code == 2 and "no run.started" in r.output
+
+
+@pytest.mark.timeout(240)
+def test_every_way_to_train_signs_every_chain_with_the_home_key(kafka, topics, tmp_path):
+    """`marlgrc run --algo` and `marlgrc train-online` through Kafka: every chain they write (the
+    harness's, the learner's, their checkpoint chains) verifies against the home's key and is signed
+    through its last event."""
+    from marlgrc.cli import app
+
+    home = tmp_path / "home"
+    common = ["--home", str(home), "--bootstrap", kafka.bootstrap, "--prefix", topics]
+    env = "tests.unit.test_learners_support:MatchTarget"
+    runner = CliRunner()
+    r = runner.invoke(app, ["run", "--env", env, "--algo", "ippo", "--iterations", "2", *common])
+    assert r.exit_code == 0, r.output
+    first = r.stdout.strip().splitlines()[-1]
+    r = runner.invoke(app, ["train-online", "--env", env, "--algo", "mappo", "--iterations", "2",
+                            "--set", "episodes_per_update=3", "--eval-episodes", "0", *common])
+    assert r.exit_code == 0, r.output
+    second = r.stdout.strip().splitlines()[-1]
+    key = Signer.load(home / "keys" / "signing.pem").public_key
+    records = list(read_records(kafka.bootstrap, [*RUN_TOPICS, "marl.policy.update"], prefix=topics))
+    report = verify_records(records, key)
+    assert report.ok, [b.describe() for b in report.breaks]
+    for run in (first, second):
+        chains = [c for c in report.chains if c.chain_id.startswith(f"{run}:")]
+        assert {f"{run}:actions", f"{run}:lifecycle"} <= {c.chain_id for c in chains}
+        assert any(c.topic == "marl.policy.update" for c in chains)
+        assert all(c.signed_through_seq == c.last_seq >= 0 for c in chains), \
+            [(c.chain_id, c.last_seq, c.signed_through_seq) for c in chains]
+    assert not any("not covered" in n for n in report.notes), report.notes
+    assert verify_records(records, Signer.generate().public_key).breaks  # another key: refused
