@@ -287,13 +287,17 @@ class Verifier:
     def resume(self, topic: str, chain_id: str, next_seq: int, last_hash: bytes) -> int:
         """Continue a chain at ``next_seq`` linked to ``last_hash``, past a range removed with
         evidence (the ledger's purge and erasure). Checkpoints overlapping the skipped seqs cannot be
-        recomputed; they are skipped, and their number returned. Requires next_seq >= the chain's."""
+        recomputed; they are skipped, and their number returned. A skipped checkpoint's signature was
+        checked (with the checkpoint chain), so the chain counts as signed through it; its Merkle root
+        is not, so the events after the gap in its range are not proven by it (a caller reports the
+        skipped checkpoints as spanning deleted ranges). Requires next_seq >= the chain's."""
         st = self._chains.get((topic, chain_id)) or self._new_chain(topic, chain_id)
         if next_seq < st.next_seq:
             raise ValueError(f"cannot resume {topic} {chain_id} at seq {next_seq}: already at {st.next_seq}")
         st.next_seq, st.last_hash = next_seq, last_hash
         skipped = 0
         while st.cp_index < len(st.checkpoints) and st.checkpoints[st.cp_index].first_seq < next_seq:
+            st.signed_through = max(st.signed_through, st.checkpoints[st.cp_index].last_seq)
             st.cp_index += 1
             skipped += 1
         st.loc_index = max(st.loc_index, st.cp_index)

@@ -51,17 +51,10 @@ class _LedgerVerifier(Verifier):
 
     def bridge(self, topic: str, chain_id: str, evidence: list[Evidence]) -> int:
         """Advance the chain past ``evidence`` (consecutive ranges from its next seq). Returns the number
-        of checkpoints skipped because they overlap the bridged seqs.
-
-        A skipped checkpoint was signed (its signature is checked with the checkpoint chain) but its
-        Merkle root cannot be recomputed without the deleted events: its events count as signed
-        through it, and the report counts it as spanning deleted ranges, not as verified.
-        (``Verifier.resume`` does not say which checkpoints it skipped, so this reads its chain state.)"""
-        skipped = self.resume(topic, chain_id, evidence[-1].last_seq + 1, evidence[-1].head_hash)
-        st = self._chains[(topic, chain_id)]
-        for cp in st.checkpoints[st.cp_index - skipped:st.cp_index]:
-            st.signed_through = max(st.signed_through, cp.last_seq)
-        return skipped
+        of checkpoints skipped because they overlap the bridged seqs (``Verifier.resume``: their
+        signatures were checked, their Merkle roots cannot be recomputed without the deleted events;
+        the report counts them as spanning deleted ranges, not as verified)."""
+        return self.resume(topic, chain_id, evidence[-1].last_seq + 1, evidence[-1].head_hash)
 
 
 def _bridge_run(evidence: list[Evidence], next_seq: int, last_hash: bytes, until_seq: int | None) -> list[Evidence]:
