@@ -41,12 +41,11 @@ from eventlog.log import EventLog
 from eventlog.privacy import FieldProtector
 
 from .policy import Policy
-from .spaces import action_encoder, float_copy, float_view, space_record
+from .spaces import action_encoder, flat_floats, space_record
 
 STATE_TOPIC = "marl.env.state"
 OBS_TOPIC = "marl.agent.observation"
 _EMPTY: dict = {}
-_NO_FLOATS = np.zeros(0, np.float32)
 # with personal data, a step's events are captured during the step and sealed (protected, encoded,
 # hashed, sent) together with those of the next steps: after at most this many steps or this long
 # (µs of the log's clock), and at the end of the run. One key store transaction covers the new data
@@ -147,7 +146,7 @@ def step_functions(append_state: Callable, append_obs: Mapping[str, Callable], d
         st_hash = append_state(state_payload(ep, step, state_vec, collapsed, flags), ()).event_hash
         sources, st_sources = [st_hash], (st_hash,)
         for a in live:
-            payload = observation_payload(ep, step, a, float_view(observations[a]), infos)
+            payload = observation_payload(ep, step, a, flat_floats(observations[a]), infos)
             sources.append(append_obs[a](payload, st_sources).event_hash)
         return sources
 
@@ -220,7 +219,6 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
     obs_seq = {a: obs_writer[a].next_seq for a in agent_ids}
     # an env with personal data has its steps sealed in batches: the batch's new data subjects get
     # their keys in one key store transaction; any other env's events are sealed as they happen
-    snapshot = float_copy if has_subjects else float_view
     collapsed_fn = getattr(env, "collapsed_state", None)
     flags_fn = getattr(env, "state_flags", None)
     policy_version = policy.version
@@ -264,8 +262,8 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                     break
                 live = [a for a in agents if a in observations]
                 state = env.state() if has_state else None
-                state_vec = snapshot(state) if state is not None else _NO_FLOATS
-                collapsed = snapshot(collapsed_fn()) if collapsed_fn is not None else state_vec
+                state_vec = flat_floats(state) if state is not None else []
+                collapsed = flat_floats(collapsed_fn()) if collapsed_fn is not None else state_vec
                 flags = [str(f) for f in flags_fn()] if flags_fn is not None else None
                 if has_subjects:  # the events' data is copied now (the env may reuse its arrays), sealed later
                     st_payload = state_payload(ep, step, state_vec, collapsed, flags)
@@ -275,7 +273,7 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                     captured = [st_payload, clock(), obs_items, None, 0, subjects]
                     pending.append(captured)
                     for a in live:
-                        payload = observation_payload(ep, step, a, snapshot(observations[a]), infos)
+                        payload = observation_payload(ep, step, a, flat_floats(observations[a]), infos)
                         subjects.append((obs_chain[a], obs_seq[a], list(env.subject_fields(a))))
                         obs_seq[a] += 1
                         obs_items.append((append_obs[a], payload, clock()))

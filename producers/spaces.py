@@ -35,24 +35,10 @@ def space_record(space: Any) -> dict:
 
 
 def flat_floats(x: Any) -> list[float]:
-    """An observation or state as a flat list of floats (the events' ``array<float>``)."""
+    """An observation or state as a flat list of floats (the events' ``array<float>``): a copy, so an
+    env that reuses its arrays cannot change it, and the form fastavro encodes fastest (a list of
+    Python floats; a float32 value is exact as a float, so the bytes are those of the array)."""
     return np.asarray(x, dtype=np.float32).ravel().tolist()
-
-
-def float_copy(x: Any) -> np.ndarray:
-    """``flat_floats`` as a new 1-D float32 array: the compiled Avro encoder writes an array's bytes
-    directly, the same bytes as for the list of its floats."""
-    return np.array(x, dtype=np.float32).ravel()
-
-
-_F32 = np.dtype(np.float32)
-
-
-def float_view(x: Any) -> np.ndarray:
-    """``x`` as a 1-D float32 array: ``x`` itself where it already is one (for data encoded at once)."""
-    if type(x) is np.ndarray and x.dtype is _F32 and x.ndim == 1:
-        return x
-    return np.asarray(x, dtype=np.float32).ravel()
 
 
 def action_encoder(space: Any) -> Callable[[Any], tuple[int, list[float]]]:
