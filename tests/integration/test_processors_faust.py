@@ -1,7 +1,9 @@
 """The faust-streaming fairness app as a REAL faust worker process on the real broker: credit events
 in, SIGKILL mid-stream, restart; every expected fairness event exists exactly once, with the payload
-and rule_version the DI worker's processor gave the same window, its chains verify (eventlog.verify),
-a poison record is dead-lettered once with its reason and the stream goes on."""
+and rule_version the DI worker's processor gave the same window, its chains verify (eventlog.verify)
+and, with every chain it writes (fairness, dead letters, their checkpoint chains), are signed
+through their heads by the key it was given; a poison record is dead-lettered once with its reason
+and the stream goes on."""
 from __future__ import annotations
 
 import os
@@ -17,10 +19,11 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
+from eventlog.checkpoint import Signer
 from eventlog.codec import default_codec
 from eventlog.kafka import EventProducer, ensure_topics, read_records
 from eventlog.log import EventLog, MemorySink
-from eventlog.verify import verify_records
+from eventlog.verify import Verifier, split_checkpoints, verify_records
 from stream_processors.faust_fairness import output_chain
 from stream_processors.processor import INPUT_TOPICS, Processor
 from stream_processors.replay import payload_fields
@@ -51,8 +54,9 @@ def _di_outputs(run_id: str, seed: int) -> tuple[list, dict[str, list]]:
     return credits, windows
 
 
-def _worker(bootstrap: str, prefix: str, datadir: Path, log_path: Path) -> subprocess.Popen:
+def _worker(bootstrap: str, prefix: str, datadir: Path, log_path: Path, key: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MARLGRC_BOOTSTRAP": bootstrap, "MARLGRC_TOPIC_PREFIX": prefix,
+           "MARLGRC_SIGNING_KEY": str(key),
            "MARLGRC_FAUST_DATADIR": str(datadir), "MARLGRC_FAUST_COMMIT_INTERVAL": "0.3",
            "MARLGRC_FAUST_COMMIT_EVERY": "300", "MARLGRC_FAUST_SESSION_TIMEOUT": "6"}
     return subprocess.Popen([sys.executable, "-m", "stream_processors.faust_fairness", "worker", "-l", "warn"],
@@ -87,9 +91,10 @@ def test_faust_fairness_exactly_once_across_sigkill(kafka, tmp_path):
     n_expected = sum(len(v) for v in expected.values())
     assert n_expected == RUNS * ((EPISODES * STEPS - 100) // 25 + 1 + EPISODES - 1)
 
-    log_path, datadir = tmp_path / "faust.log", tmp_path / "faust-data"
+    log_path, datadir, key = tmp_path / "faust.log", tmp_path / "faust-data", tmp_path / "signing.pem"
+    signer = Signer.load_or_create(key)
     t0 = time.monotonic()
-    w = _worker(bootstrap, prefix, datadir, log_path)
+    w = _worker(bootstrap, prefix, datadir, log_path, key)
     try:
         deadline = time.monotonic() + 90
         while len(_committed(bootstrap, prefix, "marl.fairness.metrics")) < 20:
@@ -101,7 +106,7 @@ def test_faust_fairness_exactly_once_across_sigkill(kafka, tmp_path):
         print(f"killed at {time.monotonic() - t0:.1f}s", file=sys.stderr)
         before = len(_committed(bootstrap, prefix, "marl.fairness.metrics"))
         assert before < n_expected, "the worker finished before it was killed; the test proves nothing"
-        w = _worker(bootstrap, prefix, datadir, log_path)
+        w = _worker(bootstrap, prefix, datadir, log_path, key)
         deadline = time.monotonic() + 120
         while len(_committed(bootstrap, prefix, "marl.fairness.metrics")) < n_expected:
             assert w.poll() is None, f"restarted faust worker exited:\n{log_path.read_text()[-3000:]}"
@@ -138,6 +143,24 @@ def test_faust_fairness_exactly_once_across_sigkill(kafka, tmp_path):
     report = verify_records(out)
     assert report.ok, report.breaks
     assert report.events == n_expected
+
+    # signed: every chain the app wrote, its checkpoint chains included, through its head, with the key
+    dlq = _committed(bootstrap, prefix, "marl.dlq")
+    cps = _committed(bootstrap, prefix, "marl.audit.checkpoints")
+    v = Verifier(signer.public_key, require_signed=True)
+    v.add_checkpoints(cps)
+    v.feed(split_checkpoints(out + dlq)[1])
+    signed = v.finish()
+    assert signed.ok, signed.breaks
+    chains = {c.chain_id: c for c in signed.chains}
+    dlq_chain = next(r.key for r in dlq)
+    assert set(chains) == set(expected) | {f"{run}:checkpoints:marlgrc-fairness-faust" for run in runs} | {
+        dlq_chain, f"{dlq_chain}:checkpoints:marlgrc-fairness-faust"}
+    for chain, c in chains.items():
+        assert c.last_seq >= 0 and c.signed_through_seq == c.last_seq, (chain, c)
+        assert c.checkpoints_verified >= 1, (chain, c)
+    for run in runs:   # a run's checkpoint chain goes to its credit chain's partition, like its outputs
+        assert {r.partition for r in cps if r.key.startswith(f"{run}:")} == {credit_partition[f"{run}:credit"]}
 
     letters = [codec.decode(r.value)[1] for r in _committed(bootstrap, prefix, "marl.dlq")]
     assert len(letters) == 1, letters

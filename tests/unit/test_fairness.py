@@ -358,3 +358,156 @@ def test_the_faust_step_skips_what_it_already_processed_and_refuses_a_bad_credit
     assert rest == whole[1:]
     assert ff.output_chain("r:credit", "sliding") == "r:fairness:faust:sliding"
     assert ff.output_chain("r:credit:reprocess:x", "sliding") is None
+
+
+# ------------------------------------------------------------------ the faust app signs what it writes
+
+
+class _App:
+    """The faust app's ``handle`` without a broker: input records in, and what faust's commit would
+    publish (``Attachments._attachments_for``, the code the commit runs) out, in order; a crash drops
+    what was not published and rebuilds the table from the changelog rows that were."""
+
+    def __init__(self):
+        from faust.types import TP
+
+        self.tps = {p: TP(ff.PREFIX + ff.IN_TOPIC, p) for p in range(ff.PARTITIONS)}
+        self.published: list[tuple[str, int, bytes, bytes]] = []   # (logical topic, partition, key, value)
+        self.reset()
+
+    def reset(self):
+        for tp in self.tps.values():
+            list(ff.app._attachments._attachments_for(tp, 1 << 62))    # what a crash loses
+        for k in list(ff.state.data.keys()):
+            del ff.state.data[k]
+        ff._cache.clear()
+
+    def handle(self, partition, offset, key, value):
+        from types import SimpleNamespace
+
+        ff.handle(SimpleNamespace(message=SimpleNamespace(partition=partition, offset=offset, key=key, value=value,
+                                                          tp=self.tps[partition])))
+
+    def commit(self, partition, position):
+        for fut in ff.app._attachments._attachments_for(self.tps[partition], position):
+            m = fut.message
+            topic = m.channel.get_topic_name()
+            self.published.append((topic[len(ff.PREFIX):] if topic.startswith(ff.PREFIX) else topic,
+                                   m.partition, m.key, m.value))
+
+    def crash(self):
+        """Unpublished attachments are gone; the store comes back from the published changelog rows."""
+        rows = {k: v for t, _, k, v in self.published if t == ff.state.changelog_topic.get_topic_name()}
+        self.reset()
+        for k, v in rows.items():
+            ff.state.data[k] = v
+
+    def records(self, topic):
+        from eventlog.kafka import Record
+
+        offsets: dict[int, int] = {}
+        out = []
+        for t, p, k, v in self.published:
+            if t == topic:
+                o = offsets[p] = offsets.get(p, -1) + 1
+                out.append(Record(t, p, o, k.decode(), v, 0))
+        return out
+
+
+@pytest.fixture
+def faust_app(monkeypatch):
+    from eventlog.checkpoint import Signer
+
+    signer = Signer.from_seed(b"faust-app")
+    monkeypatch.setattr(ff, "signer", signer)
+    app = _App()
+    yield app, signer
+    app.reset()
+
+
+def test_a_records_attachments_are_published_in_order_all_or_none(faust_app):
+    app, _ = faust_app
+    from types import SimpleNamespace
+
+    topic = ff.fairness_out
+    for offset, n in ((7, 2), (8, 6)):
+        attach = ff._Outputs(SimpleNamespace(message=SimpleNamespace(tp=app.tps[0], offset=offset)))
+        for i in range(n):
+            attach(topic, b"k", b"%d:%d" % (offset, i), 0)
+    app.commit(0, 7)     # the position after record 7 is 8: record 8's attachments wait for it
+    assert [v for *_, v in app.published] == [b"7:0", b"7:1"]
+    app.commit(0, 8)
+    assert [v for *_, v in app.published] == [b"7:0", b"7:1"] + [b"8:%d" % i for i in range(6)]
+
+
+def _verify_strict(records, public_key):
+    from eventlog.verify import Verifier, split_checkpoints
+
+    cps, data = split_checkpoints(records)
+    v = Verifier(public_key, require_signed=True)
+    v.add_checkpoints(cps)
+    v.feed(data)
+    return v.finish()
+
+
+def test_every_chain_the_faust_app_writes_is_signed_through_its_head_across_a_crash(faust_app):
+    """Issue 14 item 3 for the faust app: its fairness chains, its dead-letter chain and their
+    checkpoint chains are signed through their heads in whatever a commit publishes, also after a
+    crash that lost unpublished attachments and a redelivery."""
+    app, signer = faust_app
+    runs = {0: [e for e in _di_run("ra", episodes=2, steps=140) if e.topic == "marl.di.credit"],
+            1: [e for e in _di_run("rb", episodes=2, steps=100, seed=5) if e.topic == "marl.di.credit"]}
+    inputs = {p: [(e.chain_id.encode(), e.value) for e in evs] for p, evs in runs.items()}
+    inputs[1].insert(60, (b"poison", b"\x00not an event"))
+    inputs[1].insert(150, (b"poison", b"\x00another"))
+    for p, recs in inputs.items():
+        for o, (k, v) in enumerate(recs[:120]):
+            app.handle(p, o, k, v)
+            if o % 37 == 36:
+                app.commit(p, o + 1)
+    committed = [r for t in ("marl.fairness.metrics", "marl.dlq", "marl.audit.checkpoints") for r in app.records(t)]
+    app.crash()   # records from each partition's last commit position on come again
+    for p, recs in inputs.items():
+        start = (120 // 37) * 37
+        for o, (k, v) in enumerate(recs[start:], start):
+            app.handle(p, o, k, v)
+        app.commit(p, len(recs))
+    records = [r for t in ("marl.fairness.metrics", "marl.dlq", "marl.audit.checkpoints") for r in app.records(t)]
+    report = _verify_strict(records, signer.public_key)
+    assert report.ok, report.breaks
+    chains = {c.chain_id: c for c in report.chains}
+    written = {"ra:fairness:faust:episode", "ra:fairness:faust:sliding", "rb:fairness:faust:episode",
+               "rb:fairness:faust:sliding", "dlq:fairness-faust:p1", "ra:checkpoints:marlgrc-fairness-faust",
+               "rb:checkpoints:marlgrc-fairness-faust", "dlq:fairness-faust:p1:checkpoints:marlgrc-fairness-faust"}
+    assert set(chains) == written
+    for chain in written:
+        c = chains[chain]
+        assert c.last_seq >= 0 and c.signed_through_seq == c.last_seq, (chain, c)
+    assert chains["dlq:fairness-faust:p1"].events == 2
+    assert chains["ra:fairness:faust:sliding"].events == (280 - 100) // 25 + 1
+    # a run's checkpoint chain is in its credit chain's partition (one transaction per partition number)
+    assert {r.partition for r in records if r.key.startswith("ra:")} == {0}
+    assert {r.partition for r in records if r.key.startswith(("rb:", "dlq:"))} == {1}
+    # what the commits before the crash published was already signed through every head
+    early = _verify_strict(committed, signer.public_key)
+    assert early.ok and len(early.chains) >= 6, early.breaks
+    assert all(c.signed_through_seq == c.last_seq for c in early.chains)
+
+
+def test_faust_rows_saved_before_the_app_signed_still_load_and_continue(faust_app):
+    app, signer = faust_app
+    codec = default_codec()
+    row = ff.ChainState(last_offset=3, sliding_head=ff.ChainHead(5, b"\x11" * 32)).to_bytes()
+    old = {k: v for k, v in __import__("json").loads(row).items() if k != "checkpoints"}
+    st_ = ff.ChainState.from_bytes(__import__("json").dumps(old).encode())
+    assert st_.sliding_head.seq == 5 and st_.checkpoints.head.seq == st_.checkpoints.covered.seq == -1
+    ff.state.data[b"\0dlq:2"] = b'[4, 9, "' + (b"22" * 32) + b'"]'   # [last offset, seq, head]: the old row
+    app.handle(2, 5, b"poison", b"\x00junk")
+    app.commit(2, 6)
+    dead = app.records("marl.dlq")
+    assert [codec.decode(r.value)[1]["seq"] for r in dead] == [10]
+    assert codec.decode(dead[0].value)[1]["prev_event_hash"] == b"\x22" * 32
+    cps = [codec.decode(r.value)[1] for r in app.records("marl.audit.checkpoints")]
+    assert [(c["checked_chain_id"], c["first_seq"], c["last_seq"]) for c in cps] == [
+        ("dlq:fairness-faust:p2", 10, 10), ("dlq:fairness-faust:p2:checkpoints:marlgrc-fairness-faust", 0, 0)]
+    assert [c["seq"] for c in cps] == [0, 1]
