@@ -159,23 +159,33 @@ def test_exactly_one_credit_per_joint_action_across_sigkill(live):
     assert kinds.count("sliding") == (EPISODES * STEPS - 100) // 25 + 1
 
 
-def test_credit_and_fairness_chains_are_signed_through_their_heads_across_the_sigkill(live):
-    """One checkpoint per chain per transaction, committed with the events it covers: after the
-    SIGKILL and restart, the auditor verifies every credit and fairness event under a checkpoint
-    signed by the worker's key, and the checkpoint chain itself links up."""
-    bootstrap, prefix, run_id, credits, fairness, _, _, log_path = live
+def test_every_chain_the_worker_writes_is_signed_through_its_head_across_the_sigkill(live):
+    """One checkpoint per chain per transaction, then one of the checkpoint chain itself, committed
+    with the events they cover: after the SIGKILL and restart, the auditor verifies every credit,
+    fairness and dead-letter event, and every checkpoint, under a checkpoint signed by the worker's
+    key, and each checkpoint chain links up and is signed through its head."""
+    bootstrap, prefix, run_id, credits, fairness, dlq, _, log_path = live
     key = Signer.load(log_path.parent / "signing.pem").public_key
     report, _ = verify_kafka(bootstrap, prefix=prefix, run_id=run_id, public_key=key,
                              topics=["marl.di.credit", "marl.fairness.metrics"])
-    assert report.ok, report.lines()
+    assert report.ok, report.breaks
     chains = {c.chain_id: c for c in report.chains}
     assert chains[f"{run_id}:credit"].events == len(credits)
-    for chain, n in ((f"{run_id}:credit", len(credits)), (f"{run_id}:fairness", len(fairness))):
-        c = chains[chain]
-        assert c.signed_through_seq == n - 1 and c.checkpoints_verified >= 10, (chain, c)
     cps = _committed(bootstrap, prefix, "marl.audit.checkpoints", run_id)
     assert {r.key for r in cps} == {f"{run_id}:checkpoints:marlgrc-di"}
     assert _chain_ok(cps) == list(range(len(cps)))
+    for chain, n in ((f"{run_id}:credit", len(credits)), (f"{run_id}:fairness", len(fairness)),
+                     (f"{run_id}:checkpoints:marlgrc-di", len(cps))):
+        c = chains[chain]
+        assert c.signed_through_seq == n - 1 and c.checkpoints_verified >= 10, (chain, c)
+    # the dead-letter chain belongs to no run: verified with signatures required
+    report, _ = verify_kafka(bootstrap, prefix=prefix, run_id="dlq", public_key=key, topics=["marl.dlq"])
+    assert report.ok, report.breaks
+    chains = {c.chain_id: c for c in report.chains}
+    assert set(chains) == {"dlq:di", "dlq:di:checkpoints:marlgrc-di"}
+    assert chains["dlq:di"].events == len(dlq) and chains["dlq:di"].signed_through_seq == len(dlq) - 1
+    own = chains["dlq:di:checkpoints:marlgrc-di"]
+    assert own.last_seq >= 1 and own.signed_through_seq == own.last_seq
 
 
 def test_poison_goes_to_dead_letters_and_the_stream_goes_on(live):
