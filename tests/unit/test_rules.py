@@ -523,3 +523,27 @@ def test_states_saved_before_checkpoint_chains_signed_themselves_still_load_and_
     assert (own["checked_chain_id"], own["first_seq"], own["prev_head_hash"], own["last_seq"]) == \
         ("r:checkpoints:marlgrc-di", head.seq + 1, head.event_hash, chain[-1].seq - 1)
     assert first and rest
+
+
+def test_reprocessed_results_to_be_written_end_with_the_checkpoints_that_sign_them():
+    from eventlog.checkpoint import Signer
+    from eventlog.kafka import Record
+    from stream_processors.replay import reprocess_records
+
+    signer = Signer.from_seed(b"reprocess")
+    produced, inputs = _signed_run(signer)
+    recs = [Record(t, 0, i, k, v, 0) for i, (t, k, v) in enumerate(_with_poison(inputs, at=(5,)))]
+    p = Processor(consumer="reprocess:r", producer_id="marlgrc-reprocess-x", credit_stream="credit:reprocess:x",
+                  fairness_stream="fairness:reprocess:x", signer=signer, max_pending=None, max_states=None)
+    events = reprocess_records(recs, p)
+    last = events[-1]
+    assert last.chain_id.endswith(":checkpoints:marlgrc-reprocess-x")
+    assert default_codec().decode(last.value)[1]["checked_chain_id"] == last.chain_id   # its checkpoint of itself
+    report = _verify(_records(list(produced) + events), signer.public_key, require_signed=True)
+    assert report.ok, report.breaks
+    chains = {c.chain_id: c for c in report.chains}
+    for chain in ("r:credit:reprocess:x", "r:fairness:reprocess:x", "r:checkpoints:marlgrc-reprocess-x",
+                  "dlq:reprocess:r", "dlq:reprocess:r:checkpoints:marlgrc-reprocess-x"):
+        assert chains[chain].signed_through_seq == chains[chain].last_seq >= 0, chain
+    unsigned = reprocess_records(recs, Processor(consumer="reprocess:r", max_pending=None, max_states=None))
+    assert [e.event_type for e in unsigned] == [e.event_type for e in events if e.event_type != "audit.checkpoint"]
