@@ -6,6 +6,8 @@ fairness app (credit -> fairness, exactly once) against a bare loop running the 
 
 Targets (issue 4): worker / bare >= 0.5 and >= 5,000 credit events/s per worker. Rates are measured
 between the first and last output's produce timestamps (read_committed), so start-up is not counted.
+The worker and the faust app sign every chain they write, as `marlgrc process` does (a fresh key per
+bench run); the bare loops do not.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from eventlog.kafka import EventProducer, ensure_topics, read_records  # noqa: E
 from eventlog.log import EventLog  # noqa: E402
 from tests.synthetic import synthetic_run  # noqa: E402
 from eventlog.chain import ChainWriter  # noqa: E402
+from eventlog.checkpoint import Signer  # noqa: E402
 from eventlog.codec import default_codec  # noqa: E402
 from stream_processors import fairness as fair  # noqa: E402
 from stream_processors import faust_fairness as ff  # noqa: E402
@@ -166,6 +169,8 @@ def main() -> None:
 
         boot = start_kafka(default_home()).bootstrap
     base = f"b{uuid.uuid4().hex[:8]}."
+    key = Path(f"/tmp/bench-signing-{base[:-1]}.pem")
+    Signer.generate().save(key)     # the processors sign what they write, as `marlgrc process` does
     ensure_topics(boot, base)
     write_inputs(boot, base, a.actions)
     n = (a.actions // 1000) * 1000 if a.actions >= 1000 else a.actions
@@ -186,8 +191,8 @@ def main() -> None:
     pre = f"{base[:-1]}-eos."
     ensure_topics(boot, pre)
     copy_inputs(boot, base, pre)
-    got, dt, tail = subprocess_worker([sys.executable, "-m", "stream_processors", "--bootstrap", boot, "--prefix", pre],
-                                      {}, boot, pre, n)
+    got, dt, tail = subprocess_worker([sys.executable, "-m", "stream_processors", "--bootstrap", boot, "--prefix", pre,
+                                       "--signing-key", str(key)], {}, boot, pre, n)
     results["transactional_worker"] = {"credits": got, "seconds": dt, "per_s": got / dt}
     if got < n:
         results["transactional_worker"]["log_tail"] = tail
@@ -210,7 +215,7 @@ def main() -> None:
         copy_topic(boot, credits_src, pre_f, "marl.di.credit")
         got, dt, tail = subprocess_worker(
             [sys.executable, "-m", "stream_processors.faust_fairness", "worker", "-l", "warn"],
-            {"MARLGRC_BOOTSTRAP": boot, "MARLGRC_TOPIC_PREFIX": pre_f,
+            {"MARLGRC_BOOTSTRAP": boot, "MARLGRC_TOPIC_PREFIX": pre_f, "MARLGRC_SIGNING_KEY": str(key),
              "MARLGRC_FAUST_DATADIR": f"/tmp/marlgrc-faust-{uuid.uuid4().hex[:6]}",
              "MARLGRC_FAUST_COMMIT_INTERVAL": "1.0"}, boot, pre_f, n_out,
             topic="marl.fairness.metrics")

@@ -17,7 +17,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2000)
     ap.add_argument("--default-env", default="passthrough")
     ap.add_argument("--metrics-port", type=int, default=None)
-    ap.add_argument("--signing-key", default=None, help="Ed25519 PEM key: sign the output chains' checkpoints")
+    ap.add_argument("--signing-key", default=None, help="Ed25519 PEM key: sign every chain the worker writes, checkpoint chains included")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve(WorkerConfig(a.bootstrap, a.prefix, a.name, a.batch, default_env=a.default_env,

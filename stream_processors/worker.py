@@ -1,7 +1,8 @@
 """The live processor: a transactional consume -> transform -> produce loop (confluent-kafka).
 
 Per batch, in ONE Kafka transaction: the sealed output events (di.credit, fairness.metrics,
-dead letters), the processor's rolling state for every run the batch touched (chain heads,
+dead letters) and, with a signing key, the checkpoints that sign them and the checkpoint chains
+(``Processor.checkpoint``), the processor's rolling state for every run the batch touched (chain heads,
 normalizer, fairness tallies) and one entry per record waiting for a join (its original bytes;
 a tombstone once joined, so no state message grows with the backlog) on the compacted
 ``marl.processor.state`` topic,
@@ -57,8 +58,9 @@ class WorkerConfig:
     metrics_port: int | None = None
     """Prometheus HTTP port; None for no endpoint."""
     signing_key: str | None = None
-    """Ed25519 key file (PEM, the producers' ``keys/signing.pem``): sign the credit and fairness chains
-    with one checkpoint per chain per transaction; None leaves them unsigned."""
+    """Ed25519 key file (PEM, the producers' ``keys/signing.pem``): sign every chain the worker writes
+    (credit, fairness, dead letters, and the checkpoint chains themselves) in each transaction; None
+    leaves them unsigned."""
 
     @property
     def transactional_id(self) -> str:
