@@ -177,6 +177,7 @@ class _Chain:
     checkpoints_verified: int = 0
     signed_through: int = -1
     trusted: tuple | None = None
+    resumed: bool = False       # continued past a range removed with evidence (``resume``)
     self_signed: set = field(default_factory=set)  # seqs of checkpoint events that sign this chain's range before them
     broken: Break | None = None
     suspect: Record | None = None
@@ -295,6 +296,7 @@ class Verifier:
         if next_seq < st.next_seq:
             raise ValueError(f"cannot resume {topic} {chain_id} at seq {next_seq}: already at {st.next_seq}")
         st.next_seq, st.last_hash = next_seq, last_hash
+        st.resumed = True
         skipped = 0
         while st.cp_index < len(st.checkpoints) and st.checkpoints[st.cp_index].first_seq < next_seq:
             st.signed_through = max(st.signed_through, st.checkpoints[st.cp_index].last_seq)
@@ -590,8 +592,12 @@ class Verifier:
                             st.next_seq, f"chain ends at seq {last}; the trusted state has seq {st.trusted[0]}")
             # the checkpoint event that signs its own chain up to itself counts as signed
             signed = st.signed_through + (st.signed_through + 1 in st.self_signed)
+            if st.checkpoints and st.checkpoints[0].first_seq > 0 and not st.resumed:
+                signed = -1  # signed from the start or not at all: nothing signs the events before the first range
             if brk is None and last > signed:
                 what = f"events seq {signed + 1}..{last} are not covered by any signed checkpoint"
+                if signed < 0 < st.checkpoints[0].first_seq if st.checkpoints else False:
+                    what += f" (the first checkpoint of the chain starts at seq {st.checkpoints[0].first_seq})"
                 run = st.chain_id.split(":", 1)[0]
                 if self.require_signed or (self.public_key is not None and run in self._finished_runs):
                     why = "signatures are required" if self.require_signed else f"run {run} has finished"

@@ -315,3 +315,27 @@ def test_a_garbage_public_key_names_the_command_that_prints_the_right_one(tmp_pa
         load_public_key(bad)
     assert str(bad) in str(info.value) and "`marlgrc public-key`" in str(info.value)
     assert "public-key" in get_command(app).commands  # the command the message names exists
+
+
+def test_events_before_a_chains_first_checkpoint_are_unsigned():
+    """Signed means signed from seq 0: a chain whose first checkpoint covers seq 5..9 is not signed
+    through 9, and with signatures required its events 0..9 are an unsigned break."""
+    from eventlog.checkpoint import checkpoint_payload, statement_for
+    from eventlog.log import CHECKPOINT_TOPIC
+
+    sink = MemorySink()
+    log = EventLog(sink, run_id="r3", producer_id="p")  # no signer: we sign one range by hand
+    events = [log.append("r3:actions", "joint.action", {"episode": 0, "step": i, "actions": [], "joint_vector": []})
+              for i in range(10)]
+    stmt = statement_for("marl.joint.action", "r3:actions", 5, events[4].event_hash, [e.event_hash for e in events[5:]])
+    log.append("r3:checkpoints:p", "audit.checkpoint", checkpoint_payload(stmt, SIGNER),
+               source_event_hashes=[stmt.head_event_hash])
+    recs = [Record(t, 0, i, k, v, 0) for i, (t, k, v) in enumerate(sink.sent)]
+    v = Verifier(SIGNER.public_key, require_signed=True)
+    v.add_checkpoints([r for r in recs if r.topic == CHECKPOINT_TOPIC])
+    v.feed([r for r in recs if r.topic != CHECKPOINT_TOPIC])
+    report = v.finish()
+    actions = next(c for c in report.chains if c.chain_id == "r3:actions")
+    assert actions.checkpoints_verified == 1 and actions.signed_through_seq == -1
+    assert actions.first_break.kind == BreakKind.UNSIGNED and actions.first_break.seq == 0
+    assert "first checkpoint of the chain starts at seq 5" in actions.first_break.detail
