@@ -14,6 +14,7 @@ interleaved. Uses $MARLGRC_BOOTSTRAP, else starts a local broker.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import tempfile
 import time
@@ -100,17 +101,21 @@ def main() -> None:
         return n / (time.perf_counter() - t), n / (time.process_time() - c)
 
     kafka, direct, memory = [], [], []
+    transport = None
     try:
         transport = KafkaTransport(boot, prefix)  # once, as a training session would
-        # warm-up, not timed: imports (torch's deterministic mode loads its compiler stack on first use),
-        # the producer's and consumer's connections
-        train_on_env(env, env_id, ver, "mappo", transport=transport, iterations=1, seed=1, config=a.config_cls(seed=1),
-                     **signed)
+        # warm-up, not timed, as long as one timed run: imports (torch's deterministic mode loads its
+        # compiler stack on first use), the producer's and consumer's connections, and a broker this
+        # bench just started (its JVM compiles the produce and fetch paths in the first seconds)
+        train_on_env(env, env_id, ver, "mappo", transport=transport, iterations=args.iterations, seed=1,
+                     config=a.config_cls(seed=1), **signed)
         for _ in range(args.repeats):  # arms interleaved, so load changes hit both
             kafka.append(kafka_arm(transport))
             direct.append(direct_arm())
             memory.append(memory_arm())
         transport.close()
+        transport = None  # its producer gone before the broker stops (else librdkafka reports the refusals)
+        gc.collect()  # the producer's error callback keeps it in a reference cycle
     finally:
         if home:
             from compose import stop_kafka
