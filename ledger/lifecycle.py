@@ -16,22 +16,22 @@ def erase_subject(ledger: LedgerStore, subject_ref: bytes, request_id: str, requ
                   legal_basis: str) -> DeletionSummary:
     """Delete every row carrying the subject's pseudonym ``subject_ref`` (from the events'
     ``protected_fields[].subject_ref``) in one transaction, with a tombstone in ``deletion_events``.
+    Idempotent per request: the same request id again for the same subject writes no second
+    tombstone and returns the first one's counts (``DeletionSummary.repeated``), deleting only rows of
+    the subject stored since, under the same request id.
 
     The caller (``marlgrc forget``) shreds the subject's key and publishes the
-    ``marl.compliance.deletions`` event; this is the ledger's part.
+    ``marl.compliance.deletions`` event; this is the ledger's part. A ledger that ``forget`` did not
+    reach applies that event when it syncs (``ledger.erasure``).
     """
     return ledger.erase_subject(subject_ref, request_id, requester, legal_basis)
 
 
 def rebuild(open_empty: Callable[[], LedgerStore], bootstrap: str, *, prefix: str = "",
-            commit_every: int = 5000, reapply_erasures: bool = True) -> tuple[LedgerStore, IngestStats]:
-    """Materialize a fresh ledger (``open_empty`` drops and recreates it) from the topics, then apply
-    again every erasure recorded on ``marl.compliance.deletions``, so an erased subject does not come
-    back from the topics."""
+            commit_every: int = 5000) -> tuple[LedgerStore, IngestStats]:
+    """Materialize a fresh ledger (``open_empty`` drops and recreates it) from the topics. The sync
+    applies every erasure recorded on ``marl.compliance.deletions`` as it reads it, and deletes rows of
+    an erased subject that the topics deliver after it, so an erased subject does not come back."""
     ledger = open_empty()
     stats = sync(ledger, bootstrap, prefix=prefix, commit_every=commit_every)
-    if reapply_erasures:
-        for request_id, requester, basis, ref in ledger.query(
-                "SELECT request_id, requester, legal_basis, subject_ref FROM compliance_deletions ORDER BY produced_at"):
-            erase_subject(ledger, bytes(ref), request_id, requester, basis)
     return ledger, stats

@@ -18,11 +18,13 @@ import re
 
 import psycopg
 
-from .store import DELETABLE, SUBJECT_TABLES, LedgerError, LedgerStore, view_ddl
+from .store import DELETABLE, SUBJECT_TABLES, LedgerAccessError, LedgerError, LedgerStore, view_ddl
 from .tables import ALL_TABLES, EVENT_TABLES
 
 WRITER = "ledger_writer"
 ANALYST = "ledger_analyst"
+PURGE_FUNCTION = "ledger_purge(bigint)"
+ERASE_FUNCTION = "ledger_erase_subject(bytea, text, text, text, text[])"
 _PG_TYPES = {"text": "TEXT", "int": "BIGINT", "real": "DOUBLE PRECISION", "bool": "BOOLEAN", "bytes": "BYTEA",
              "json": "JSONB"}
 _NOT_NULL = {"event_id", "topic", "kafka_partition", "kafka_offset", "chain_id", "seq", "run_id", "event_type",
@@ -100,9 +102,13 @@ def postgres_ddl(schema: str) -> list[str]:
         "  END LOOP;\n"
         "  RETURN lvl[1];\n"
         "END $$")
+    # older installs had these without the row list and the tombstone switch: replaced, not overloaded
+    stmts.append("DROP FUNCTION IF EXISTS ledger_delete_rows(text, text[], text, bigint, bytea, text, text, text)")
+    stmts.append("DROP FUNCTION IF EXISTS ledger_erase_subject(bytea, text, text, text)")
     stmts.append(
         "CREATE OR REPLACE FUNCTION ledger_delete_rows(p_kind text, p_tables text[], p_pred text, p_cutoff bigint,\n"
-        "    p_subject bytea, p_request text, p_requester text, p_basis text) RETURNS jsonb LANGUAGE plpgsql AS $$\n"
+        "    p_subject bytea, p_request text, p_requester text, p_basis text, p_ids text[] DEFAULT NULL,\n"
+        "    p_tombstone boolean DEFAULT true) RETURNS jsonb LANGUAGE plpgsql AS $$\n"
         "DECLARE tbl text; rng record; n bigint; counts jsonb := '{}'; at bigint;\n"
         "BEGIN\n"
         "  at := (extract(epoch FROM clock_timestamp()) * 1000000)::bigint;\n"
@@ -113,18 +119,20 @@ def postgres_ddl(schema: str) -> list[str]:
         "        'FROM (SELECT topic, chain_id, seq, event_hash, prev_event_hash, '\n"
         "        'seq - row_number() OVER (PARTITION BY topic, chain_id ORDER BY seq) AS grp FROM %I WHERE ' || p_pred ||\n"
         "        ') x GROUP BY topic, chain_id, grp ORDER BY topic, chain_id, min(seq)', tbl)\n"
-        "        USING p_cutoff, encode(p_subject, 'hex') LOOP\n"
+        "        USING p_cutoff, encode(p_subject, 'hex'), p_ids LOOP\n"
         "      INSERT INTO deletion_events (kind, request_id, requester, legal_basis, subject_ref, deleted_at, cutoff,\n"
         "          source_table, topic, chain_id, first_seq, last_seq, row_count, merkle_root, prev_hash, head_hash)\n"
         "        VALUES (p_kind, p_request, p_requester, p_basis, p_subject, at, p_cutoff, tbl, rng.topic, rng.chain_id,\n"
         "          rng.f, rng.l, rng.n, ledger_merkle_root(rng.hs), rng.p, rng.hs[array_length(rng.hs, 1)]);\n"
         "    END LOOP;\n"
-        "    EXECUTE format('DELETE FROM %I WHERE ' || p_pred, tbl) USING p_cutoff, encode(p_subject, 'hex');\n"
+        "    EXECUTE format('DELETE FROM %I WHERE ' || p_pred, tbl) USING p_cutoff, encode(p_subject, 'hex'), p_ids;\n"
         "    GET DIAGNOSTICS n = ROW_COUNT;\n"
         "    counts := counts || jsonb_build_object(tbl, n);\n"
         "  END LOOP;\n"
-        "  INSERT INTO deletion_events (kind, request_id, requester, legal_basis, subject_ref, deleted_at, cutoff, counts)\n"
-        "    VALUES (p_kind, p_request, p_requester, p_basis, p_subject, at, p_cutoff, counts);\n"
+        "  IF p_tombstone THEN\n"
+        "    INSERT INTO deletion_events (kind, request_id, requester, legal_basis, subject_ref, deleted_at, cutoff, counts)\n"
+        "      VALUES (p_kind, p_request, p_requester, p_basis, p_subject, at, p_cutoff, counts);\n"
+        "  END IF;\n"
         "  PERFORM set_config('marlgrc.ledger_deletion', 'off', true);\n"
         "  RETURN counts;\n"
         "END $$")
@@ -138,17 +146,25 @@ def postgres_ddl(schema: str) -> list[str]:
         f"  RETURN ledger_delete_rows('retention', {_arr(DELETABLE)}, 'retention_expiry < $1', p_cutoff,\n"
         "    NULL, NULL, NULL, NULL);\n"
         "END $$")
+    # Idempotent per request: with a tombstone for this request and subject already, no second one;
+    # rows of the subject stored since (or, with p_ids, those rows only) are deleted with evidence.
+    # One erasure of a request at a time (the second waits, then sees the first's tombstone).
     stmts.append(
         "CREATE OR REPLACE FUNCTION ledger_erase_subject(p_subject bytea, p_request text, p_requester text,\n"
-        "    p_basis text) RETURNS jsonb LANGUAGE plpgsql SECURITY DEFINER\n"
+        "    p_basis text, p_ids text[] DEFAULT NULL) RETURNS jsonb LANGUAGE plpgsql SECURITY DEFINER\n"
         f"SET search_path = {s}, pg_temp AS $$\n"
+        "DECLARE applied boolean;\n"
         "BEGIN\n"
         "  IF length(p_subject) <> 32 OR coalesce(p_request, '') = '' OR coalesce(p_requester, '') = ''\n"
         "     OR coalesce(p_basis, '') = '' THEN\n"
         "    RAISE EXCEPTION 'an erasure needs a 32-byte subject_ref, a request id, a requester and a legal basis';\n"
         "  END IF;\n"
-        f"  RETURN ledger_delete_rows('erasure', {_arr(SUBJECT_TABLES)}, 'strpos(subject_refs, $2) > 0', NULL,\n"
-        "    p_subject, p_request, p_requester, p_basis);\n"
+        "  PERFORM pg_advisory_xact_lock(720117, hashtext(p_request));\n"
+        "  SELECT EXISTS (SELECT 1 FROM deletion_events WHERE kind = 'erasure' AND topic IS NULL\n"
+        "    AND request_id = p_request AND subject_ref = p_subject) INTO applied;\n"
+        f"  RETURN ledger_delete_rows('erasure', {_arr(SUBJECT_TABLES)}, 'strpos(subject_refs, $2) > 0'\n"
+        "    || CASE WHEN p_ids IS NULL THEN '' ELSE ' AND event_id = ANY($3)' END, NULL,\n"
+        "    p_subject, p_request, p_requester, p_basis, p_ids, NOT applied);\n"
         "END $$")
     stmts.extend(view_ddl("postgres"))
     return stmts
@@ -174,33 +190,73 @@ def _roles_and_grants(schema: str) -> list[str]:
         f"GRANT INSERT ON {event_tables}, integrity_findings, ingest_offsets TO {WRITER}",
         f"GRANT UPDATE (next_offset) ON ingest_offsets TO {WRITER}",
         f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA {s} TO {WRITER}",
-        f"GRANT EXECUTE ON FUNCTION ledger_purge(bigint), "
-        f"ledger_erase_subject(bytea, text, text, text) TO {WRITER}",
+        f"GRANT EXECUTE ON FUNCTION {PURGE_FUNCTION}, "
+        f"{ERASE_FUNCTION} TO {WRITER}",
         f"GRANT SELECT ON {views} TO {ANALYST}, {WRITER}",
     ]
     return out
 
 
+def _one_line(exc: BaseException) -> str:
+    """A driver's message on one line (libpq's carry a newline and a tab-indented hint)."""
+    return " ".join(str(exc).split())
+
+
+def _connect(dsn: str, **kwargs) -> psycopg.Connection:
+    """Connect; a server that does not answer is given up after 10 s unless the DSN says otherwise."""
+    if "connect_timeout" not in dsn:
+        kwargs.setdefault("connect_timeout", 10)
+    try:
+        return psycopg.connect(dsn, **kwargs)
+    except psycopg.Error as exc:
+        user = kwargs.get("user")
+        raise LedgerError(f"cannot connect to the PostgreSQL ledger{f' as {user}' if user else ''}: "
+                          f"{_one_line(exc)}; check the DSN and that the server is up") from None
+
+
+_OWNER_ADVICE = ("run it with a superuser's DSN (installing creates the schema, its roles and grants), then sync "
+                 f"as {WRITER} with --no-install")
+
+
 def install(superuser_dsn: str, schema: str = "ledger") -> None:
     """Create (or bring up to date) the ledger schema, its roles and grants. Needs a superuser."""
     _check_schema(schema)
-    try:
-        with psycopg.connect(superuser_dsn, autocommit=False) as conn:
+    with _connect(superuser_dsn, autocommit=False) as conn:
+        try:
             with conn.cursor() as cur:
                 # one installer at a time: roles are cluster-wide
                 cur.execute("SELECT pg_advisory_xact_lock(720116)")
                 for stmt in postgres_ddl(schema) + _roles_and_grants(schema):
                     cur.execute(stmt)
             conn.commit()
-    except psycopg.Error as exc:
-        raise LedgerError(f"installing the ledger schema {schema!r} failed: {exc}".strip()) from None
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise LedgerAccessError(
+                f"role {conn.info.user} may not install the ledger schema {schema!r} "
+                f"({exc.diag.message_primary or _one_line(exc)}): {_OWNER_ADVICE}") from None
+        except psycopg.Error as exc:
+            raise LedgerError(f"installing the ledger schema {schema!r} failed: {_one_line(exc)}") from None
 
 
 def drop(superuser_dsn: str, schema: str = "ledger") -> None:
     """Drop the ledger schema and everything in it (``marlgrc ledger rebuild``)."""
     _check_schema(schema)
-    with psycopg.connect(superuser_dsn, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    with _connect(superuser_dsn, autocommit=True) as conn:
+        try:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise LedgerAccessError(
+                f"role {conn.info.user} may not drop the ledger schema {schema!r} "
+                f"({exc.diag.message_primary or _one_line(exc)}): {_OWNER_ADVICE}") from None
+        except psycopg.Error as exc:
+            raise LedgerError(f"dropping the ledger schema {schema!r} failed: {_one_line(exc)}") from None
+
+
+# What a command needs of its role: "read" (every table: verify, rebuild's content hash, erase's and
+# purge's summaries), "sync" (insert rows, move offsets, apply erasures), "purge", "erase",
+# "install" (drop and create the schema: rebuild) and "views" (the analyst views: report).
+NEEDS = ("read", "sync", "purge", "erase", "install", "views")
+_REPORT_VIEWS = ("v_runs", "v_reward_convergence", "v_credit_per_agent", "v_fairness_over_time")
+_INSERTED = tuple(t.name for t in EVENT_TABLES) + ("policy_update_lineage", "integrity_findings", "ingest_offsets")
 
 
 class PostgresLedger(LedgerStore):
@@ -212,16 +268,118 @@ class PostgresLedger(LedgerStore):
     def __init__(self, dsn: str, schema: str = "ledger", *, user: str | None = None):
         self.schema = _check_schema(schema)
         kwargs = {"user": user} if user else {}
+        self.conn = _connect(dsn, autocommit=True, options=f"-c search_path={schema}", **kwargs)
         try:
-            self.conn = psycopg.connect(dsn, autocommit=True, options=f"-c search_path={schema}", **kwargs)
+            exists = self.conn.execute("SELECT to_regclass(%s)", (f"{schema}.ingest_offsets",)).fetchone()[0]
+        except psycopg.errors.InsufficientPrivilege:  # no USAGE on the schema
+            exists = "refused"
         except psycopg.Error as exc:
-            raise LedgerError(f"cannot connect to the PostgreSQL ledger{f' as {user}' if user else ''}: "
-                              f"{str(exc).strip()}; check the DSN and that the server is up") from None
-        exists = self.conn.execute("SELECT to_regclass(%s)", (f"{schema}.ingest_offsets",)).fetchone()[0]
+            self.conn.close()
+            raise LedgerError(f"the PostgreSQL ledger did not answer: {_one_line(exc)}") from None
         if exists is None:
             self.conn.close()
             raise LedgerError(f"no ledger in schema {schema!r}: install it first with "
                               f"`marlgrc ledger sync --postgres DSN` as a superuser (ledger.postgres.install)")
+        if exists == "refused":
+            role = self.conn.info.user
+            self.conn.close()
+            raise LedgerAccessError(f"role {role} may not use the ledger schema {schema!r} (no USAGE on it). "
+                                    f"{self._advice(role, 'read')}")
+
+    @property
+    def role(self) -> str:
+        return self.conn.info.user
+
+    # ----------------------------------------------------------------- access
+    def missing_privileges(self, need: str = "read") -> list[str]:
+        """What the connection's role lacks for ``need`` (one of ``NEEDS``), in words; empty when it
+        has everything."""
+        if need not in NEEDS:
+            raise ValueError(f"need is one of {', '.join(NEEDS)}")
+        s = self.schema
+        if need == "install":
+            (ok,), = self.conn.execute(
+                "SELECT r.rolsuper OR (pg_has_role(n.nspowner, 'USAGE') AND "
+                "has_database_privilege(current_database(), 'CREATE')) FROM pg_roles r, pg_namespace n "
+                "WHERE r.rolname = current_user AND n.nspname = %s", (s,)).fetchall() or [(False,)]
+            return [] if ok else ["ownership of the schema (or superuser)"]
+        out = []
+
+        def lacking(tables, privilege):
+            rows = self.conn.execute(
+                "SELECT t FROM unnest(%s::text[]) WITH ORDINALITY AS x(t, i) "
+                "WHERE NOT has_table_privilege(format('%%I.%%I', %s::text, t), %s) ORDER BY i",
+                (list(tables), s, privilege)).fetchall()
+            names = [r[0] for r in rows]
+            if not names:
+                return
+            out.append(f"{privilege} on {'every ledger table' if len(names) == len(tables) > 2 else ', '.join(names)}"
+                       if privilege == "SELECT" else f"{privilege} on {', '.join(names)}")
+
+        def function(signature):
+            (oid, ok), = self.conn.execute(
+                "SELECT p, p IS NOT NULL AND has_function_privilege(p, 'EXECUTE') "
+                "FROM (SELECT to_regprocedure(%s) AS p) x", (f"{s}.{signature}",)).fetchall()
+            if oid is None:
+                out.append(f"the function {signature} (the schema was installed by an older marlgrc)")
+            elif not ok:
+                out.append(f"EXECUTE on {signature}")
+
+        if need == "views":
+            lacking(_REPORT_VIEWS, "SELECT")
+            return out
+        lacking([t.name for t in ALL_TABLES], "SELECT")
+        if need == "sync":
+            lacking(_INSERTED, "INSERT")
+            (upd,), = self.conn.execute("SELECT has_column_privilege(format('%%I.ingest_offsets', %s::text), "
+                                        "'next_offset', 'UPDATE')", (s,)).fetchall()
+            if not upd:
+                out.append("UPDATE on ingest_offsets (next_offset)")
+            function(ERASE_FUNCTION)   # the sync applies compliance.deletion events
+        elif need == "purge":
+            function(PURGE_FUNCTION)
+        elif need == "erase":
+            function(ERASE_FUNCTION)
+        return out
+
+    def require(self, need: str = "read", command: str = "this command") -> None:
+        """Raise one ``LedgerAccessError`` naming the command, the role, what it lacks and what to do
+        when the connection's role cannot do ``need``."""
+        missing = self.missing_privileges(need)
+        if missing:
+            raise LedgerAccessError(
+                f"{command} cannot run as role {self.role} on the PostgreSQL ledger (schema {self.schema!r}): "
+                f"it needs {'; '.join(missing)}. {self._advice(self.role, need)}")
+
+    def _advice(self, role: str, need: str) -> str:
+        if need == "install":
+            return ("Rebuilding drops the schema and installs it again (tables, functions, roles, grants): run it "
+                    "with a superuser's DSN")
+        if role == ANALYST:
+            return (f"{ANALYST} reads the v_* views only (`marlgrc report`); run this as {WRITER} "
+                    f"(--postgres postgresql://{WRITER}@HOST/DB) or the schema's owner")
+        reinstall = f"`marlgrc ledger sync --postgres SUPERUSER_DSN --schema {self.schema}`"
+        if role == WRITER:
+            return f"Have a superuser run {reinstall}: it brings the schema's functions and grants up to date"
+        return (f"Connect as {WRITER} (--postgres postgresql://{WRITER}@HOST/DB), or have a superuser grant {role} "
+                f"what {WRITER} has ({reinstall} brings {WRITER}'s grants up to date)")
+
+    def explain(self, exc: BaseException) -> str | None:
+        """One line for an error the database raised mid-command; None for anything else."""
+        if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+            return (f"the PostgreSQL ledger (schema {self.schema!r}) refused role {self.role}: "
+                    f"{exc.diag.message_primary or _one_line(exc)}. {self._advice(self.role, 'read')}")
+        if isinstance(exc, psycopg.OperationalError):
+            return (f"the PostgreSQL ledger stopped answering: {_one_line(exc)}; check the server, then run the "
+                    f"command again (what was committed is kept)")
+        if isinstance(exc, psycopg.Error):
+            return f"the PostgreSQL ledger refused: {_one_line(exc)}"
+        return None
+
+    def _ledger_error(self, exc: psycopg.Error, what: str) -> LedgerError:
+        if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+            return LedgerAccessError(self.explain(exc))
+        return LedgerError(f"the PostgreSQL ledger refused {what}: {_one_line(exc)}")
 
     def _json_param(self, col: str) -> str:
         return "%s::jsonb"
@@ -234,24 +392,34 @@ class PostgresLedger(LedgerStore):
         if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             self.conn.execute("ROLLBACK")
 
-    def write(self, rows, offsets, findings=(), *, commit=True):
+    def write(self, rows, offsets, findings=(), *, erasures=(), commit=True):
         try:
-            return super().write(rows, offsets, findings, commit=commit)
+            return super().write(rows, offsets, findings, erasures=erasures, commit=commit)
         except psycopg.Error as exc:
-            raise LedgerError(f"the PostgreSQL ledger refused a batch: {str(exc).strip()}") from None
+            raise self._ledger_error(exc, "a batch") from None
 
     def commit(self):
         try:
             super().commit()
         except psycopg.Error as exc:
-            raise LedgerError(f"the PostgreSQL ledger refused a batch at commit: {str(exc).strip()}") from None
+            raise self._ledger_error(exc, "a batch at commit") from None
 
-    def _delete_rows(self, kind, cutoff, subject_ref, request_id, requester, legal_basis, deleted_at):
-        if kind == "retention":
-            self.conn.execute("SELECT ledger_purge(%s)", (cutoff,))
-        else:
-            self.conn.execute("SELECT ledger_erase_subject(%s, %s, %s, %s)",
-                              (subject_ref, request_id, requester, legal_basis))
+    def _deleting_transaction(self, work) -> None:
+        try:
+            super()._deleting_transaction(work)
+        except psycopg.Error as exc:
+            raise self._ledger_error(exc, "the deletion") from None
+
+    def _purge(self, cutoff):
+        self.conn.execute("SELECT ledger_purge(%s)", (cutoff,))
+
+    def _erase(self, erasure):
+        e = erasure
+        (counts,), = self.conn.execute(
+            "SELECT ledger_erase_subject(%s, %s, %s, %s, %s::text[])",
+            (e.subject_ref, e.request_id, e.requester, e.legal_basis,
+             list(e.event_ids) if e.event_ids is not None else None)).fetchall()
+        return {k: int(v) for k, v in (counts or {}).items()}
 
     def close(self) -> None:
         self.conn.close()

@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 
 from eventlog.merkle import merkle_root
 
+from .erasure import Erasure, deletion_erasures
 from .ingest import Finding, StoredCopy, copy_findings
 from .keys import KeyProvider, LedgerKeyError
 from .tables import ALL_TABLES, EVENT_TABLES, INGEST_OFFSETS, INTEGRITY_FINDINGS, LINEAGE, TABLES, Table
@@ -30,6 +31,10 @@ class LedgerError(RuntimeError):
 
 class AppendOnlyError(LedgerError):
     """An UPDATE or DELETE outside the purge and erasure procedures was refused."""
+
+
+class LedgerAccessError(LedgerError):
+    """The database refused the connection's role something a command needs (PostgreSQL roles)."""
 
 
 @dataclass(frozen=True)
@@ -52,15 +57,26 @@ class Evidence:
 
 @dataclass
 class DeletionSummary:
-    """One purge or erasure: the tombstone's counts per table and the evidence rows written."""
+    """One purge or erasure: the tombstone's counts per table and the evidence rows written.
+
+    An erasure whose request this ledger had applied already (``repeated``) wrote no tombstone:
+    ``counts`` are the first tombstone's, ``evidence`` what this call deleted (late rows), if any."""
 
     kind: str
     counts: dict[str, int] = field(default_factory=dict)
     evidence: list[Evidence] = field(default_factory=list)
+    repeated: bool = False
+    first_deleted_at: int | None = None
+    request_id: str | None = None
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    @property
+    def late(self) -> int:
+        """Rows a repeated erasure deleted (rows of the subject that arrived after its tombstone)."""
+        return sum(e.count for e in self.evidence) if self.repeated else 0
 
 
 @dataclass(frozen=True)
@@ -95,10 +111,12 @@ def contiguous_ranges(rows: Iterable[tuple]) -> list[list[tuple]]:
 class PendingWrite:
     """A batch written but not yet committed (``LedgerStore.begin_write``): ``wait()`` returns once it
     is committed and raises what stopped it otherwise. ``findings``: what the store found while
-    inserting it (``event_id`` conflicts, ``LedgerStore.write``)."""
+    inserting it (``event_id`` conflicts, ``LedgerStore.write``); ``erased``: the rows its erasures
+    deleted, per table."""
 
-    def __init__(self, store: "LedgerStore", findings: list[Finding]):
+    def __init__(self, store: "LedgerStore", findings: list[Finding], erased: dict[str, int] | None = None):
         self.findings = findings
+        self.erased = erased or {}   # rows the batch's erasures deleted, per table
         self._error: list[BaseException] = []
 
         def run():
@@ -136,14 +154,28 @@ class LedgerStore(ABC):
         return self.conn.cursor()
 
     @abstractmethod
-    def _delete_rows(self, kind: str, cutoff: int | None, subject_ref: bytes | None, request_id: str,
-                     requester: str, legal_basis: str, deleted_at: int) -> None: ...
+    def _purge(self, cutoff: int) -> None:
+        """Inside an open transaction: delete the rows expired before ``cutoff``, with evidence and a
+        tombstone."""
+
+    @abstractmethod
+    def _erase(self, erasure: Erasure) -> dict[str, int]:
+        """Inside an open transaction: delete the subject's rows (``erasure.event_ids`` only, when
+        given) with evidence per chain range, and a tombstone unless one for this request and
+        subject exists already. Returns the rows deleted now, per table."""
+
+    def _after_deletion(self) -> None:
+        """After a transaction that deleted rows has committed (SQLCipher: clear the WAL)."""
 
     @abstractmethod
     def close(self) -> None: ...
 
     def _json_param(self, col: str) -> str:
         return self.ph
+
+    def explain(self, exc: BaseException) -> str | None:
+        """One line for an error this backend's database raised mid-command; None for anything else."""
+        return None
 
     # ----------------------------------------------------------------- writing
     def _insert_sql(self, table: Table) -> str:
@@ -196,39 +228,60 @@ class LedgerStore(ABC):
         return findings
 
     def write(self, rows: dict[str, list[dict] | list[tuple]], offsets: dict[tuple[str, int], int],
-              findings: list[Finding] = (), *, commit: bool = True) -> list[Finding]:
+              findings: list[Finding] = (), *, erasures: Iterable[Erasure] = (), commit: bool = True) -> list[Finding]:
         """Rows, consumer offsets (next offset to read) and findings, in one transaction. A table's
         rows are dicts (column -> value, missing columns NULL) or tuples in ``Table.columns`` order.
-        Returns the findings the store adds (``_insert_rows``), written in the same transaction.
-        ``commit=False`` leaves the transaction open for ``commit()`` (or ``rollback()``), which may
-        be called from another thread; nothing else may use the store until then."""
+        ``erasures`` run after the rows are inserted, in the same transaction (``ledger.erasure``);
+        the rows they deleted are in ``last_erased``. Returns the findings the store adds
+        (``_insert_rows``), written in the same transaction. ``commit=False`` leaves the transaction
+        open for ``commit()`` (or ``rollback()``), which may be called from another thread; nothing
+        else may use the store until then."""
         cur = self._cursor()
+        erasures = list(erasures)
+        erased: dict[str, int] = {}
         self._begin()
         try:
             added = self._insert_rows(cur, rows)
+            for erasure in erasures:
+                for table, n in self._erase(erasure).items():
+                    erased[table] = erased.get(table, 0) + n
             for sql, params in self._tail_statements(offsets, list(findings) + added):
                 cur.executemany(sql, params)
+            self._erased_pending = self._erased_pending or bool(erasures)
             if commit:
                 self._commit()
         except BaseException:
+            self._erased_pending = False
             self._rollback()
             raise
+        self.last_erased = erased
+        if commit and self._erased_pending:
+            self._erased_pending = False
+            self._after_deletion()
         return added
 
+    _erased_pending = False
+    last_erased: dict[str, int] = {}
+
     def begin_write(self, rows: dict[str, list[dict] | list[tuple]], offsets: dict[tuple[str, int], int],
-                    findings: list[Finding] = ()) -> PendingWrite:
+                    findings: list[Finding] = (), *, erasures: Iterable[Erasure] = ()) -> PendingWrite:
         """``write`` on this thread, then its COMMIT on another (the GIL is free while the database
         writes its pages): the result's ``wait()`` returns when the batch is committed and raises
         (after the rollback) when it is not. Nothing else may use the store until then."""
-        return PendingWrite(self, self.write(rows, offsets, findings, commit=False))
+        added = self.write(rows, offsets, findings, erasures=erasures, commit=False)
+        return PendingWrite(self, added, self.last_erased)
 
     def commit(self) -> None:
         """Commit the transaction a ``write(..., commit=False)`` left open (rolled back if that fails)."""
         try:
             self._commit()
         except BaseException:
+            self._erased_pending = False
             self._rollback()
             raise
+        if self._erased_pending:
+            self._erased_pending = False
+            self._after_deletion()
 
     def rollback(self) -> None:
         self._rollback()
@@ -310,26 +363,76 @@ class LedgerStore(ABC):
             out.append(d)
         return out
 
+    def erasures(self) -> dict[bytes, Erasure]:
+        """The erasures this ledger has applied: per subject_ref, the first request's tombstone."""
+        out: dict[bytes, Erasure] = {}
+        for ref, request_id, requester, basis in self.query(
+                "SELECT subject_ref, request_id, requester, legal_basis FROM deletion_events "
+                "WHERE kind = 'erasure' AND topic IS NULL AND subject_ref IS NOT NULL ORDER BY deletion_id"):
+            out.setdefault(bytes(ref), Erasure(bytes(ref), request_id, requester, basis))
+        return out
+
+    def unapplied_deletions(self) -> list[Erasure]:
+        """The ``compliance.deletion`` events stored here whose erasure has no tombstone in this
+        ledger (stored by a sync that did not apply them), in the order they were produced."""
+        done = {(r, bytes(ref)) for r, ref in self.query(
+            "SELECT request_id, subject_ref FROM deletion_events WHERE kind = 'erasure' AND topic IS NULL "
+            "AND subject_ref IS NOT NULL")}
+        cols = ", ".join(TABLES["compliance_deletions"].column_names)
+        rows = self.query(f"SELECT {cols} FROM compliance_deletions ORDER BY produced_at, event_id")
+        out = []
+        for e in deletion_erasures({"compliance_deletions": rows}):
+            if (e.request_id, e.subject_ref) not in done:
+                done.add((e.request_id, e.subject_ref))
+                out.append(e)
+        return out
+
     # ----------------------------------------------------------------- deletion
+    def _deleting_transaction(self, work) -> None:
+        self._begin()
+        try:
+            work()
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+        self._after_deletion()
+
     def purge(self, now_micros: int | None = None) -> DeletionSummary:
         """Delete every row whose ``retention_expiry`` is before ``now_micros``, in one transaction,
         with evidence per chain range and a tombstone in ``deletion_events``."""
         now = _now_micros() if now_micros is None else now_micros
         before = self._last_deletion_id()
-        self._delete_rows("retention", now, None, "", "", "", now)
+        self._deleting_transaction(lambda: self._purge(now))
         return self._summary_since(before, "retention")
 
     def erase_subject(self, subject_ref: bytes, request_id: str, requester: str, legal_basis: str) -> DeletionSummary:
         """Delete every row carrying ``subject_ref`` (a 32-byte pseudonym) in one transaction, with a
-        tombstone (request id, requester, legal basis, counts) in ``deletion_events``."""
+        tombstone (request id, requester, legal basis, counts) in ``deletion_events``.
+
+        Idempotent per request: when this ledger holds a tombstone for ``request_id`` and this subject
+        already, no second one is written and the summary is the first one's (``repeated``); rows of
+        the subject stored since (late rows) are deleted, with evidence under the same request id."""
         if len(subject_ref) != 32:
             raise ValueError("subject_ref is the 32-byte HMAC pseudonym of the subject")
         for name, value in (("request_id", request_id), ("requester", requester), ("legal_basis", legal_basis)):
             if not value:
                 raise ValueError(f"an erasure needs a {name}")
         before = self._last_deletion_id()
-        self._delete_rows("erasure", None, subject_ref, request_id, requester, legal_basis, _now_micros())
-        return self._summary_since(before, "erasure")
+        erasure = Erasure(bytes(subject_ref), request_id, requester, legal_basis)
+        self._deleting_transaction(lambda: self._erase(erasure))
+        return self._erasure_summary(erasure, before)
+
+    def _erasure_summary(self, erasure: Erasure, before: int) -> DeletionSummary:
+        ph = self.ph
+        (deletion_id, deleted_at, counts), = self.query(
+            f"SELECT deletion_id, deleted_at, counts FROM deletion_events WHERE kind = 'erasure' AND topic IS NULL "
+            f"AND request_id = {ph} AND subject_ref = {ph} ORDER BY deletion_id LIMIT 1",
+            (erasure.request_id, erasure.subject_ref))
+        counts = counts if isinstance(counts, dict) else json.loads(counts or "{}")
+        return DeletionSummary("erasure", dict(counts), [e for e in self.evidence() if e.deletion_id > before],
+                               repeated=deletion_id <= before, first_deleted_at=deleted_at,
+                               request_id=erasure.request_id)
 
     def _last_deletion_id(self) -> int:
         return self.query("SELECT COALESCE(MAX(deletion_id), 0) FROM deletion_events")[0][0]
@@ -579,14 +682,14 @@ class SqliteLedger(LedgerStore):
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
 
-    def write(self, rows, offsets, findings=(), *, commit=True):
+    def write(self, rows, offsets, findings=(), *, erasures=(), commit=True):
         try:
-            return super().write(rows, offsets, findings, commit=commit)
+            return super().write(rows, offsets, findings, erasures=erasures, commit=commit)
         except self._module.Error as exc:
             raise self._refused(exc, "") from None
 
-    def begin_write(self, rows, offsets, findings=()):
-        self._pending = super().begin_write(rows, offsets, findings)
+    def begin_write(self, rows, offsets, findings=(), *, erasures=()):
+        self._pending = super().begin_write(rows, offsets, findings, erasures=erasures)
         return self._pending
 
     def commit(self):
@@ -595,48 +698,75 @@ class SqliteLedger(LedgerStore):
         except self._module.Error as exc:
             raise self._refused(exc, " at commit") from None
 
+    def explain(self, exc):
+        if isinstance(exc, self._module.Error):
+            return f"ledger {self.path}: {exc}"
+        return None
+
     def _refused(self, exc: Exception, where: str) -> LedgerError:
         if isinstance(exc, self._module.IntegrityError):
             return LedgerError(f"ledger {self.path} refused a batch{where}: {exc}")
         return LedgerError(f"ledger {self.path}: writing a batch failed{where}: {exc}; it was rolled back, and "
                            f"the next sync continues from the stored offsets")
 
-    def _delete_rows(self, kind, cutoff, subject_ref, request_id, requester, legal_basis, deleted_at):
+    def _delete_ranges(self, kind: str, tables: Iterable[str], where: str, args: tuple, *, request_id: str | None,
+                       requester: str | None, legal_basis: str | None, subject_ref: bytes | None,
+                       cutoff: int | None, deleted_at: int) -> dict[str, int]:
+        """Inside an open transaction: one evidence row per contiguous seq range of each chain whose
+        rows match ``where``, then delete them; the rows deleted per table."""
         cur = self.conn.cursor()
-        self._begin()
-        try:
-            counts: dict[str, int] = {}
-            tables = DELETABLE if kind == "retention" else SUBJECT_TABLES
-            if kind == "retention":
-                where, arg = "retention_expiry < ?", cutoff
-            else:
-                where, arg = "instr(subject_refs, ?) > 0", subject_ref.hex()
-            for name in tables:
-                rows = cur.execute(f"SELECT topic, chain_id, seq, event_hash, prev_event_hash FROM {name} "
-                                   f"WHERE {where} ORDER BY topic, chain_id, seq", (arg,)).fetchall()
-                for rng in contiguous_ranges(rows):
-                    cur.execute(
-                        "INSERT INTO deletion_events (kind, request_id, requester, legal_basis, subject_ref, "
-                        "deleted_at, cutoff, source_table, topic, chain_id, first_seq, last_seq, row_count, "
-                        "merkle_root, prev_hash, head_hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                        (kind, request_id or None, requester or None, legal_basis or None, subject_ref, deleted_at,
-                         cutoff, name, rng[0][0], rng[0][1], rng[0][2], rng[-1][2], len(rng),
-                         merkle_root([bytes(r[3]) for r in rng]), bytes(rng[0][4]), bytes(rng[-1][3])))
-                self._deleting = True
-                try:
-                    counts[name] = cur.execute(f"DELETE FROM {name} WHERE {where}", (arg,)).rowcount
-                finally:
-                    self._deleting = False
-            cur.execute(
-                "INSERT INTO deletion_events (kind, request_id, requester, legal_basis, subject_ref, deleted_at, "
-                "cutoff, counts) VALUES (?,?,?,?,?,?,?,?)",
-                (kind, request_id or None, requester or None, legal_basis or None, subject_ref, deleted_at, cutoff,
-                 json.dumps(counts, sort_keys=True)))
-            self._commit()
-        except BaseException:
-            self._deleting = False
-            self._rollback()
-            raise
+        counts: dict[str, int] = {}
+        for name in tables:
+            rows = cur.execute(f"SELECT topic, chain_id, seq, event_hash, prev_event_hash FROM {name} "
+                               f"WHERE {where} ORDER BY topic, chain_id, seq", args).fetchall()
+            if not rows:
+                counts[name] = 0
+                continue
+            for rng in contiguous_ranges(rows):
+                cur.execute(
+                    "INSERT INTO deletion_events (kind, request_id, requester, legal_basis, subject_ref, "
+                    "deleted_at, cutoff, source_table, topic, chain_id, first_seq, last_seq, row_count, "
+                    "merkle_root, prev_hash, head_hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (kind, request_id, requester, legal_basis, subject_ref, deleted_at, cutoff, name, rng[0][0],
+                     rng[0][1], rng[0][2], rng[-1][2], len(rng), merkle_root([bytes(r[3]) for r in rng]),
+                     bytes(rng[0][4]), bytes(rng[-1][3])))
+            self._deleting = True
+            try:
+                counts[name] = cur.execute(f"DELETE FROM {name} WHERE {where}", args).rowcount
+            finally:
+                self._deleting = False
+        return counts
+
+    def _tombstone(self, kind: str, request_id: str | None, requester: str | None, legal_basis: str | None,
+                   subject_ref: bytes | None, cutoff: int | None, deleted_at: int, counts: dict[str, int]) -> None:
+        self.conn.execute(
+            "INSERT INTO deletion_events (kind, request_id, requester, legal_basis, subject_ref, deleted_at, "
+            "cutoff, counts) VALUES (?,?,?,?,?,?,?,?)",
+            (kind, request_id, requester, legal_basis, subject_ref, deleted_at, cutoff,
+             json.dumps(counts, sort_keys=True)))
+
+    def _purge(self, cutoff):
+        counts = self._delete_ranges("retention", DELETABLE, "retention_expiry < ?", (cutoff,), request_id=None,
+                                     requester=None, legal_basis=None, subject_ref=None, cutoff=cutoff,
+                                     deleted_at=cutoff)
+        self._tombstone("retention", None, None, None, None, cutoff, cutoff, counts)
+
+    def _erase(self, erasure):
+        e, now = erasure, _now_micros()
+        applied = self.conn.execute(
+            "SELECT 1 FROM deletion_events WHERE kind = 'erasure' AND topic IS NULL AND request_id = ? "
+            "AND subject_ref = ? LIMIT 1", (e.request_id, e.subject_ref)).fetchone() is not None
+        where, args = "instr(subject_refs, ?) > 0", (e.subject_ref.hex(),)
+        if e.event_ids is not None:
+            where, args = where + " AND event_id IN (SELECT value FROM json_each(?))", args + (json.dumps(e.event_ids),)
+        counts = self._delete_ranges("erasure", SUBJECT_TABLES, where, args, request_id=e.request_id,
+                                     requester=e.requester, legal_basis=e.legal_basis, subject_ref=e.subject_ref,
+                                     cutoff=None, deleted_at=now)
+        if not applied:
+            self._tombstone("erasure", e.request_id, e.requester, e.legal_basis, e.subject_ref, None, now, counts)
+        return counts
+
+    def _after_deletion(self):
         # erased pages must not linger in the WAL either (secure_delete zeroes them in the main file)
         self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 

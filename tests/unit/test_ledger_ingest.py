@@ -245,3 +245,49 @@ def test_a_copy_is_judged_by_its_bytes_and_its_place():
 
 def test_the_signed_stream_verifies_as_the_ledger_checks_it():
     assert verify_records(RECORDS, SIGNER.public_key).ok
+
+
+# ---- erasure on ingest (ledger/erasure.py) -----------------------------------------------------------
+
+def test_plan_erasures_takes_every_deletion_event_whole_and_the_late_rows_of_known_subjects():
+    from ledger.erasure import Erasure, plan_erasures
+    from tests.unit.test_ledger_storage import ERASING, SUBJECT_A, SUBJECT_B
+
+    rows = check_batch(ERASING, {}).rows
+    subject_ids = {ref: [r[0] for r in rows["agent_observations"] if ref.hex() in r[-1]]   # r[-1]: subject_refs
+                   for ref in (SUBJECT_A, SUBJECT_B)}
+    assert len(subject_ids[SUBJECT_A]) == len(subject_ids[SUBJECT_B]) == 2
+
+    # nothing erased yet: the batch's deletion event, for every row of its subject
+    planned, known = plan_erasures(rows, {})
+    whole = Erasure(SUBJECT_A, "req-1", "dpo@example.org", "GDPR Art. 17(1)(a)")
+    assert planned == [whole] and known == {SUBJECT_A: whole}
+
+    # B erased before (by another request): its rows in this batch go under that request
+    earlier = Erasure(SUBJECT_B, "req-0", "dpo", "consent withdrawn")
+    planned, known = plan_erasures(rows, {SUBJECT_B: earlier})
+    assert planned == [whole, Erasure(SUBJECT_B, "req-0", "dpo", "consent withdrawn",
+                                      tuple(subject_ids[SUBJECT_B]))]
+    assert known == {SUBJECT_A: whole, SUBJECT_B: earlier}
+
+    # A known already and its deletion event in the batch: the whole erasure covers its rows, once
+    planned, known = plan_erasures(rows, {SUBJECT_A: whole})
+    assert planned == [whole] and known == {SUBJECT_A: whole}
+
+    # a batch without deletion events or subjects' rows: nothing, and known is not touched in place
+    plain = check_batch([r for r in ERASING if r.key not in ("r1:subjects", "compliance:deletions")], {}).rows
+    before = {SUBJECT_A: whole}
+    assert plan_erasures(plain, before) == ([], {SUBJECT_A: whole}) and before == {SUBJECT_A: whole}
+
+
+def test_a_deletion_event_with_empty_fields_is_still_an_erasure_named_after_the_event():
+    from ledger.erasure import deletion_erasures
+
+    value = _one("compliance.deletion", {"request_id": "", "requester": "", "legal_basis": "", "namespace": "user",
+                                         "subject_ref": bytes(range(32)), "actions": []})
+    rows = check_batch([Record("marl.compliance.deletions", 0, 0, "r:x", value, 0)], {}).rows
+    (e,) = deletion_erasures(rows)
+    event_id = rows["compliance_deletions"][0][0]
+    assert e.subject_ref == bytes(range(32)) and e.event_ids is None
+    assert e.request_id == f"compliance.deletion {event_id}"
+    assert event_id in e.requester and event_id in e.legal_basis

@@ -21,6 +21,7 @@ from eventlog.merkle import merkle_root
 from eventlog.verify import BreakKind
 from ledger import (EnvKey, KeyFile, LedgerKeyError, Materializer, SqliteLedger, StaticKey, erase_subject,
                     purge_expired, verify_ledger)
+from ledger.ingest import check_batch
 from ledger.store import LedgerError
 from tests import corruptions
 from tests.synthetic import synthetic_run
@@ -113,8 +114,36 @@ def _action(chain: str, seq: int, prev: bytes, event_id: str) -> dict:
             "event_hash": bytes(32)}
 
 
+def deletion_events(erasures: list[tuple[bytes, str]], producer: str = "forget-test") -> list[tuple]:
+    """``compliance.deletion`` events as ``marlgrc forget`` publishes them, one per (subject_ref,
+    request id), on the deletions chain, signed in a checkpoint."""
+    sink = MemorySink()
+    log = EventLog(sink, run_id="compliance", producer_id=producer, signer=SIGNER)
+    for ref, request_id in erasures:
+        log.append("compliance:deletions", "compliance.deletion", {
+            "request_id": request_id, "requester": "dpo@example.org", "legal_basis": "GDPR Art. 17(1)(a)",
+            "namespace": "user", "subject_ref": ref,
+            "actions": [{"target": "keystore.subject_keys", "count": 1}]})
+    log.close()
+    return sink.sent
+
+
 RECORDS = to_records(make_run("r1"))
 OLD_AND_NEW = to_records(make_run("r0", age_micros=OLD) + make_run("r1"))
+# run r1 and the erasure of SUBJECT_A (request req-1); ERASING[DELETION] is the compliance.deletion event
+ERASING = to_records(make_run("r1") + deletion_events([(SUBJECT_A, "req-1")]))
+DELETION = next(i for i, r in enumerate(ERASING) if r.topic == "marl.compliance.deletions")
+
+
+def subject_rows(led, ref: bytes) -> int:
+    return sum(led.query(f"SELECT COUNT(*) FROM {t} WHERE subject_refs LIKE {led.ph}", (f"%{ref.hex()}%",))[0][0]
+               for t in ("agent_observations", "environment_states"))
+
+
+def erased_under(led, request_id: str) -> int:
+    """Rows deleted under ``request_id``, by its evidence rows (every deletion of it, late rows too)."""
+    return led.query(f"SELECT COALESCE(SUM(row_count), 0) FROM deletion_events WHERE request_id = {led.ph} "
+                     f"AND topic IS NOT NULL", (request_id,))[0][0]
 
 
 def expected_counts(records) -> dict[str, int]:
@@ -344,6 +373,91 @@ class LedgerStorageContract:
         report = verify_ledger(led, SIGNER.public_key)
         assert report.ok, report.lines()
         assert {(e.chain_id, e.first_seq) for e in report.bridged} == {("r1:subjects", 0), ("r1:subjects", 2)}
+
+    def test_erasure_is_idempotent_per_request(self):
+        """Issue 14 item 6: the same request id for the same subject again (a resumed `forget`, or the
+        sync meeting the deletion event of an erasure `forget` applied) writes no second tombstone and
+        returns the first one's counts; rows of the subject stored since are deleted under the same
+        request, with evidence. Another subject under the same request id is another erasure."""
+        led = self.ingested()
+        first = erase_subject(led, SUBJECT_A, "req-1", "dpo", "GDPR Art. 17")
+        assert not first.repeated and first.counts["agent_observations"] == 2 and len(first.evidence) == 2
+        again = erase_subject(led, SUBJECT_A, "req-1", "dpo", "GDPR Art. 17")
+        assert again.repeated and again.counts == first.counts and again.total == 2
+        assert again.evidence == [] and again.late == 0
+        assert [(t["kind"], t["request_id"]) for t in led.tombstones()] == [("erasure", "req-1")]
+        # rows of the subject written by a writer that did not know of the erasure (a run r2 stored whole)
+        late = check_batch(to_records(make_run("r2")), {})
+        led.write(late.rows, {})
+        assert subject_rows(led, SUBJECT_A) == 2
+        third = erase_subject(led, SUBJECT_A, "req-1", "dpo", "GDPR Art. 17")
+        assert third.repeated and third.counts == first.counts and third.late == 2
+        assert {(e.chain_id, e.first_seq) for e in third.evidence} == {("r2:subjects", 0), ("r2:subjects", 2)}
+        assert subject_rows(led, SUBJECT_A) == 0 and subject_rows(led, SUBJECT_B) == 4
+        assert [t["request_id"] for t in led.tombstones()] == ["req-1"] and erased_under(led, "req-1") == 4
+        other = erase_subject(led, SUBJECT_B, "req-1", "dpo", "GDPR Art. 17")
+        assert not other.repeated and other.counts["agent_observations"] == 4
+        assert [t["request_id"] for t in led.tombstones()] == ["req-1", "req-1"]
+        report = verify_ledger(led, SIGNER.public_key)
+        assert report.ok, report.lines()
+
+    @pytest.mark.parametrize("where, commit_every", [
+        ("first", 1), ("first", 1000), ("middle", 7), ("last", 1), ("last", 1000)])
+    def test_a_deletion_event_erases_its_subject_whatever_order_the_rows_arrive_in(self, where, commit_every):
+        """Issue 14 item 6: the sync applies the compliance.deletion events it ingests. Rows of the
+        subject stored before the event are erased in the event's transaction with a tombstone; rows
+        that arrive after it (a later batch, or the same one) are erased in their own batch's
+        transaction under the same request, with no second tombstone. Whatever the order, the ledger
+        ends with the same contents."""
+        rest = ERASING[:DELETION] + ERASING[DELETION + 1:]
+        at = {"first": 0, "middle": len(rest) // 2, "last": len(rest)}[where]
+        led = self.new_ledger()
+        stats = Materializer(led).ingest(rest[:at] + [ERASING[DELETION]] + rest[at:], commit_every=commit_every)
+        assert stats.findings == [] and stats.deletions == ["req-1"] and stats.erased_rows == 2
+        assert subject_rows(led, SUBJECT_A) == 0 and subject_rows(led, SUBJECT_B) == 2
+        assert [(t["kind"], t["request_id"]) for t in led.tombstones()] == [("erasure", "req-1")]
+        assert erased_under(led, "req-1") == 2
+        assert led.count("compliance_deletions") == 1
+        report = verify_ledger(led, SIGNER.public_key)
+        assert report.ok, report.lines()
+        assert {(e.chain_id, e.first_seq) for e in report.bridged} == {("r1:subjects", 0), ("r1:subjects", 2)}
+        # the same contents as the ledger where the deletion event comes last, in one batch
+        reference = self.new_ledger()
+        Materializer(reference).ingest(rest + [ERASING[DELETION]], commit_every=10_000)
+        assert led.content_hash() == reference.content_hash()
+        # and a restart (the erased subjects read back from the store) keeps erasing its late rows
+        again = Materializer(led)
+        assert set(again.erased) == {SUBJECT_A}
+        late_records = [r._replace(offset=r.offset + 50_000) for r in to_records(make_run("r2"))]
+        stats = again.ingest(late_records, commit_every=5)
+        assert stats.deletions == [] and stats.erased_rows == 2
+        assert subject_rows(led, SUBJECT_A) == 0 and subject_rows(led, SUBJECT_B) == 4
+        assert len(led.tombstones()) == 1 and erased_under(led, "req-1") == 4
+
+    def test_a_deletion_event_the_ledger_already_applied_adds_no_tombstone(self):
+        """`forget` erased this ledger itself, then the sync reads its compliance.deletion event."""
+        led = self.ingested(ERASING[:DELETION] + ERASING[DELETION + 1:])
+        first = erase_subject(led, SUBJECT_A, "req-1", "dpo@example.org", "GDPR Art. 17(1)(a)")
+        stats = Materializer(led).ingest([ERASING[DELETION]])
+        assert stats.findings == [] and stats.erased_rows == 0
+        tombstones = led.tombstones()
+        assert [t["request_id"] for t in tombstones] == ["req-1"] and tombstones[0]["counts"] == first.counts
+        assert subject_rows(led, SUBJECT_A) == 0 and erased_under(led, "req-1") == 2
+        assert verify_ledger(led, SIGNER.public_key).ok
+
+    def test_deletion_events_stored_without_their_erasure_are_applied_by_the_next_sync(self):
+        """A ledger synced before the sync applied deletion events holds the event and the subject's
+        rows: the next sync (``Materializer.apply_stored_deletions``) erases them, once."""
+        led = self.new_ledger()
+        old = check_batch(ERASING, {})          # written as a sync without erasure wrote it
+        led.write(old.rows, old.offsets)
+        assert subject_rows(led, SUBJECT_A) == 2 and led.tombstones() == []
+        m = Materializer(led)
+        (summary,) = m.apply_stored_deletions()
+        assert summary.request_id == "req-1" and summary.total == 2 and not summary.repeated
+        assert subject_rows(led, SUBJECT_A) == 0 and set(m.erased) == {SUBJECT_A}
+        assert Materializer(led).apply_stored_deletions() == []
+        assert len(led.tombstones()) == 1 and verify_ledger(led, SIGNER.public_key).ok
 
     def test_an_edited_event_is_a_finding_at_ingest_and_a_break_on_verify(self):
         records, kind, marker = corruptions.edited_payload(RECORDS, "marl.joint.action", "r1:actions", 5)
