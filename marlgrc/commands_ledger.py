@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
@@ -40,10 +41,32 @@ def _ledger_path(s: Settings, ledger: Optional[Path]) -> Path:
     return ledger or s.ledger_file
 
 
+def _command_name() -> str:
+    """The running command as a user typed it (`marlgrc ledger verify`), for error messages."""
+    import importlib
+
+    for module in ("typer._click.globals", "click.globals"):  # typer >= 0.16 carries its own click
+        try:
+            ctx = importlib.import_module(module).get_current_context(silent=True)
+        except (ImportError, AttributeError):
+            continue
+        if ctx is not None:
+            names = []
+            while ctx.parent is not None:  # the root's name is however the program was started
+                names.append(ctx.info_name)
+                ctx = ctx.parent
+            return "`" + " ".join(["marlgrc", *reversed(names)]) + "`"
+    return "this command"
+
+
 def open_ledger(s: Settings, ledger: Optional[Path], key_file: Optional[Path], pg: Optional[str], schema: str,
-                *, create: bool = False, install: bool = False):
+                *, create: bool = False, install: bool = False, need: str = "read"):
     """The ledger a command works on: PostgreSQL at ``pg``, else the SQLCipher file (default under home)
-    with its key (``key_file``, ``$MARLGRC_LEDGER_KEY``, else the home's key file)."""
+    with its key (``key_file``, ``$MARLGRC_LEDGER_KEY``, else the home's key file).
+
+    On PostgreSQL the connection's role is checked first for what the command needs (``need``: read,
+    sync, purge, erase, install; ``ledger.postgres.NEEDS``), so a role without a privilege gets one line
+    saying which, instead of a refusal halfway through. Every failure here exits 2."""
     from ledger import LedgerError, LedgerKeyError, SqliteLedger
 
     try:
@@ -52,13 +75,51 @@ def open_ledger(s: Settings, ledger: Optional[Path], key_file: Optional[Path], p
 
             if install:
                 pg_install(pg, schema)
-            return PostgresLedger(pg, schema)
+            store = PostgresLedger(pg, schema)
+            try:
+                store.require(need, _command_name())
+            except BaseException:
+                store.close()
+                raise
+            return store
         path = _ledger_path(s, ledger)
-        if not path.exists() and not create:
-            fail(f"no ledger at {path}; create it with `marlgrc ledger sync`")
-        return SqliteLedger(path, _key_provider(s, key_file, create=create and not path.exists()))
+        if not path.exists():
+            if not create:
+                fail(f"no ledger at {path}; create it with `marlgrc ledger sync`")
+            # the file first (empty, mode 0600: a new ledger), so a path that cannot be written fails
+            # before a key is made for it
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        new = path.stat().st_size == 0
+        return SqliteLedger(path, _key_provider(s, key_file, create=create and new))
     except (LedgerKeyError, LedgerError) as exc:
         fail(str(exc))
+    except ValueError as exc:  # a schema name PostgreSQL would not take
+        fail(f"{exc}; pass --schema with such a name")
+    except OSError as exc:
+        fail(f"cannot open the ledger file {exc.filename or _ledger_path(s, ledger)}: {exc.strerror}; "
+             f"pass --ledger with a path this user can create and write")
+
+
+@contextmanager
+def ledger_errors(store=None, doing: str = "") -> Iterator[None]:
+    """Turn what the ledger or its database raises mid-command into one line and exit 2: the
+    ledger's own errors, and a database's refusal (a role without a privilege, a server gone)
+    as ``store.explain`` words it."""
+    from ledger import LedgerError, LedgerKeyError
+
+    try:
+        yield
+    except (LedgerError, LedgerKeyError) as exc:
+        fail(f"{doing}{exc}")
+    except (KeyboardInterrupt, SystemExit, typer.Exit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - only what the store recognizes as its database's
+        explain = getattr(store, "explain", None)
+        message = explain(exc) if explain is not None else None
+        if message is None:
+            raise
+        fail(f"{doing}{message}")
 
 
 def register(app: typer.Typer) -> None:
@@ -87,10 +148,10 @@ def register(app: typer.Typer) -> None:
                  bootstrap: Optional[str] = BootOpt, prefix: Optional[str] = PrefixOpt) -> None:
         """Materialize every marl.* topic into the ledger (one-shot, or --follow)."""
         from eventlog.kafka import BrokerUnavailable
-        from ledger import LedgerError, sync
+        from ledger import sync
 
         s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
-        store = open_ledger(s, ledger, key_file, postgres, schema, create=True, install=install)
+        store = open_ledger(s, ledger, key_file, postgres, schema, create=True, install=install, need="sync")
         stop = {"now": False}
 
         def _stop(*_):
@@ -98,18 +159,23 @@ def register(app: typer.Typer) -> None:
 
         old = signal.signal(signal.SIGTERM, _stop)
         try:
-            stats = sync(store, s.resolve_bootstrap(), prefix=s.prefix, follow=follow, poll_interval=poll,
-                         commit_every=batch, should_stop=lambda: stop["now"])
+            with ledger_errors(store):
+                stats = sync(store, s.resolve_bootstrap(), prefix=s.prefix, follow=follow, poll_interval=poll,
+                             commit_every=batch, should_stop=lambda: stop["now"])
         except KeyboardInterrupt:
             typer.echo("interrupted; every committed batch is kept, the next sync resumes from there", err=True)
             raise typer.Exit(130) from None
-        except (BrokerUnavailable, KeyError, LedgerError) as exc:
+        except (BrokerUnavailable, KeyError) as exc:
             fail(str(exc).strip("'\""))
         finally:
             signal.signal(signal.SIGTERM, old)
             store.close()
         typer.echo(f"ingested {stats.records} events in {stats.batches} transactions "
                    f"({stats.rate:,.0f} events/s); {len(stats.findings)} integrity findings")
+        if stats.deletions or stats.erased_rows:
+            typer.echo(f"applied {len(stats.deletions)} compliance.deletion events"
+                       f"{' (' + ', '.join(dict.fromkeys(stats.deletions)) + ')' if stats.deletions else ''}; "
+                       f"{stats.erased_rows} rows of erased subjects deleted with evidence")
         for f in stats.findings[:20]:
             typer.echo(f"FINDING {f.describe()}")
         if stats.findings:
@@ -121,16 +187,13 @@ def register(app: typer.Typer) -> None:
                   key_file: Optional[Path] = KeyOpt, postgres: Optional[str] = PgOpt,
                   schema: str = SchemaOpt) -> None:
         """Delete rows past their retention_expiry in one transaction, with evidence in deletion_events."""
-        from ledger import LedgerError, purge_expired
+        from ledger import purge_expired
 
         s = Settings.load(home=home)
-        store = open_ledger(s, ledger, key_file, postgres, schema)
+        store = open_ledger(s, ledger, key_file, postgres, schema, need="purge")
         try:
-            summary = purge_expired(store, now)
-        except LedgerError as exc:
-            fail(str(exc))
-        except Exception as exc:  # noqa: BLE001 - the database's refusal, e.g. a future cutoff on PostgreSQL
-            fail(f"purge refused: {str(exc).strip()}")
+            with ledger_errors(store, "purge refused: "):  # e.g. a future cutoff on PostgreSQL
+                summary = purge_expired(store, now)
         finally:
             store.close()
         typer.echo(f"purged {summary.total} rows in {len(summary.evidence)} chain ranges: "
@@ -154,14 +217,23 @@ def register(app: typer.Typer) -> None:
                 raise ValueError
         except ValueError:
             fail("--subject-ref must be 64 hex characters (the HMAC-SHA256 pseudonym)")
+        for name, value in (("--request-id", request_id), ("--requester", requester), ("--legal-basis", legal_basis)):
+            if not value.strip():
+                fail(f"an erasure names its {name[2:].replace('-', ' ')}: pass a non-empty {name}; nothing was changed")
         s = Settings.load(home=home)
-        store = open_ledger(s, ledger, key_file, postgres, schema)
+        store = open_ledger(s, ledger, key_file, postgres, schema, need="erase")
         try:
-            summary = erase_subject(store, ref, request_id, requester, legal_basis)
+            with ledger_errors(store):
+                summary = erase_subject(store, ref, request_id, requester, legal_basis)
         finally:
             store.close()
-        typer.echo(f"erased {summary.total} rows of subject {subject_ref[:12]}… (request {request_id}): "
-                   + (", ".join(f"{t}={n}" for t, n in sorted(summary.counts.items()) if n) or "none held"))
+        counts = ", ".join(f"{t}={n}" for t, n in sorted(summary.counts.items()) if n) or "none held"
+        if summary.repeated:
+            typer.echo(f"request {request_id} was already applied to this ledger: its tombstone stands "
+                       f"({summary.total} rows of subject {subject_ref[:12]}…: {counts}); no second tombstone; "
+                       f"{summary.late} rows of the subject stored since deleted under it")
+        else:
+            typer.echo(f"erased {summary.total} rows of subject {subject_ref[:12]}… (request {request_id}): {counts}")
 
     @ledger_app.command("verify")
     def verify_cmd(public_key: Optional[Path] = typer.Option(None, "--public-key",
@@ -179,9 +251,10 @@ def register(app: typer.Typer) -> None:
                 Signer.load(s.signing_key).public_key if s.signing_key.exists() else None)
         except KeyFileError as exc:
             fail(str(exc))
-        store = open_ledger(s, ledger, key_file, postgres, schema)
+        store = open_ledger(s, ledger, key_file, postgres, schema, need="read")
         try:
-            report = verify_ledger(store, key)
+            with ledger_errors(store):
+                report = verify_ledger(store, key)
         finally:
             store.close()
         for line in report.lines():
@@ -196,14 +269,17 @@ def register(app: typer.Typer) -> None:
                     key_file: Optional[Path] = KeyOpt, postgres: Optional[str] = PgOpt, schema: str = SchemaOpt,
                     bootstrap: Optional[str] = BootOpt, prefix: Optional[str] = PrefixOpt) -> None:
         """Drop the ledger and materialize it again from the topics; prints the content hash before and after."""
-        from ledger import LedgerError, SqliteLedger, drop_sqlite, rebuild
+        from ledger import SqliteLedger, drop_sqlite, rebuild
 
         if not yes:
             fail("rebuild drops the ledger and reads every topic again; pass --yes to confirm")
         s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
-        old = open_ledger(s, ledger, key_file, postgres, schema)
-        before = old.content_hash()
-        old.close()
+        old = open_ledger(s, ledger, key_file, postgres, schema, need="install" if postgres else "read")
+        try:
+            with ledger_errors(old):
+                before = old.content_hash()
+        finally:
+            old.close()
 
         def open_empty():
             if postgres:
@@ -216,14 +292,25 @@ def register(app: typer.Typer) -> None:
             drop_sqlite(path)
             return SqliteLedger(path, _key_provider(s, key_file, create=False))
 
+        from eventlog.kafka import BrokerUnavailable, check_broker
+
         try:
-            store, stats = rebuild(open_empty, s.resolve_bootstrap(), prefix=s.prefix, commit_every=batch)
-        except LedgerError as exc:
-            fail(str(exc))
-        after = store.content_hash()
-        store.close()
+            boot = s.resolve_bootstrap()
+            check_broker(boot)  # before anything is dropped
+            with ledger_errors():
+                store, stats = rebuild(open_empty, boot, prefix=s.prefix, commit_every=batch)
+        except (BrokerUnavailable, KeyError) as exc:
+            fail(str(exc).strip("'\""))
+        try:
+            with ledger_errors(store):
+                after = store.content_hash()
+        finally:
+            store.close()
         typer.echo(f"rebuilt from {stats.records} events; content hash before {before}, after {after}: "
                    f"{'equal' if before == after else 'DIFFERENT (purged or erased rows differ from the topics)'}")
+        if stats.deletions or stats.erased_rows:
+            typer.echo(f"applied {len(stats.deletions)} compliance.deletion events; "
+                       f"{stats.erased_rows} rows of erased subjects deleted with evidence")
 
     @app.command("report")
     def report_cmd(run: str = typer.Option(..., "--run", help="run id"),
@@ -236,9 +323,10 @@ def register(app: typer.Typer) -> None:
         from ledger.report import write_report
 
         s = Settings.load(home=home)
-        store = open_ledger(s, ledger, key_file, postgres, schema)
+        store = open_ledger(s, ledger, key_file, postgres, schema, need="views")
         try:
-            rep = write_report(store, run, out_dir or s.reports / run)
+            with ledger_errors(store):
+                rep = write_report(store, run, out_dir or s.reports / run)
         except LookupError as exc:
             fail(str(exc).strip("'\""))
         finally:

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -210,4 +211,61 @@ def test_cli_an_event_id_stored_with_other_bytes_fails_sync_and_verify(kafka, to
     led = SqliteLedger(tmp_path / "l.db", KEY)
     (raw,), = led.query("SELECT raw FROM joint_actions WHERE event_id = ?", (rec["event_id"],))
     assert bytes(raw) == original
+    led.close()
+
+
+def test_ledger_commands_on_a_wrong_key_a_missing_file_or_no_broker_say_so_in_one_line(kafka, topics, tmp_path):
+    """Issue 14 item 9, SQLCipher: every ledger command against a wrong key, a malformed key, a
+    ledger file that is not there or cannot be made, an empty erasure field, or a broker that does
+    not answer stops with one line and exit 2 (run as a person runs it: no traceback), and changes
+    nothing; `rebuild` checks the broker before it drops anything."""
+    from tests.integration.test_ledger_postgres import assert_one_line, cli
+
+    produce(kafka, topics, make_run("r1"))
+    path = tmp_path / "l.db"
+    led = SqliteLedger(path, KEY)
+    sync(led, kafka.bootstrap, prefix=topics)
+    before = led.content_hash()
+    led.close()
+    key_file = tmp_path / "ledger.key"
+    key_file.write_text(KEY.key.hex())
+    key_file.chmod(0o600)
+    wrong = tmp_path / "wrong.key"
+    wrong.write_text("00" * 32)
+    wrong.chmod(0o600)
+    garbled = tmp_path / "garbled.key"
+    garbled.write_text("zz-not-a-key")
+    garbled.chmod(0o600)
+    here = ["--bootstrap", kafka.bootstrap, "--prefix", topics]
+    ref = ["--subject-ref", "ab" * 32, "--request-id", "r", "--requester", "dpo", "--legal-basis", "b"]
+    commands = [["ledger", "sync", *here], ["ledger", "purge"], ["ledger", "erase", *ref], ["ledger", "verify"],
+                ["ledger", "rebuild", "--yes", *here], ["report", "--run", "r1", "--out", str(tmp_path / "rep")]]
+    (tmp_path / "a-file").write_text("")
+    cases: list[tuple[list[str], tuple[str, ...]]] = []      # (arguments, what its one line names)
+    for args in commands:
+        cases.append(([*args, "--ledger", str(path), "--key-file", str(wrong)], ("does not decrypt", str(path))))
+        if args[1] != "sync":
+            cases.append(([*args, "--ledger", str(tmp_path / "none.db"), "--key-file", str(key_file)],
+                          (f"no ledger at {tmp_path / 'none.db'}", "marlgrc ledger sync")))
+    for args in (commands[0], commands[3]):
+        cases.append(([*args, "--ledger", str(path), "--key-file", str(garbled)], ("must hold a 32-byte key",)))
+    cases.append((["ledger", "sync", *here, "--ledger", str(tmp_path / "a-file" / "l.db"), "--key-file",
+                   str(key_file)], ("cannot open the ledger file", "--ledger")))
+    cases.append((["ledger", "erase", *ref[:-2], "--legal-basis", " ", "--ledger", str(path), "--key-file",
+                   str(key_file)], ("--legal-basis", "nothing was changed")))
+    rebuild_nowhere = ["ledger", "rebuild", "--yes", "--bootstrap", "127.0.0.1:1", "--prefix", topics, "--ledger",
+                       str(path), "--key-file", str(key_file)]
+    with ThreadPoolExecutor(4) as pool:   # processes of their own; each only fails
+        nowhere = pool.submit(cli, *rebuild_nowhere, home=tmp_path)
+        results = list(pool.map(lambda case: cli(*case[0], home=tmp_path), cases))
+        res = nowhere.result()
+    for (args, words), got in zip(cases, results):
+        line = assert_one_line(got, *words)
+        assert "00" * 32 not in line and KEY.key.hex() not in line, args
+    # librdkafka logs its own connection failures on stderr first (eventlog's clients); ours is one line
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert len(errors) == 1 and "Kafka at 127.0.0.1:1 did not answer" in errors[0], res.stderr
+    led = SqliteLedger(path, KEY)
+    assert led.content_hash() == before and led.tombstones() == []      # nothing was changed, nothing dropped
     led.close()

@@ -2,16 +2,23 @@
 then the roles (writer and analyst) proven by connecting as each."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
+from typer.testing import CliRunner
 
 from ledger import Materializer, erase_subject, purge_expired, verify_ledger
+from ledger.keys import KeyFile
 from ledger.postgres import ANALYST, WRITER, PostgresLedger, drop, install
 from tests.unit.test_ledger_storage import RECORDS, SIGNER, SUBJECT_A, LedgerStorageContract, SqliteLedger, KEY
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -116,3 +123,154 @@ def test_postgres_and_sqlcipher_hold_the_same_contents(postgres, schema, tmp_pat
            [(e.chain_id, e.first_seq, e.last_seq, e.merkle_root, e.prev_hash, e.head_hash) for e in e2.evidence]
     assert pg.content_hash() == lite.content_hash()
     pg.close()
+
+
+# ------------------------------------------------------------------ erasure reaches every ledger (issue 14 item 6)
+def test_ledgers_forget_did_not_reach_erase_the_subject_when_they_sync_and_when_rebuilt(kafka, topics, postgres,
+                                                                                       tmp_path, request):
+    """`forget` erases the ledgers it knows (the home's SQLCipher file, one PostgreSQL schema); a
+    SQLCipher file and a schema synced only afterwards apply its compliance.deletion event: no row of
+    the subject, one tombstone for the request. The ledgers forget erased add no second tombstone
+    when they sync the event; `ledger rebuild` from the topics ends the same, with equal contents."""
+    from marlgrc.cli import app
+    from tests.integration.test_producers_kafka import raw_ids
+    from tests.unit.test_ledger_storage import erased_under, subject_rows
+
+    runner = CliRunner()
+    common = ["--bootstrap", kafka.bootstrap, "--prefix", topics, "--home", str(tmp_path)]
+
+    def ok(*args):
+        res = runner.invoke(app, [*args, *common])
+        assert res.exit_code == 0, (args, res.output)
+        return res.output
+
+    ok("run", "--env", "mailbox_v0", "--policy", "heuristic", "--episodes", "1", "--seed", "6", "--no-progress")
+    reached, late = (f"forget_{uuid.uuid4().hex[:8]}", f"late_{uuid.uuid4().hex[:8]}")
+    request.addfinalizer(lambda: (drop(postgres.dsn, reached), drop(postgres.dsn, late)))
+    ok("ledger", "sync")
+    ok("ledger", "sync", "--postgres", postgres.dsn, "--schema", reached)
+    _, users = raw_ids(6, 1)
+    out = ok("forget", "--subject", users[0], "--namespace", "user", "--request-id", "req-L", "--legal-basis",
+             "GDPR Art. 17(1)(a)", "--requester", "dpo", "--ledger-postgres", postgres.dsn, "--schema", reached)
+    ref = bytes.fromhex(out.split("erased subject ", 1)[1].split()[0])
+    key = KeyFile(tmp_path / "keys" / "ledger.key")
+    home_file, late_file = tmp_path / "ledger" / "ledger.db", tmp_path / "late.db"
+
+    def opened():
+        return [SqliteLedger(home_file, key), PostgresLedger(postgres.dsn, reached),
+                SqliteLedger(late_file, key), PostgresLedger(postgres.dsn, late)]
+
+    def check():
+        for led in opened():
+            try:
+                assert subject_rows(led, ref) == 0, led
+                assert [t["request_id"] for t in led.tombstones() if t["kind"] == "erasure"] == ["req-L"], led
+                assert led.count("compliance_deletions") == 1
+                assert erased_under(led, "req-L") > 0, led     # its rows were there, and went with evidence
+                report = verify_ledger(led)
+                assert report.ok, report.lines()
+            finally:
+                led.close()
+
+    out = ok("ledger", "sync", "--ledger", str(late_file), "--batch", "7")
+    assert "applied 1 compliance.deletion events (req-L)" in out
+    out = ok("ledger", "sync", "--postgres", postgres.dsn, "--schema", late, "--batch", "7")
+    assert "applied 1 compliance.deletion events (req-L)" in out
+    ok("ledger", "sync")                                                  # forget erased these two already
+    ok("ledger", "sync", "--postgres", postgres.dsn, "--schema", reached)
+    check()
+    ok("verify", "--ledger")
+
+    for where in (["--ledger", str(late_file)], [], ["--postgres", postgres.dsn, "--schema", late],
+                  ["--postgres", postgres.dsn, "--schema", reached]):
+        out = ok("ledger", "rebuild", "--yes", *where)
+        assert "equal" in out and "DIFFERENT" not in out, out   # the rebuilt ledger holds what the erased one held
+    check()
+
+
+# ------------------------------------------------------------------ one line, exit 2 (issue 14 item 9)
+def cli(*args: str, home) -> subprocess.CompletedProcess:
+    """``marlgrc ARGS`` in a process of its own, as a person runs it: what it prints, not what a
+    test runner catches."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MARLGRC_LEDGER_PG_DSN", "MARLGRC_LEDGER_KEY")}
+    return subprocess.run([sys.executable, "-m", "marlgrc", *args, "--home", str(home)], cwd=ROOT, env={
+        **env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line(res: subprocess.CompletedProcess, *words: str, code: int = 2) -> str:
+    """The command stopped with exit ``code`` and said why in one line, naming ``words``; no traceback."""
+    assert "Traceback" not in res.stderr + res.stdout, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == code and len(lines) == 1 and lines[0].startswith("error: "), (res.returncode, res.stderr)
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def as_role(dsn: str, role: str) -> str:
+    return psycopg.conninfo.make_conninfo(dsn, user=role)
+
+
+def test_ledger_commands_without_a_privilege_or_a_server_say_so_in_one_line(postgres, schema, tmp_path):
+    """Every ledger command run as a role that lacks a privilege it needs stops before it changes
+    anything, with one line: the command, the role, what it lacks, what to do; exit 2. So do a schema
+    that does not exist, a schema name PostgreSQL would not take and a server that does not answer.
+    What a role may do still runs (the controls)."""
+    writer = PostgresLedger(postgres.dsn, schema, user=WRITER)
+    Materializer(writer).ingest(RECORDS, commit_every=100)
+    writer.close()
+    analyst_dsn, writer_dsn = as_role(postgres.dsn, ANALYST), as_role(postgres.dsn, WRITER)
+    at = ["--schema", schema]
+    ref = ["--subject-ref", SUBJECT_A.hex(), "--request-id", "r", "--requester", "dpo", "--legal-basis", "b"]
+    boot = ["--bootstrap", "127.0.0.1:1", "--prefix", "none."]
+    for args in (["ledger", "verify"], ["ledger", "sync", "--no-install", *boot], ["ledger", "purge"],
+                 ["ledger", "erase", *ref], ["ledger", "rebuild", "--yes", *boot]):
+        rebuild = args[1] == "rebuild"
+        assert_one_line(cli(*args, "--postgres", analyst_dsn, *at, home=tmp_path),
+                        f"`marlgrc {' '.join(args[:2])}` cannot run as role {ANALYST}",
+                        *(["ownership of the schema", "superuser"] if rebuild else ["SELECT on every ledger table",
+                                                                                    f"run this as {WRITER}"]))
+    assert_one_line(cli("ledger", "rebuild", "--yes", *boot, "--postgres", writer_dsn, *at, home=tmp_path),
+                    f"cannot run as role {WRITER}", "ownership of the schema", "superuser")
+    assert_one_line(cli("ledger", "sync", *boot, "--postgres", writer_dsn, *at, home=tmp_path),
+                    f"role {WRITER} may not install the ledger schema", "--no-install")
+    assert_one_line(cli("ledger", "verify", "--postgres", postgres.dsn, "--schema", "no_such_schema", home=tmp_path),
+                    "no ledger in schema 'no_such_schema'")
+    assert_one_line(cli("ledger", "verify", "--postgres", postgres.dsn, "--schema", "Not-A-Name", home=tmp_path),
+                    "--schema")
+    gone = psycopg.conninfo.make_conninfo(postgres.dsn, host="127.0.0.1", port="1")
+    assert_one_line(cli("ledger", "verify", "--postgres", gone, *at, home=tmp_path),
+                    "cannot connect to the PostgreSQL ledger", "check the DSN")
+    # nothing was changed by the refused commands, and what each role may do still runs
+    led = PostgresLedger(postgres.dsn, schema)
+    assert led.tombstones() == [] and led.count("joint_actions") == 24
+    led.close()
+    res = cli("ledger", "verify", "--postgres", writer_dsn, *at, home=tmp_path)
+    assert res.returncode == 0 and "ledger verifies" in res.stdout, res.stderr
+    res = cli("report", "--run", "r1", "--out", str(tmp_path / "rep"), "--postgres", analyst_dsn, *at, home=tmp_path)
+    assert res.returncode == 0 and (tmp_path / "rep" / "summary.txt").exists(), res.stderr
+    res = cli("ledger", "erase", *ref, "--postgres", writer_dsn, *at, home=tmp_path)
+    assert res.returncode == 0 and "erased 2 rows" in res.stdout, res.stderr
+    res = cli("ledger", "erase", *ref, "--postgres", writer_dsn, *at, home=tmp_path)    # the same request again
+    assert res.returncode == 0 and "request r was already applied" in res.stdout, res.stderr
+    led = PostgresLedger(postgres.dsn, schema)
+    assert [t["request_id"] for t in led.tombstones()] == ["r"]
+    led.close()
+
+
+def test_verify_ledger_as_the_analyst_says_so_in_one_line(postgres, tmp_path):
+    """`marlgrc verify --ledger --ledger-postgres DSN` (the schema named ledger) as the analyst: one
+    line and exit 2, not a traceback. A database of its own, so its `ledger` schema is this test's."""
+    db = f"marlgrc_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {db}")
+    try:
+        dsn = psycopg.conninfo.make_conninfo(postgres.dsn, dbname=db)
+        install(dsn, "ledger")
+        res = cli("verify", "--ledger", "--ledger-postgres", as_role(dsn, ANALYST), home=tmp_path)
+        assert_one_line(res, f"`marlgrc verify` cannot run as role {ANALYST}", "SELECT on every ledger table", WRITER)
+        res = cli("verify", "--ledger", "--ledger-postgres", as_role(dsn, WRITER), home=tmp_path)
+        assert res.returncode == 0 and "ledger verifies" in res.stdout, res.stderr
+    finally:
+        with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
