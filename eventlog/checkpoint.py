@@ -2,6 +2,7 @@
 checkpoint and the chain head, signed with Ed25519 (docs/HASHING.md, "Checkpoints")."""
 from __future__ import annotations
 
+import json
 import os
 import struct
 from dataclasses import dataclass
@@ -166,3 +167,88 @@ def signature_valid(public_key: Ed25519PublicKey, statement: CheckpointStatement
         return True
     except InvalidSignature:
         return False
+
+
+# --- signed files (exported policies): one signature file beside the file, checked before use ---
+
+SIGNED_FILE_TAG = b"marlgrc.signed-file.v1\n"
+SIGNED_FILE_FORMAT = "marlgrc-signed-file/1"
+ONNX_POLICY_KIND = "onnx-policy"  # an exported policy (learners.export writes it, producers.policies reads it)
+
+
+class SignedFileError(RuntimeError):
+    """A signed file has no signature beside it, is signed by another key, or holds other bytes than
+    the ones that were signed. The message names the file, what failed and what to do."""
+
+
+def signature_path(path: Path) -> Path:
+    """Where a file's signature lives: ``PATH.sig.json``."""
+    return Path(str(path) + ".sig.json")
+
+
+def sign_file(path: Path, signer: Signer, kind: str, subject: str, context: dict) -> Path:
+    """Sign the bytes of ``path`` as it is now; writes ``PATH.sig.json`` and returns its path.
+
+    The statement is the canonical JSON (sorted keys, no spaces, ASCII) of ``kind``, ``subject`` (what
+    the file is, in words), ``file_sha256``, ``file_size``, ``key_id`` and ``context``; the signature is
+    Ed25519 over ``SIGNED_FILE_TAG`` followed by exactly those statement bytes, which the signature file
+    keeps as a string, so a verifier checks them as written and never re-encodes anything.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    statement = json.dumps({"kind": kind, "subject": subject, "file_sha256": sha256(data).hexdigest(),
+                            "file_size": len(data), "key_id": signer.key_id.hex(), "context": context},
+                           sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    record = {"format": SIGNED_FILE_FORMAT, "statement": statement,
+              "signature": signer.sign_bytes(SIGNED_FILE_TAG + statement.encode("ascii")).hex()}
+    out = signature_path(path)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out)
+    return out
+
+
+def read_signed_file(path: Path, public_key: Ed25519PublicKey, kind: str, remedy: str) -> tuple[bytes, dict]:
+    """The bytes of ``path`` and its signed statement, after checking, in this order: the signature file
+    exists and is well formed, its key id is the trusted key's, the Ed25519 signature verifies with
+    that key, it signs a ``kind``, and the SHA-256 of the bytes read is the signed one. Raises
+    SignedFileError otherwise (``remedy`` says what to do). Use the returned bytes, not the file: they
+    are the ones that were checked."""
+    path = Path(path)
+    sig = signature_path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SignedFileError(f"cannot read {path}: {exc.strerror}") from None
+    if not sig.exists():
+        raise SignedFileError(f"{path} has no signature ({sig.name} is missing beside it), so it is not used; {remedy}")
+    try:
+        record = json.loads(sig.read_text())
+        if record.get("format") != SIGNED_FILE_FORMAT:
+            raise ValueError(f"format {record.get('format')!r}, not {SIGNED_FILE_FORMAT!r}")
+        text = record["statement"]
+        signature = bytes.fromhex(record["signature"])
+        statement = json.loads(text)
+        signed_kid, signed_sha = statement["key_id"], statement["file_sha256"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SignedFileError(f"{path}: its signature file {sig.name} is damaged ({exc}), so the file is not used; "
+                              f"{remedy}") from None
+    trusted = key_id(public_key).hex()
+    if signed_kid != trusted:
+        raise SignedFileError(f"{path}: signed by key {str(signed_kid)[:16]}…, not the trusted key {trusted[:16]}…, "
+                              f"so it is not used; if you trust its signer, pass the signer's public key "
+                              f"(--public-key PEM; `marlgrc public-key` in the signer's home prints it); "
+                              f"otherwise {remedy}")
+    try:
+        public_key.verify(signature, SIGNED_FILE_TAG + text.encode("utf-8"))
+    except (InvalidSignature, ValueError):
+        raise SignedFileError(f"{path}: the Ed25519 signature in {sig.name} does not verify with the trusted key "
+                              f"{trusted[:16]}…: the signature file was altered; {remedy}") from None
+    if statement.get("kind") != kind:
+        raise SignedFileError(f"{path}: {sig.name} signs a {statement.get('kind')!r}, not a {kind!r}; {remedy}")
+    actual = sha256(data).hexdigest()
+    if actual != signed_sha:
+        raise SignedFileError(f"{path}: its bytes have SHA-256 {actual[:16]}…, but {sig.name} signs "
+                              f"{str(signed_sha)[:16]}… ({statement.get('subject', '?')}): the file was changed "
+                              f"after it was signed, or {sig.name} belongs to another file. It is not used; {remedy}")
+    return data, statement
