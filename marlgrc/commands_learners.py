@@ -22,7 +22,8 @@ def register(app: typer.Typer) -> None:
               seed: int = typer.Option(1, "--seed"),
               updates: int = typer.Option(1, "--updates", help="updates over the replayed episodes"),
               resume: Optional[Path] = typer.Option(None, "--resume", help="signed checkpoint to resume from"),
-              onnx: Optional[Path] = typer.Option(None, "--onnx", help="also export the policy to this ONNX file"),
+              onnx: Optional[Path] = typer.Option(None, "--onnx", help="also export the greedy policy to this ONNX "
+                                                  "file, signed with the home's key (OUT.sig.json beside it)"),
               out: Optional[Path] = typer.Option(None, "--out", help="checkpoint path (default HOME/checkpoints/RUN__ALGO__SEED)"),
               bundle: Optional[Path] = typer.Option(None, "--bundle", help="read an exported bundle instead of Kafka"),
               public_key: Optional[Path] = typer.Option(None, "--public-key", help="trusted Ed25519 public key (PEM)"),
@@ -90,11 +91,13 @@ def register(app: typer.Typer) -> None:
             write_bundle(Path(str(base) + ".updates"), records_from_memory(sink.sent),
                          public_key_pem=public_key_pem(signer.public_key))
         if onnx is not None:
-            export_onnx(learner, onnx)
+            # signed like the checkpoint, with the home's key; the signature names the policy.update
+            # event of this version (its lineage), and OnnxPolicy checks it before ONNX Runtime runs it
+            export_onnx(learner, onnx, signer, policy_update=events[-1] if events else None)
         typer.echo(f"run {replay.spec.run_id}: {len(replay.episodes)} episodes, {replay.env_steps} steps "
                    f"(verified={replay.verified}); {algo} {learner.version}, {learner.optimizer_steps} optimizer steps; "
                    f"{len(events)} policy.update event(s); checkpoint {base}.pt"
-                   + (f"; onnx {onnx}" if onnx else ""))
+                   + (f"; onnx {onnx} (signature {onnx}.sig.json)" if onnx else ""))
 
     @app.command("train-online")
     def train_online_cmd(

@@ -50,8 +50,10 @@ def test_agents_with_fewer_actions_never_get_an_action_they_lack(name, tmp_path)
     import numpy as np
     import torch
 
+    from eventlog.checkpoint import Signer
     from learners import algorithm
-    from learners.export import OnnxPolicy, export_onnx, greedy_module
+    from learners.export import export_onnx, greedy_module
+    from producers.policies import OnnxPolicy
 
     spec = _mixed_spec()
     assert spec.n_actions == 5 and spec.action_mask().tolist() == [[1, 1, 1, 0, 0], [1] * 5, [1, 1, 0, 0, 0]]
@@ -68,7 +70,8 @@ def test_agents_with_fewer_actions_never_get_an_action_they_lack(name, tmp_path)
     # the exported greedy policy masks too, and equals torch's
     x = np.concatenate([rng.uniform(-3, 3, (600, spec.obs_dim)).astype(np.float32),
                         np.eye(3, dtype=np.float32)[np.arange(600) % 3]], 1)
-    pol = OnnxPolicy(export_onnx(learner, tmp_path / "p.onnx"), spec, learner.version)
+    signer = Signer.generate()
+    pol = OnnxPolicy(export_onnx(learner, tmp_path / "p.onnx", signer), signer.public_key)
     got = pol.actions(x)
     with torch.no_grad():
         assert np.array_equal(got, greedy_module(learner)(torch.as_tensor(x)).numpy())
