@@ -41,16 +41,18 @@ def _counted(records: Iterable[Record], progress: Callable[[int], None] | None, 
 
 def verify_kafka(bootstrap: str, *, prefix: str = "", run_id: str | None = None,
                  topics: Iterable[str] = DATA_TOPICS, public_key: Ed25519PublicKey | None = None,
-                 trusted: TrustedState | None = None, progress: Callable[[int], None] | None = None
-                 ) -> tuple[Report, Verifier]:
+                 trusted: TrustedState | None = None, require_signed: bool = False,
+                 progress: Callable[[int], None] | None = None) -> tuple[Report, Verifier]:
     """Verify the chains on ``topics`` (all data topics by default), or only those of ``run_id``,
-    against the signed checkpoints on marl.audit.checkpoints."""
-    v = Verifier(public_key, trusted)
+    against the signed checkpoints on marl.audit.checkpoints (``require_signed``: every event must
+    be covered by one)."""
+    topics = list(topics)
+    v = Verifier(public_key, trusted, require_signed=require_signed, topics=topics)
     v.add_checkpoints(_of_run(read_records(bootstrap, [CHECKPOINT_TOPIC], prefix=prefix), run_id))
     if run_id is not None:
-        v.feed(_counted(_of_run(read_records(bootstrap, list(topics), prefix=prefix), run_id), progress))
+        v.feed(_counted(_of_run(read_records(bootstrap, topics, prefix=prefix), run_id), progress))
     else:  # whole topics: the Kafka fast path, no Record per message
-        for msgs in message_batches(bootstrap, list(topics), prefix=prefix):
+        for msgs in message_batches(bootstrap, topics, prefix=prefix):
             v.feed_messages(msgs, prefix)
             if progress is not None:
                 progress(len(msgs))

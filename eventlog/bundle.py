@@ -34,7 +34,11 @@ ENTRY_SCHEMA = fastavro.parse_schema({
 
 
 class BundleError(RuntimeError):
-    """A bundle is missing a part or does not match its manifest."""
+    """A bundle is missing a part, is damaged or does not match its manifest."""
+
+
+class NotABundle(BundleError):
+    """A folder that holds no bundle at all (no manifest.json)."""
 
 
 MANIFEST_TAG = b"marlgrc.bundle.v1\n"
@@ -53,8 +57,8 @@ def write_bundle(out_dir: Path, records: Iterable[Record], *, public_key_pem: by
     the count per topic, is signed: then even dropping the newest checkpoint, which no chain can
     reveal, is caught."""
     out = Path(out_dir)
+    recs = list(records)  # read everything first: a source that fails leaves no folder behind
     out.mkdir(parents=True, exist_ok=True)
-    recs = list(records)
     # checkpoints first, then one chain after another, each in offset order: a verifier reads the
     # signed statements before the events and hashes each chain in one pass
     recs.sort(key=lambda r: (r.topic != "marl.audit.checkpoints", r.topic, r.key, r.partition, r.offset))
@@ -102,7 +106,7 @@ def read_manifest(bundle_dir: Path) -> dict:
     """The bundle's manifest, checked against ``Manifest``; a BundleError says what is wrong with it."""
     path = Path(bundle_dir) / "manifest.json"
     if not path.exists():
-        raise BundleError(f"{bundle_dir} is not a marlgrc bundle: no manifest.json (create one with `marlgrc export`)")
+        raise NotABundle(f"{bundle_dir} is not a marlgrc bundle: no manifest.json (create one with `marlgrc export`)")
     try:
         manifest = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:

@@ -1,6 +1,7 @@
 """Thin Kafka adapters (confluent-kafka): idempotent producer, read-committed reader, topic admin."""
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 from typing import Iterable, Iterator, NamedTuple
@@ -36,9 +37,33 @@ def _unavailable(bootstrap: str, what: str, exc: object) -> BrokerUnavailable:
         f"(or `docker compose -f compose/docker-compose.yml up -d`) and pass its address with --bootstrap.")
 
 
+def probe(bootstrap: str, timeout: float = 3.0) -> None:
+    """Raise BrokerUnavailable at once when nothing accepts a TCP connection at any bootstrap address
+    (a closed port is refused in microseconds; librdkafka would retry until its timeout)."""
+    refused = []
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout):
+                return
+        except (OSError, ValueError) as exc:
+            refused.append(f"{server.strip()}: {exc}")
+    raise _unavailable(bootstrap, "connecting", "; ".join(refused))
+
+
+# Readers and admin clients log only librdkafka's critical lines: a broker that does not answer is
+# reported once, by the BrokerUnavailable the caller gets, not by a line per connection attempt.
+_QUIET = {"log_level": 2}
+
+
+def _admin(bootstrap: str) -> AdminClient:
+    return AdminClient({"bootstrap.servers": bootstrap, **_QUIET})
+
+
 def check_broker(bootstrap: str, timeout: float = 10.0) -> None:
+    probe(bootstrap)
     try:
-        AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=timeout)
+        _admin(bootstrap).list_topics(timeout=timeout)
     except KafkaException as exc:
         raise _unavailable(bootstrap, "listing topics", exc) from None
 
@@ -46,7 +71,8 @@ def check_broker(bootstrap: str, timeout: float = 10.0) -> None:
 def ensure_topics(bootstrap: str, prefix: str = "", specs: Iterable[TopicSpec] | None = None,
                   timeout: float = 30.0) -> list[str]:
     """Create the marl.* topics with explicit configs where missing; return the ones created."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    probe(bootstrap)
+    admin = _admin(bootstrap)
     try:
         existing = set(admin.list_topics(timeout=timeout).topics)
     except KafkaException as exc:
@@ -177,7 +203,7 @@ def _consumer(bootstrap: str, **extra) -> Consumer:
         # first metadata request waits ~50 ms (librdkafka's connection suppression) after the
         # bootstrap connection is replaced by the broker's own
         "enable.sparse.connections": False,
-        "log_level": 3,
+        **_QUIET,
     }
     conf.update(extra)
     return Consumer(conf)
@@ -187,7 +213,9 @@ def partitions_of(bootstrap: str, topics: Iterable[str], prefix: str = "", timeo
                   client: Consumer | AdminClient | None = None) -> list[TopicPartition]:
     """Every partition of ``topics``, in order; the metadata comes from ``client`` (a consumer
     about to read them saves a connection) or from a new AdminClient."""
-    client = client or AdminClient({"bootstrap.servers": bootstrap})
+    if client is None:
+        probe(bootstrap)
+        client = _admin(bootstrap)
     try:
         md = client.list_topics(timeout=timeout)
     except KafkaException as exc:
@@ -242,6 +270,7 @@ def message_batches(bootstrap: str, topics: Iterable[str], *, prefix: str = "",
     every partition's position reaches the end offset seen at the start (or ``end_offsets``).
     A batch may hold messages past a partition's end (written since); ``read_records`` drops them.
     ``ends_out``, if given, receives {(physical topic, partition): end offset}."""
+    probe(bootstrap)
     consumer = _consumer(bootstrap)
     try:
         assign, ends, remaining = _plan(consumer, bootstrap, topics, prefix, start_offsets, start_timestamp_ms,

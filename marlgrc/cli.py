@@ -12,9 +12,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .config import BootOpt, HomeOpt, PrefixOpt, Settings
-from .errors import fail
+from .errors import Commands, fail
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True,
                   help="Event-sourced, audit-first multi-agent RL on Apache Kafka.")
 console = Console(stderr=True)
 out = Console() if Console().is_terminal else Console(width=160)
@@ -152,10 +152,16 @@ def verify(run: Optional[str] = typer.Option(None, "--run", help="only the chain
            ledger_file: Optional[Path] = typer.Option(None, "--ledger-file", help="SQLCipher ledger (default HOME/ledger/ledger.db)"),
            ledger_key_file: Optional[Path] = typer.Option(None, "--ledger-key-file"),
            ledger_pg: Optional[str] = typer.Option(None, "--ledger-postgres", envvar="MARLGRC_LEDGER_PG_DSN"),
+           schema: str = typer.Option("ledger", "--schema", help="PostgreSQL schema of the --ledger-postgres ledger"),
+           require_signed: Optional[bool] = typer.Option(
+               None, "--require-signed/--allow-unsigned",
+               help="every event must be covered by a signed checkpoint (default: with --bundle and --public-key; "
+                    "otherwise only a finished run's events must be)"),
            home: Optional[Path] = HomeOpt, bootstrap: Optional[str] = BootOpt, prefix: Optional[str] = PrefixOpt) -> None:
-    """Verify hash chains and signed checkpoints, of Kafka topics, a bundle or the ledger. Exit 1 on any break."""
+    """Verify hash chains and signed checkpoints, of Kafka topics, a bundle or the ledger. Exit 1 on any break
+    (a damaged bundle too); exit 2 when it could not read what it was asked to verify."""
     from eventlog.audit import verify_bundle, verify_kafka
-    from eventlog.bundle import BundleError
+    from eventlog.bundle import BundleError, NotABundle
     from eventlog.kafka import BrokerUnavailable
     from eventlog.verify import TrustedState
 
@@ -166,7 +172,7 @@ def verify(run: Optional[str] = typer.Option(None, "--run", help="only the chain
 
         from .commands_ledger import open_ledger
 
-        store = open_ledger(s, ledger_file, ledger_key_file, ledger_pg, "ledger")
+        store = open_ledger(s, ledger_file, ledger_key_file, ledger_pg, schema)
         lrep = verify_ledger(store, key)
         for line in lrep.lines():
             out.print(line, highlight=False)
@@ -179,11 +185,18 @@ def verify(run: Optional[str] = typer.Option(None, "--run", help="only the chain
             task = bar.add_task("events", total=None)
             tick = lambda n: bar.advance(task, n)  # noqa: E731
             if bundle is not None:
-                report, verifier = verify_bundle(bundle, public_key=key, trusted=state, run_id=run, progress=tick)
+                # a key given with --public-key is pinned: the manifest must be signed with it
+                report, verifier = verify_bundle(bundle, public_key=key, pinned=public_key is not None,
+                                                 require_signed=require_signed, trusted=state, run_id=run,
+                                                 progress=tick)
             else:
                 report, verifier = verify_kafka(s.resolve_bootstrap(), prefix=s.prefix, run_id=run, public_key=key,
-                                                trusted=state, progress=tick)
-    except (BundleError, BrokerUnavailable, KeyError) as exc:
+                                                trusted=state, require_signed=bool(require_signed), progress=tick)
+    except NotABundle as exc:
+        fail(str(exc))
+    except BundleError as exc:  # damaged or incomplete: it does not verify
+        fail(f"the bundle does not verify: {exc}", 1)
+    except (BrokerUnavailable, KeyError) as exc:
         fail(str(exc).strip("'\""))
     if as_json:
         out.print_json(report.to_json())

@@ -16,15 +16,16 @@ from .errors import fail
 console = Console(stderr=True)
 
 
-def _start_faust_fairness(bootstrap: str, prefix: str, metrics_port: int):
-    """The faust fairness app as a child ``faust worker`` process (faust owns its event loop)."""
+def _start_faust_fairness(bootstrap: str, prefix: str, metrics_port: int, signing_key: Path):
+    """The faust fairness app as a child ``faust worker`` process (faust owns its event loop), signing
+    its chains with ``signing_key``."""
     import os
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "MARLGRC_BOOTSTRAP": bootstrap, "MARLGRC_TOPIC_PREFIX": prefix,
-           "MARLGRC_METRICS_PORT": str(metrics_port or 0),
+           "MARLGRC_METRICS_PORT": str(metrics_port or 0), "MARLGRC_SIGNING_KEY": str(signing_key),
            "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
     console.print("starting the faust fairness app (stream_processors.faust_fairness)"
                   + (f"; metrics on http://127.0.0.1:{metrics_port}/metrics" if metrics_port else ""))
@@ -74,11 +75,11 @@ def register(app: typer.Typer) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         console.print(f"processing {s.prefix or ''}marl.* on {boot} as {name!r}"
                       + (f"; metrics on http://127.0.0.1:{metrics_port}/metrics" if metrics_port else ""))
-        child = _start_faust_fairness(boot, s.prefix, (metrics_port + 1) if metrics_port else 0) \
+        signing_key = s.signing_key
+        Signer.load_or_create(signing_key)   # the producers' key: one key for auditors to pin
+        child = _start_faust_fairness(boot, s.prefix, (metrics_port + 1) if metrics_port else 0, signing_key) \
             if faust_fairness else None
         try:
-            signing_key = s.signing_key
-            Signer.load_or_create(signing_key)   # the producers' key: one key for auditors to pin
             serve(WorkerConfig(boot, s.prefix, name, batch, default_env=default_env,
                                metrics_port=metrics_port or None, signing_key=str(signing_key)))
         except (KafkaException, OSError, RuntimeError) as exc:
@@ -100,6 +101,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Apply the rules to a run's replayed joint actions; same input and rule version give the
         live processor's outputs."""
+        from eventlog.checkpoint import Signer
         from eventlog.kafka import BrokerUnavailable, DeliveryError, EventProducer
         from stream_processors.replay import payload_fields, reprocess as replay
         from stream_processors.rules import RULE_SETS
@@ -113,7 +115,8 @@ def register(app: typer.Typer) -> None:
         try:
             events = replay(boot, run, prefix=s.prefix, rules_override=rules, default_env=default_env,
                             credit_stream=f"credit:{tag}" if write else "credit",
-                            fairness_stream=f"fairness:{tag}" if write else "fairness", start_timestamp_ms=since_ms)
+                            fairness_stream=f"fairness:{tag}" if write else "fairness", start_timestamp_ms=since_ms,
+                            signer=Signer.load_or_create(s.signing_key) if write else None)
         except (BrokerUnavailable, KeyError) as exc:
             fail(str(exc).strip("'\""))
         if not any(e.topic == "marl.di.credit" for e in events):

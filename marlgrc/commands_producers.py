@@ -47,12 +47,13 @@ def _ledger_steps(s: Settings, ledger: Optional[Path], key_file: Optional[Path],
     targets = []
     path = ledger or s.ledger_file
     if path.exists():
-        targets.append((f"ledger:{path}", "ledger", lambda: open_ledger(s, path, key_file, None, "ledger")))
+        targets.append((f"ledger:{path}", "ledger",
+                        lambda: open_ledger(s, path, key_file, None, "ledger", need="erase")))
     elif ledger is not None:
         fail(f"no ledger at {ledger}; nothing was changed", 2)
     if pg:
         targets.append((f"ledger:postgres:{schema}", "ledger.postgres",
-                        lambda: open_ledger(s, None, None, pg, schema)))
+                        lambda: open_ledger(s, None, None, pg, schema, need="erase")))
     for _, _, opener in targets:
         _close(opener())
 
@@ -95,11 +96,30 @@ def publish_step(s: Settings, bootstrap: str) -> tuple[str, Callable]:
     return "kafka.compliance_deletion", publish
 
 
+def _onnx_policy(s: Settings, path: str, public_key: Optional[Path], env: Any):
+    """``--policy onnx:PATH``: the exported policy, after its signature checks out against ``public_key``
+    (default: the home's signing key's public key); any failure stops the command with one line, exit 2."""
+    from eventlog.checkpoint import SignedFileError, load_public_key
+    from producers.policies import OnnxPolicy, PolicyFileError
+
+    if not path:
+        fail("--policy onnx:PATH needs the path of an ONNX file exported by `marlgrc train --onnx`")
+    try:
+        key = load_public_key(public_key) if public_key else Signer.load_or_create(s.signing_key).public_key
+        return OnnxPolicy(Path(path), key, env)
+    except (SignedFileError, KeyFileError, PolicyFileError) as exc:
+        fail(str(exc))
+
+
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run_cmd(
         env: str = typer.Option(..., "--env", help="mailbox_v0 | sandbox_v0 | simple_spread_v3 | module:factory"),
-        policy: str = typer.Option("random", "--policy", help="random | heuristic"),
+        policy: str = typer.Option("random", "--policy", help="random | heuristic | onnx:PATH (a policy exported "
+                                   "by `marlgrc train --onnx`, used only if its signature checks out)"),
+        policy_key: Optional[Path] = typer.Option(None, "--public-key", help="with --policy onnx:PATH: the trusted "
+                                                  "Ed25519 public key (PEM) its signature must verify with "
+                                                  "(default: the home's signing key)"),
         episodes: int = typer.Option(1, "--episodes", min=0),
         seed: int = typer.Option(0, "--seed"),
         env_arg: list[str] = typer.Option([], "--env-arg", help="factory argument name=value (repeatable)"),
@@ -118,13 +138,13 @@ def register(app: typer.Typer) -> None:
         try:
             kwargs = parse_env_args(env_arg)
         except ValueError as exc:
-            fail(str(exc), 1)
+            fail(str(exc))
         if algo is not None:
             from .training import MEMORY, run_training
 
             if s.bootstrap == MEMORY:
                 fail("`marlgrc run` writes to Kafka; for events kept in memory use `marlgrc train-online "
-                     "--bootstrap memory`", 1)
+                     "--bootstrap memory`")
             res = run_training(s, env=env, algo=algo, seed=seed, iterations=iterations, env_args=kwargs,
                                max_steps=max_steps, say=lambda line: typer.echo(line, err=True))
             typer.echo(res.run_id)
@@ -136,14 +156,17 @@ def register(app: typer.Typer) -> None:
         from eventlog.log import EventLog
         from producers.envs import EnvError, resolve_env
         from producers.harness import HarnessError, run_episodes
-        from producers.policies import builtin_policy
+        from producers.policies import ONNX_PREFIX, builtin_policy
 
         try:
             spec = resolve_env(env)
             the_env = spec.factory(**kwargs)
-            the_policy = builtin_policy(policy, the_env, seed)
+            if policy.startswith(ONNX_PREFIX):
+                the_policy = _onnx_policy(s, policy[len(ONNX_PREFIX):], policy_key, the_env)
+            else:
+                the_policy = builtin_policy(policy, the_env, seed)
         except (EnvError, ValueError, TypeError) as exc:
-            fail(str(exc), 1)
+            fail(str(exc))
         protector, keys = None, None
         try:
             if hasattr(the_env, "subject_fields"):
@@ -151,8 +174,15 @@ def register(app: typer.Typer) -> None:
                 protector = FieldProtector(keys)
             signer = Signer.load_or_create(s.signing_key)
         except (PrivacyError, KeyFileError) as exc:
-            fail(str(exc), 1)
-        run_id = f"{spec.env_id}__{policy}__{seed}__{int(time.time())}__{uuid.uuid4().hex[:6]}"
+            fail(str(exc))
+        label, policy_config = policy, policy
+        if policy.startswith(ONNX_PREFIX):  # a run id names no path; run.started names the file and its signature
+            label = "onnx"
+            st = the_policy.statement
+            policy_config = {"onnx": str(the_policy.path), "file_sha256": st["file_sha256"],
+                             "signer_key_id": st["key_id"], "policy_version": the_policy.version,
+                             "trained_on_run": st["context"].get("run_id")}
+        run_id = f"{spec.env_id}__{label}__{seed}__{int(time.time())}__{uuid.uuid4().hex[:6]}"
         console = Console(stderr=True)
         try:
             boot = s.resolve_bootstrap()
@@ -165,12 +195,14 @@ def register(app: typer.Typer) -> None:
                 task = bar.add_task(f"{spec.env_id} steps", total=episodes * steps_hint if steps_hint else None)
                 summary = run_episodes(the_env, the_policy, log, episodes=episodes, seed=seed, env_id=spec.env_id,
                                        env_version=spec.env_version,
-                                       config={"env_spec": spec.spec, "env_args": kwargs, "policy": policy,
+                                       config={"env_spec": spec.spec, "env_args": kwargs, "policy": policy_config,
                                                "max_steps": max_steps},
                                        progress=lambda n: bar.advance(task, n), protector=protector,
                                        max_steps=max_steps)
             log.close()
-        except (BrokerUnavailable, DeliveryError, HarnessError) as exc:
+        except (BrokerUnavailable, DeliveryError) as exc:
+            fail(str(exc))
+        except HarnessError as exc:  # the env or the policy failed mid-run: what was written still verifies
             fail(str(exc), 1)
         finally:
             if keys is not None:

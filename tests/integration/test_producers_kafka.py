@@ -143,10 +143,10 @@ def test_run_errors_are_one_line(kafka, tmp_path):
     register(app)
     res = CliRunner().invoke(app, ["run", "--env", "no_such_module:thing", "--home", str(tmp_path),
                                    "--bootstrap", kafka.bootstrap])
-    assert res.exit_code == 1 and "cannot import no_such_module" in res.output
+    assert res.exit_code == 2 and "cannot import no_such_module" in res.output  # bad input: could not run
     res = CliRunner().invoke(app, ["run", "--env", "mpe2.simple_spread_v3:parallel_env", "--policy", "heuristic",
                                    "--home", str(tmp_path), "--bootstrap", kafka.bootstrap])
-    assert res.exit_code == 1 and "heuristic_action" in res.output
+    assert res.exit_code == 2 and "heuristic_action" in res.output
 
 
 def test_cli_runs_any_installed_parallel_env(kafka, topics, tmp_path):

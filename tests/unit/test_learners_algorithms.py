@@ -13,9 +13,9 @@ from eventlog.codec import default_codec
 from eventlog.log import EventLog, MemorySink
 from learners import algorithms
 from learners.checkpoint import CheckpointError, learner_from_checkpoint, load_checkpoint, save_checkpoint
-from learners.export import OnnxPolicy, export_onnx, greedy_module
+from learners.export import export_onnx, greedy_module
 from learners.lineage import emit_policy_update
-from producers.policies import RandomPolicy
+from producers.policies import OnnxPolicy, RandomPolicy
 from tests.unit.test_learners_support import MatchTarget, harness_run, replay_of
 
 CASES = [(n, c) for n, a in sorted(algorithms().items()) for c in ([False, True] if a.continuous_actions else [False])]
@@ -138,8 +138,9 @@ def test_modified_checkpoint_is_refused(replays, tmp_path, key):
 def test_onnx_policy_equals_torch_on_1000_random_observations(name, cont, replays, tmp_path):
     learner = _learner(name, cont, replays)
     learner.update(replays[cont])
-    path = export_onnx(learner, tmp_path / "p.onnx")
-    pol = OnnxPolicy(path, learner.spec, learner.version)
+    signer = Signer.generate()
+    path = export_onnx(learner, tmp_path / "p.onnx", signer)
+    pol = OnnxPolicy(path, signer.public_key)
     spec = learner.spec
     rng = np.random.default_rng(0)
     obs = rng.uniform(-1, 1, (1000, spec.obs_dim)).astype(np.float32)
