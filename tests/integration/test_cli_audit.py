@@ -132,3 +132,46 @@ def test_up_status_down_and_every_command_finds_the_broker_up_started(tmp_path, 
     assert code == 0 and "kafka stopped" in out
     code, out = invoke("status", "--home", home)
     assert code == 1 and "kafka: not running" in out
+
+
+def test_run_process_train_the_flow_of_a_user_who_retrains_from_topics(kafka, topics, tmp_path):
+    """Issue 14 item 7: `marlgrc train` refused every run that had been through `marlgrc process`
+    while `marlgrc verify` found no break. One verifier, one answer: both accept it, signed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from eventlog.kafka import read_records
+
+    root = Path(__file__).resolve().parents[2]
+    common = ["--home", tmp_path, "--bootstrap", kafka.bootstrap, "--prefix", topics]
+    code, out = invoke("run", "--env", "mailbox_v0", "--policy", "heuristic", "--episodes", 2, "--seed", 3,
+                       "--no-progress", *common)
+    assert code == 0, out
+    run = out.strip().splitlines()[-1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    worker = subprocess.Popen([sys.executable, "-m", "marlgrc", "process", "--name", "flow", "--metrics-port", "0",
+                               *map(str, common)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the worker scores every joint action of the run
+            credits = [r for r in read_records(kafka.bootstrap, ["marl.di.credit"], prefix=topics)
+                       if r.key.startswith(f"{run}:")]
+            if len(credits) >= 40:
+                break
+            assert worker.poll() is None, worker.stdout.read().decode()
+            time.sleep(1)
+        assert len(credits) == 40
+    finally:
+        worker.send_signal(signal.SIGINT)
+        try:
+            worker.wait(60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    code, out = invoke("verify", "--run", run, "--require-signed", *common)
+    assert code == 0, out  # every chain of the run, the processor's included, is signed through its head
+    code, out = invoke("train", "--run", run, "--algo", "mappo", *common)
+    assert code == 0, out
+    assert "truncated" not in out
