@@ -1,6 +1,6 @@
 """Produce: events/s of the full path (build header + encode + chain + hash + produce, acks=all,
-with signed checkpoints) against encode + raw produce of the same records on the same broker.
-Targets: ratio >= 0.8 and >= 50,000 events/s.
+with signed checkpoints) beside fastavro encode + raw produce of the same records on the same broker.
+Target: >= 60,000 events/s (pure Python); the ratio is information.
 
     ./dev python bench/bench_produce.py [N]       (PYTHONPATH=. python bench/bench_produce.py)
 """
@@ -61,7 +61,7 @@ def main() -> int:
         t_raw, _ = timed(raw_path, boot, pb, records)
         t_full, sent = timed(full_path, boot, pa, payloads)
     ok = report("produce", events=N, seconds=t_full, limit_name="encode + raw produce (acks=all)",
-                limit_seconds=t_raw, min_ratio=0.8, min_rate=50_000, extra={"sent_incl_checkpoints": sent})
+                limit_seconds=t_raw, min_rate=60_000, extra={"sent_incl_checkpoints": sent})
     return 0 if ok else 1
 
 

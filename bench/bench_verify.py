@@ -1,8 +1,9 @@
-"""Verification speed, two benchmarks in one run:
+"""Verification speed, two benchmarks in one run (pure Python):
 
-1. offline verify of a bundle against hashlib.sha256 over the same event bytes (target ratio >= 0.7);
-   measured both on the entries in memory (the verifier's own cost) and end to end from the file;
-2. verify from Kafka against a raw consume of the same topic (targets ratio >= 0.7, >= 150,000 events/s).
+1. verify from Kafka, beside a raw consume of the same topic: target >= 250,000 events/s;
+2. offline verify of a bundle, end to end from its file: target >= 250,000 events/s; and on its
+   entries in memory (the verifier's own cost). Both beside hashlib.sha256 over the same bytes.
+The ratios to the raw consume and to bare hashing are information, not targets.
 
     ./dev python bench/bench_verify.py [N]        (PYTHONPATH=. python bench/bench_verify.py)
 """
@@ -71,7 +72,7 @@ def main() -> int:
         t_ver, (rep, _) = best_of(3, verify_kafka, boot, prefix=prefix, topics=TOPICS, public_key=signer.public_key)
         assert rep.ok and sum(c.events for c in rep.chains if c.topic == "marl.joint.action") == N
         ok &= report("verify_kafka", events=N, seconds=t_ver, limit_name="raw confluent-kafka consume of the same topic",
-                     limit_seconds=t_raw, min_ratio=0.7, min_rate=150_000)
+                     limit_seconds=t_raw, min_rate=250_000)
         records = list(read_records(boot, [CHECKPOINT_TOPIC, *TOPICS], prefix=prefix))
     folder = Path(tempfile.mkdtemp(prefix="marlgrc-bundle-"))
     try:
@@ -95,11 +96,11 @@ def main() -> int:
         t_mem, rep = timed(verify_in_memory)
         assert rep.ok
         ok &= report("verify_bundle_in_memory", events=len(data), seconds=t_mem,
-                     limit_name="hashlib.sha256 over the same event bytes", limit_seconds=t_sha, min_ratio=0.7)
-        t_file, (rep, _) = timed(verify_bundle, folder, public_key=signer.public_key)
+                     limit_name="hashlib.sha256 over the same event bytes", limit_seconds=t_sha)
+        t_file, (rep, _) = best_of(3, verify_bundle, folder, public_key=signer.public_key)
         assert rep.ok
-        report("verify_bundle_from_file", events=len(data), seconds=t_file,
-               limit_name="hashlib.sha256 over the same event bytes", limit_seconds=t_sha, min_ratio=0.7)
+        ok &= report("verify_bundle_from_file", events=len(data), seconds=t_file,
+                     limit_name="hashlib.sha256 over the same event bytes", limit_seconds=t_sha, min_rate=250_000)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return 0 if ok else 1

@@ -29,11 +29,11 @@ _LOOKAHEAD = 64      # records kept after a break to classify it
 _CHUNK = 2048        # records accepted per call of ``accept_chain``; the last two chunks classify a break
 
 
-def accept_chain(values: list[bytes], prev: bytes, next_seq: int, leaves: bytearray | None) -> tuple[int, bytes]:
+def accept_chain(values: list[bytes], prev: bytes, next_seq: int, leaves: list[bytes] | None) -> tuple[int, bytes]:
     """The verifier's hot loop: accept the longest prefix of a chain's next ``values`` in which each
     event's SHA-256(value[:-32]) equals value[-32:], value[10:42] links to the previous hash (the
     first to ``prev``) and its seq is the one expected (the first ``next_seq``, then one more each).
-    Appends each accepted event's Merkle leaf to ``leaves`` (a bytearray, or None). Returns (number
+    Appends each accepted event's Merkle leaf to ``leaves`` (a list, or None). Returns (number
     accepted, hash of the last accepted).
 
     A varint is prefix-free, so ``value.startswith(long_bytes(seq), 42)`` holds exactly when the
@@ -51,16 +51,12 @@ def accept_chain(values: list[bytes], prev: bytes, next_seq: int, leaves: bytear
         if h != v[-32:]:
             break
         if leaves is not None:
-            leaves += sha256(b"\x00" + h).digest()
+            leaves.append(sha256(b"\x00" + h).digest())
         last = h
         seq += 1
     return seq - next_seq, last
 
 
-def _leaves_root(leaves: bytearray, start: int, count: int) -> bytes:
-    """RFC 6962 root over ``count`` 32-byte leaves of ``leaves`` from leaf ``start``."""
-    mv = memoryview(leaves)
-    return root_from_leaves([bytes(mv[i * 32:(i + 1) * 32]) for i in range(start, start + count)])
 
 
 class BreakKind(str, Enum):
@@ -172,7 +168,7 @@ class _Chain:
     cp_index: int = 0
     loc_index: int = 0
     range_starts: dict = field(default_factory=dict)
-    leaves: bytearray = field(default_factory=bytearray)
+    leaves: list = field(default_factory=list)
     leaves_base: int = 0
     checkpoints_verified: int = 0
     signed_through: int = -1
@@ -303,7 +299,7 @@ class Verifier:
             st.cp_index += 1
             skipped += 1
         st.loc_index = max(st.loc_index, st.cp_index)
-        st.leaves = bytearray()
+        st.leaves = []
         st.leaves_base = next_seq
         st.tails = []
         return skipped
@@ -480,7 +476,8 @@ class Verifier:
             st.cp_index += 1
             if cp.first_seq < st.leaves_base:
                 continue  # range began before the events we read (a partial replay): cannot check it
-            root = _leaves_root(st.leaves, cp.first_seq - st.leaves_base, cp.last_seq - cp.first_seq + 1)
+            start = cp.first_seq - st.leaves_base
+            root = root_from_leaves(st.leaves[start:start + cp.last_seq - cp.first_seq + 1])
             head = values[cp.last_seq - first][-32:] if cp.last_seq >= first else None
             if root != cp.merkle_root or (head is not None and head != cp.head_event_hash):
                 p, o = st.range_starts.get(cp.first_seq, (st.last_partition, st.last_offset))
@@ -493,7 +490,7 @@ class Verifier:
         keep_from = cps[st.cp_index].first_seq if st.cp_index < len(cps) else end
         drop = max(0, min(keep_from, end) - st.leaves_base)
         if drop:
-            del st.leaves[:drop * 32]
+            del st.leaves[:drop]
             st.leaves_base += drop
 
     def _break_at(self, st: _Chain, kind: BreakKind, r: Record, seq: int, detail: str) -> None:
