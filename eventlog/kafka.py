@@ -280,25 +280,31 @@ def message_batches(bootstrap: str, topics: Iterable[str], *, prefix: str = "",
         if not assign:
             return
         consumer.assign(assign)
-        open_parts = dict(ends)
-        # consume(n, timeout) waits until n messages or the timeout: never ask for more than remain
-        idle_since = time.monotonic()
-        while open_parts:
-            msgs = consumer.consume(max(1, min(batch, remaining)), 0.5)
-            remaining -= len(msgs)
-            if msgs:
-                idle_since = time.monotonic()
-                yield msgs
-            elif time.monotonic() - idle_since > timeout:
-                raise BrokerUnavailable(f"no data from {bootstrap} for {timeout:.0f}s while reading "
-                                        f"{sorted(open_parts)}; is the broker up (`marlgrc status`)?")
-            # read_committed: control markers and aborted records take offsets we never see, so the
-            # consumer's position, not the last offset received, says when a partition is done
-            for tp in consumer.position([TopicPartition(t, p) for (t, p) in open_parts]):
-                if tp.offset >= open_parts[(tp.topic, tp.partition)]:
-                    del open_parts[(tp.topic, tp.partition)]
+        yield from _consume(consumer, dict(ends), remaining, batch, timeout, bootstrap)
     finally:
         consumer.close()
+
+
+def _consume(consumer: Consumer, open_parts: dict[tuple[str, int], int], remaining: int, batch: int,
+             timeout: float, bootstrap: str, poll: float = 0.5) -> Iterator[list]:
+    """Batches of Messages from an assigned consumer until each partition's position reaches its end
+    offset in ``open_parts`` ({(physical topic, partition): end}); ``remaining``: how many are expected."""
+    idle_since = time.monotonic()
+    while open_parts:
+        # consume(n, timeout) waits until n messages or the timeout: never ask for more than remain
+        msgs = consumer.consume(max(1, min(batch, remaining)), poll)
+        remaining -= len(msgs)
+        if msgs:
+            idle_since = time.monotonic()
+            yield msgs
+        elif time.monotonic() - idle_since > timeout:
+            raise BrokerUnavailable(f"no data from {bootstrap} for {timeout:.0f}s while reading "
+                                    f"{sorted(open_parts)}; is the broker up (`marlgrc status`)?")
+        # read_committed: control markers and aborted records take offsets we never see, so the
+        # consumer's position, not the last offset received, says when a partition is done
+        for tp in consumer.position([TopicPartition(t, p) for (t, p) in open_parts]):
+            if tp.offset >= open_parts[(tp.topic, tp.partition)]:
+                del open_parts[(tp.topic, tp.partition)]
 
 
 def read_records(bootstrap: str, topics: Iterable[str], *, prefix: str = "",
@@ -328,14 +334,27 @@ def record_batches(bootstrap: str, topics: Iterable[str], *, prefix: str = "",
     tuples (logical topic, key decoded; ``+ (timestamp,)`` with ``timestamps``): the bulk readers'
     path, with no per-record object. A key that is not UTF-8 is kept with backslash escapes."""
     ends: dict[tuple[str, int], int] = {}
-    plen = len(prefix)
-    names: dict[str, str] = {}
-    keys: dict[bytes | None, str] = {None: ""}
+    rows = _Rows(prefix, timestamps)
     for msgs in message_batches(bootstrap, topics, prefix=prefix, start_offsets=start_offsets,
                                 start_timestamp_ms=start_timestamp_ms, end_offsets=end_offsets, batch=batch,
                                 timeout=timeout, ends_out=ends):
-        out = []
-        append = out.append
+        out = rows(msgs, ends)
+        if out:
+            yield out
+
+
+class _Rows:
+    """Messages to ``(logical topic, partition, offset, key, value[, timestamp])`` tuples, dropping
+    those at or past their partition's end offset; topic names and keys decoded once each."""
+
+    def __init__(self, prefix: str, timestamps: bool):
+        self.plen, self.timestamps = len(prefix), timestamps
+        self.names: dict[str, str] = {}
+        self.keys: dict[bytes | None, str] = {None: ""}
+
+    def __call__(self, msgs: list, ends: dict[tuple[str, int], int]) -> list[tuple]:
+        out: list[tuple] = []
+        append, keys, names, timestamps = out.append, self.keys, self.names, self.timestamps
         for m in msgs:
             if m.error() is not None:
                 if m.error().code() == KafkaError._PARTITION_EOF:
@@ -352,10 +371,64 @@ def record_batches(bootstrap: str, topics: Iterable[str], *, prefix: str = "",
                     keys[k] = key
             name = names.get(t)
             if name is None:
-                name = names[t] = t[plen:]
+                name = names[t] = t[self.plen:]
             append((name, p, o, key, m.value(), m.timestamp()[1]) if timestamps else (name, p, o, key, m.value()))
-        if out:
-            yield out
+        return out
+
+
+class OffsetReader:
+    """Reads offset ranges of some topics again and again with one consumer: the on-policy
+    learner's read-back of each batch it just wrote. The topics' partitions are looked up once, the
+    end offsets of all of them come from one ListOffsets request, and each read assigns the ranges'
+    partitions at their start and consumes exactly up to their ends (no poll timeout is waited for)."""
+
+    def __init__(self, bootstrap: str, topics: Iterable[str], prefix: str = "", *, timeout: float = 30.0):
+        probe(bootstrap)
+        self.bootstrap, self.prefix, self.timeout = bootstrap, prefix, timeout
+        self._consumer = _consumer(bootstrap)
+        self._admin = _admin(bootstrap)
+        self._tps = partitions_of(bootstrap, topics, prefix, client=self._consumer)
+        self._rows = _Rows(prefix, timestamps=True)
+
+    def end_offsets(self) -> dict[tuple[str, int], int]:
+        """{(logical topic, partition): offset after its last message} for every partition."""
+        from confluent_kafka.admin import OffsetSpec
+
+        # a just-created topic may have no leader yet
+        retry = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART)
+        request = {TopicPartition(tp.topic, tp.partition): OffsetSpec.latest() for tp in self._tps}
+        for attempt in range(40):
+            try:
+                futures = self._admin.list_offsets(request, request_timeout=self.timeout)
+                return {(logical(self.prefix, tp.topic), tp.partition): fut.result().offset
+                        for tp, fut in futures.items()}
+            except KafkaException as exc:
+                err = exc.args[0]
+                if attempt == 39 or not (err.retriable() or err.code() in retry):
+                    raise _unavailable(self.bootstrap, "listing end offsets", exc) from None
+                time.sleep(0.25)
+        raise AssertionError("unreachable")
+
+    def read(self, start: dict[tuple[str, int], int], end: dict[tuple[str, int], int]) -> list[Record]:
+        """The records of every partition in ``end`` from its offset in ``start`` (default: nothing)
+        up to its offset in ``end``, exclusive, per partition in offset order."""
+        pre = self.prefix
+        ends = {(pre + t, p): e for (t, p), e in end.items() if start.get((t, p), e) < e}
+        if not ends:
+            return []
+        c = self._consumer
+        c.assign([TopicPartition(t, p, start[(t[len(pre):], p)]) for (t, p) in ends])
+        expected = sum(e - start[(t[len(pre):], p)] for (t, p), e in ends.items())
+        out: list[Record] = []
+        try:
+            for msgs in _consume(c, dict(ends), expected, 10000, self.timeout, self.bootstrap, poll=0.2):
+                out.extend(Record(*row) for row in self._rows(msgs, ends))
+        finally:
+            c.unassign()
+        return out
+
+    def close(self) -> None:
+        self._consumer.close()
 
 
 def chain_head_from_topic(bootstrap: str, topic: str, chain_id: str, prefix: str = "") -> tuple[int, bytes]:

@@ -102,102 +102,33 @@ LINGER_MS = 50
 
 
 class KafkaTransport:
-    """Events through the broker; batches are read back by offsets [start, end) per partition.
-
-    Per-batch fixed costs are kept small: topic metadata is read once, one consumer lives as long as
-    the transport (each read assigns the batch's partitions at their start offsets and consumes
-    exactly up to the end offsets: no poll timeout is waited for), and the end offsets of every
-    partition come from one ListOffsets request. What the learner writes between batches (its
-    ``policy.update`` and checkpoints) is before the next batch's start, so it is never read back.
+    """Events through the broker; batches are read back by offsets [start, end) per partition with
+    one long-lived reader (``eventlog.kafka.OffsetReader``). What the learner writes between batches
+    (its ``policy.update`` and checkpoints) is before the next batch's start, so it is never read back.
     """
 
     def __init__(self, bootstrap: str, prefix: str = "", *, timeout: float = 30.0):
-        from confluent_kafka.admin import AdminClient
-
-        from eventlog.kafka import EventProducer, _consumer, partitions_of
+        from eventlog.kafka import EventProducer, OffsetReader
 
         self.bootstrap, self.prefix, self.timeout = bootstrap, prefix, timeout
         # the loop flushes after every batch, so nothing waits on linger: fewer, larger produce
         # requests cost the client and the broker less CPU per event (linger 5 ms -> 50 ms: about
         # 8% more env steps per CPU-second in bench/bench_training.py)
         self.sink = EventProducer(bootstrap, prefix=prefix, client_id="marlgrc-train", **{"linger.ms": LINGER_MS})
-        self._tps = partitions_of(bootstrap, RUN_TOPICS, prefix)
-        self._admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
-        self._consumer = _consumer(bootstrap)
-
-    def _end_offsets(self) -> dict[tuple[str, int], int]:
-        from confluent_kafka import KafkaError, KafkaException, TopicPartition
-        from confluent_kafka.admin import OffsetSpec
-
-        from eventlog.topics import logical
-
-        retry = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART)
-        request = {TopicPartition(tp.topic, tp.partition): OffsetSpec.latest() for tp in self._tps}
-        for attempt in range(40):
-            try:
-                futures = self._admin.list_offsets(request, request_timeout=self.timeout)
-                return {(logical(self.prefix, tp.topic), tp.partition): fut.result().offset
-                        for tp, fut in futures.items()}
-            except KafkaException as exc:
-                # a just-created topic may have no leader yet (NOT_LEADER_FOR_PARTITION, LEADER_NOT_AVAILABLE)
-                err = exc.args[0]
-                if attempt == 39 or not (err.retriable() or err.code() in retry):
-                    raise
-                time.sleep(0.25)
-        raise AssertionError("unreachable")
+        self._reader = OffsetReader(bootstrap, RUN_TOPICS, prefix, timeout=timeout)
 
     def mark(self) -> dict[tuple[str, int], int]:
-        return self._end_offsets()
+        return self._reader.end_offsets()
 
     def flush(self) -> None:
         self.sink.flush()
 
     def read(self, start, end) -> list[Record]:
-        from confluent_kafka import KafkaError, KafkaException, TopicPartition
-
-        from eventlog.kafka import BrokerUnavailable
-
-        pre = self.prefix
-        todo = {(pre + t, p): e for (t, p), e in end.items() if start.get((t, p), e) < e}
-        if not todo:
-            return []
-        c = self._consumer
-        c.assign([TopicPartition(t, p, start[(t[len(pre):], p)]) for (t, p) in todo])
-        expected = sum(e - start[(t[len(pre):], p)] for (t, p), e in todo.items())
-        out: list = []
-        idle_since = time.monotonic()
-        try:
-            while todo:
-                # ask for exactly what is still missing: consume() returns as soon as it has it
-                msgs = c.consume(max(1, min(expected - len(out), 10000)), 0.2)
-                for m in msgs:
-                    err = m.error()
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            continue
-                        raise KafkaException(err)
-                    t, p, o = m.topic(), m.partition(), m.offset()
-                    if o >= todo.get((t, p), -1):
-                        continue
-                    k = m.key()
-                    out.append(Record(t[len(pre):], p, o, k.decode() if k is not None else "", m.value(),
-                                      m.timestamp()[1]))
-                if msgs:
-                    idle_since = time.monotonic()
-                elif time.monotonic() - idle_since > self.timeout:
-                    raise BrokerUnavailable(f"no data from {self.bootstrap} for {self.timeout:.0f}s while reading "
-                                            f"{sorted(todo)}; is the broker up (`marlgrc status`)?")
-                # the position, not the last offset seen, says when a partition is done (control records)
-                for tp in c.position([TopicPartition(t, p) for (t, p) in todo]):
-                    if tp.offset >= todo[(tp.topic, tp.partition)]:
-                        del todo[(tp.topic, tp.partition)]
-        finally:
-            c.unassign()
-        return out
+        return self._reader.read(start, end)
 
     def close(self) -> None:
         self.sink.flush()
-        self._consumer.close()
+        self._reader.close()
 
 
 @dataclass
