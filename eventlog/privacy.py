@@ -324,15 +324,18 @@ class LocalKeyStore:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                steps = json.loads(self._db.execute("SELECT steps FROM erasure_requests WHERE request_id=?",
-                                                    (request_id,)).fetchone()[0])
-                steps[step] = result
-                self._db.execute("UPDATE erasure_requests SET steps=? WHERE request_id=?",
-                                 (json.dumps(steps), request_id))
+                self._record_step(request_id, step, result)
                 self._db.execute("COMMIT")
             except Exception:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def _record_step(self, request_id: str, step: str, result: dict) -> None:
+        """(Inside a transaction.) Add ``step`` and its result to the request's steps, in order."""
+        steps = json.loads(self._db.execute("SELECT steps FROM erasure_requests WHERE request_id=?",
+                                            (request_id,)).fetchone()[0])
+        steps[step] = result
+        self._db.execute("UPDATE erasure_requests SET steps=? WHERE request_id=?", (json.dumps(steps), request_id))
 
     def shred_ref(self, namespace: str, subject_ref: bytes, *, request_id: str | None = None) -> Shredded:
         """Delete the key and blind-index row of the subject with pseudonym ``subject_ref``; with a
@@ -343,11 +346,8 @@ class LocalKeyStore:
                 keys = self._db.execute("DELETE FROM subject_keys WHERE subject_ref=?", (subject_ref,)).rowcount
                 rows = self._db.execute("DELETE FROM blind_index WHERE subject_ref=?", (subject_ref,)).rowcount
                 if request_id is not None:
-                    steps = json.loads(self._db.execute("SELECT steps FROM erasure_requests WHERE request_id=?",
-                                                        (request_id,)).fetchone()[0])
-                    steps[SHRED_STEP] = {"keystore.subject_keys": keys, "keystore.blind_index": rows}
-                    self._db.execute("UPDATE erasure_requests SET steps=? WHERE request_id=?",
-                                     (json.dumps(steps), request_id))
+                    self._record_step(request_id, SHRED_STEP, {"keystore.subject_keys": keys,
+                                                               "keystore.blind_index": rows})
                 self._db.execute("COMMIT")
             except Exception:
                 self._db.execute("ROLLBACK")
