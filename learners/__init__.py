@@ -42,21 +42,26 @@ def algorithm(name: str) -> Algorithm:
 
 
 def config_overrides(config_cls: type, items: list[str]) -> dict:
-    """``["update_epochs=10", ...]`` as typed values of the config's fields (bools from 1/true/yes,
-    tuples from comma-separated ints); a field the config lacks or a value of the wrong type is a
-    ``ValueError`` naming it."""
+    """``["update_epochs=10", ...]`` as typed values of the config's fields, validated by pydantic
+    against the config dataclass's annotations (bools from 1/true/yes, tuples from comma-separated
+    values); a field the config lacks or a value of the wrong type is a ``ValueError`` naming it."""
     from dataclasses import fields
 
+    from pydantic import TypeAdapter, ValidationError
+
     defaults = {f.name: f.default for f in fields(config_cls)}
-    out = {}
+    raw: dict = {}
+    given: dict[str, str] = {}
     for item in items:
         k, sep, v = item.partition("=")
         if not sep or k not in defaults:
             raise ValueError(f"--set {item}: {config_cls.__name__} has no field {k!r}; fields: {sorted(defaults)}")
-        d = defaults[k]
-        try:
-            out[k] = (v.lower() in ("1", "true", "yes")) if isinstance(d, bool) else \
-                tuple(int(x) for x in v.split(",")) if isinstance(d, tuple) else type(d)(v)
-        except ValueError:
-            raise ValueError(f"--set {item}: {k} takes a {type(d).__name__} (default {d!r})") from None
-    return out
+        raw[k] = v.split(",") if isinstance(defaults[k], tuple) else v
+        given[k] = v
+    try:
+        config = TypeAdapter(config_cls).validate_python(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"--set {e['loc'][0]}={given.get(e['loc'][0])}: {e['msg']} (default "
+                             f"{defaults.get(e['loc'][0])!r})" for e in exc.errors())
+        raise ValueError(problems) from None
+    return {k: getattr(config, k) for k in raw}

@@ -124,7 +124,8 @@ def test_train_online_command_errors_are_one_line(tmp_path):
     for args, says in ((["--env", "no_such_env_v1"], "neither a built-in env"),
                        (["--algo", "sac"], "unknown algorithm"),
                        (["--set", "no_field=1"], "has no field 'no_field'"),
-                       (["--set", "update_epochs=many"], "update_epochs takes a int")):
+                       (["--set", "update_epochs=many"], "--set update_epochs=many: Input should be a valid integer"),
+                       (["--set", "norm_adv=maybe"], "--set norm_adv=maybe: Input should be a valid boolean")):
         res = CliRunner().invoke(app, ["train-online", *args, *common])
         assert res.exit_code == 2, (args, res.output)
         lines = res.output.strip().splitlines()
