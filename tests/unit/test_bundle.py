@@ -166,3 +166,13 @@ def test_a_malformed_manifest_is_refused_with_what_is_wrong(sealed, tmp_path, ch
     (folder / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="is not JSON"):
         verify_bundle(folder, public_key=SIGNER.public_key)
+
+
+@pytest.mark.parametrize("seqs,kind", [([0, 2, 4], BreakKind.MISSING), ([0, 0, 1], BreakKind.DUPLICATED),
+                                       ([0, 2, 1], BreakKind.REORDERED), ([3, 4, 5], BreakKind.MISSING)])
+def test_a_bundle_whose_links_hold_but_whose_seqs_do_not_is_broken(tmp_path, seqs, kind):
+    from tests.unit.test_verify import _chain_with_seqs
+
+    write_bundle(tmp_path / "b", _chain_with_seqs(seqs), public_key_pem=None)
+    report, _ = verify_bundle(tmp_path / "b")
+    assert not report.ok and report.breaks[0].kind == kind
