@@ -321,3 +321,27 @@ def test_ippo_learns_to_beat_random_in_the_mixture():
     trained = evaluate(ev, res.learner, 40, 5000)
     print(f"market_v0 ippo: random {random_return:.2f}, trained {trained:.2f}")
     assert trained > random_return + 4.0, (random_return, trained, res.curve)
+
+
+def test_harness_writes_the_scenario_on_every_env_state_event():
+    from eventlog.codec import default_codec
+    from eventlog.log import EventLog, MemorySink
+    from producers.harness import run_episodes
+
+    env = mk.parallel_env()
+    sink = MemorySink()
+    log = EventLog(sink, run_id="m1", producer_id="h")
+    run_episodes(env, HeuristicPolicy(env), log, episodes=4, seed=0, env_id=mk.ENV_ID, env_version=mk.ENV_VERSION,
+                 config={})
+    log.close()
+    codec, per_episode = default_codec(), {}
+    for topic, _, value in sink.sent:
+        if topic.endswith("env.state"):
+            _, rec = codec.decode(value)
+            per_episode.setdefault(rec["episode"], set()).update(rec["flags"])
+    expected = []
+    for ep in range(4):
+        env.reset(seed=ep)
+        expected.append({f"scenario:{env.current_scenario}"})
+    assert [per_episode[ep] for ep in range(4)] == expected
+    assert len(set().union(*expected)) > 1  # seeds 0-3 draw more than one scenario
