@@ -9,6 +9,8 @@ from typing import Any, Callable
 BUILTIN_ENVS = {
     "mailbox_v0": "producers.envs.mailbox_v0:parallel_env",
     "sandbox_v0": "producers.envs.sandbox_v0:parallel_env",
+    "market_v0": "producers.envs.market_v0:parallel_env",
+    "retail_v0": "producers.envs.retail_v0:parallel_env",
 }
 # installed PettingZoo envs known by their versioned name alone (docs/results.md trains on them)
 KNOWN_ENVS = {

@@ -165,3 +165,30 @@ def test_cli_runs_any_installed_parallel_env(kafka, topics, tmp_path):
     started = codec.decode(next(r.value for r in records if r.topic == "marl.run.lifecycle"))[1]
     assert started["env_id"] == "simple_spread_v3" and started["env_version"] == "3" and started["seed"] == 4
     assert verify_records(records, Signer.load(tmp_path / "keys" / "signing.pem").public_key).ok
+
+
+@pytest.mark.parametrize("env", ["market_v0", "retail_v0"])
+def test_seed_envs_run_through_kafka_verify_signed_and_sync_to_the_ledger(kafka, topics, tmp_path, env):
+    """Issue 15: the seed systems' environments go through the audited pipeline like mailbox_v0."""
+    from marlgrc.cli import app as cli
+
+    common = ["--bootstrap", kafka.bootstrap, "--prefix", topics, "--home", str(tmp_path)]
+    res = CliRunner().invoke(cli, ["run", "--env", env, "--policy", "heuristic", "--episodes", "2", "--seed", "3",
+                                   "--no-progress", *common])
+    assert res.exit_code == 0, res.output
+    run_id = res.stdout.strip().splitlines()[-1]
+    assert run_id.startswith(f"{env}__heuristic__3__")
+    res = CliRunner().invoke(cli, ["verify", "--run", run_id, "--require-signed", *common])
+    assert res.exit_code == 0 and "no break" in res.output, res.output
+    res = CliRunner().invoke(cli, ["ledger", "sync", *common])
+    assert res.exit_code == 0, res.output
+    from ledger import SqliteLedger
+    from ledger.keys import KeyFile
+
+    store = SqliteLedger(tmp_path / "ledger" / "ledger.db", KeyFile(tmp_path / "keys" / "ledger.key"))
+    try:
+        counts = store.table_counts()
+        lifecycle = sorted(r[0] for r in store.query("SELECT event_type FROM runs WHERE run_id = ?", (run_id,)))
+    finally:
+        store.close()
+    assert lifecycle == ["run.finished", "run.started"] and counts["joint_actions"] > 0 and counts["environment_states"] == counts["joint_actions"]
