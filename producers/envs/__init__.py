@@ -11,6 +11,7 @@ BUILTIN_ENVS = {
     "sandbox_v0": "producers.envs.sandbox_v0:parallel_env",
     "market_v0": "producers.envs.market_v0:parallel_env",
     "retail_v0": "producers.envs.retail_v0:parallel_env",
+    "banking_v0": "producers.envs.banking_v0:parallel_env",
 }
 # installed PettingZoo envs known by their versioned name alone (docs/results.md trains on them)
 KNOWN_ENVS = {

@@ -167,7 +167,7 @@ def test_cli_runs_any_installed_parallel_env(kafka, topics, tmp_path):
     assert verify_records(records, Signer.load(tmp_path / "keys" / "signing.pem").public_key).ok
 
 
-@pytest.mark.parametrize("env", ["market_v0", "retail_v0"])
+@pytest.mark.parametrize("env", ["market_v0", "retail_v0", "banking_v0"])
 def test_seed_envs_run_through_kafka_verify_signed_and_sync_to_the_ledger(kafka, topics, tmp_path, env):
     """Issue 15: the seed systems' environments go through the audited pipeline like mailbox_v0."""
     from marlgrc.cli import app as cli
