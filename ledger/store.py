@@ -17,12 +17,14 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import schemas as schema_files
 from eventlog.merkle import merkle_root
 
 from .erasure import Erasure, deletion_erasures
 from .ingest import Finding, StoredCopy, copy_findings
 from .keys import KeyProvider, LedgerKeyError
-from .tables import ALL_TABLES, EVENT_TABLES, INGEST_OFFSETS, INTEGRITY_FINDINGS, LINEAGE, TABLES, Table
+from .tables import (ALL_TABLES, EVENT_TABLES, INGEST_OFFSETS, INTEGRITY_FINDINGS, LINEAGE, SCHEMA_TABLE, TABLES,
+                     Table)
 
 
 class LedgerError(RuntimeError):
@@ -94,6 +96,12 @@ DELETABLE = tuple(t.name for t in EVENT_TABLES)
 SUBJECT_TABLES = tuple(t.name for t in EVENT_TABLES if t.subject_refs)
 _FINDING_COLS = [c for c in INTEGRITY_FINDINGS.column_names if c != "finding_id"]
 _WRITE_ORDER = tuple(t.name for t in EVENT_TABLES) + (LINEAGE.name,)  # lineage after its policy updates
+# the tables a topic's events are stored in: one chain may span several (marl.run.lifecycle: run.started
+# and run.finished in runs, episode.summary in episode_summaries)
+TOPIC_TABLES: dict[str, tuple[str, ...]] = {}
+for _schema, _topic in schema_files.EVENT_TYPES.values():
+    if SCHEMA_TABLE[_schema] not in TOPIC_TABLES.get(_topic, ()):
+        TOPIC_TABLES[_topic] = TOPIC_TABLES.get(_topic, ()) + (SCHEMA_TABLE[_schema],)
 
 
 def contiguous_ranges(rows: Iterable[tuple]) -> list[list[tuple]]:
@@ -302,12 +310,15 @@ class LedgerStore(ABC):
         """Per chain, (seq, event_hash) of its last stored event, or of the last deleted one where a
         deletion took the chain's tail."""
         heads: dict[tuple[str, str], tuple[int, bytes]] = {}
+        last: dict[tuple[str, str], int] = {}  # a chain's highest offset so far (its events may span tables)
         for t in EVENT_TABLES:
-            for topic, chain, seq, h in self.query(
-                    f"SELECT topic, chain_id, seq, event_hash FROM (SELECT topic, chain_id, seq, event_hash, "
-                    f"ROW_NUMBER() OVER (PARTITION BY topic, chain_id ORDER BY kafka_offset DESC) AS rn "
-                    f"FROM {t.name}) x WHERE rn = 1"):
-                heads[(topic, chain)] = (seq, bytes(h))
+            for topic, chain, seq, h, offset in self.query(
+                    f"SELECT topic, chain_id, seq, event_hash, kafka_offset FROM (SELECT topic, chain_id, seq, "
+                    f"event_hash, kafka_offset, ROW_NUMBER() OVER (PARTITION BY topic, chain_id ORDER BY "
+                    f"kafka_offset DESC) AS rn FROM {t.name}) x WHERE rn = 1"):
+                if last.get((topic, chain), -1) < offset:
+                    last[(topic, chain)] = offset
+                    heads[(topic, chain)] = (seq, bytes(h))
         for ev in self.evidence():
             cur = heads.get((ev.topic, ev.chain_id))
             if cur is None or ev.last_seq > cur[0]:
@@ -327,20 +338,29 @@ class LedgerStore(ABC):
         return found
 
     def taken_seqs(self, slots: list[tuple[str, str, str, int]]) -> set[tuple[str, str, int]]:
-        """Which ``(table, topic, chain_id, seq)`` hold an event already, as ``(topic, chain_id, seq)``."""
+        """Which ``(table, topic, chain_id, seq)`` hold an event already, as ``(topic, chain_id, seq)``:
+        in any table of the topic (``TOPIC_TABLES``), since a chain may span several."""
         ph = self.ph
         return {(topic, chain, seq) for table, topic, chain, seq in slots
-                if self.query(f"SELECT 1 FROM {TABLES[table].name} WHERE topic = {ph} AND chain_id = {ph} "
-                              f"AND seq = {ph} LIMIT 1", (topic, chain, seq))}
+                if any(self.query(f"SELECT 1 FROM {TABLES[name].name} WHERE topic = {ph} AND chain_id = {ph} "
+                                  f"AND seq = {ph} LIMIT 1", (topic, chain, seq))
+                       for name in TOPIC_TABLES.get(topic, (table,)))}
 
     def stored_events(self) -> Iterator[StoredEvent]:
-        """Every stored event with its raw bytes, per table in (topic, partition, offset) order."""
+        """Every stored event with its raw bytes, in (topic, partition, offset) order per table, or per
+        group of tables that share a topic (``TOPIC_TABLES``: a chain's events in its offset order)."""
+        done: set[str] = set()
         for t in EVENT_TABLES:
+            if t.name in done:
+                continue
+            group = [t.name] + [n for ns in TOPIC_TABLES.values() if t.name in ns for n in ns if n != t.name]
+            done.update(group)
+            union = " UNION ALL ".join(f"SELECT '{n}' AS source_table, topic, kafka_partition, kafka_offset, "
+                                       f"chain_id, seq, raw FROM {n}" for n in group)
             cur = self._cursor()
-            cur.execute(f"SELECT topic, kafka_partition, kafka_offset, chain_id, seq, raw FROM {t.name} "
-                        f"ORDER BY topic, kafka_partition, kafka_offset")
-            for topic, p, o, chain, seq, raw in cur:
-                yield StoredEvent(t.name, topic, p, o, chain, seq, bytes(raw))
+            cur.execute(f"SELECT * FROM ({union}) x ORDER BY topic, kafka_partition, kafka_offset")
+            for name, topic, p, o, chain, seq, raw in cur:
+                yield StoredEvent(name, topic, p, o, chain, seq, bytes(raw))
 
     def evidence(self) -> list[Evidence]:
         rows = self.query(
@@ -557,10 +577,14 @@ def view_ddl(dialect: str) -> list[str]:
                  "json_extract(s.value, '$.agent_id')", "json_extract(s.value, '$.credit')")
         metric = ("FROM fairness_metrics f, json_each(f.metrics) m",
                   "json_extract(m.value, '$.name')", "json_extract(m.value, '$.value')")
+        domain = ("FROM episode_summaries e, json_each(e.metrics) m",
+                  "json_extract(m.value, '$.name')", "json_extract(m.value, '$.value')")
     else:
         share = ("FROM di_credit_assignment d CROSS JOIN LATERAL jsonb_array_elements(d.shares) s(value)",
                  "s.value->>'agent_id'", "(s.value->>'credit')::double precision")
         metric = ("FROM fairness_metrics f CROSS JOIN LATERAL jsonb_array_elements(f.metrics) m(value)",
+                  "m.value->>'name'", "(m.value->>'value')::double precision")
+        domain = ("FROM episode_summaries e CROSS JOIN LATERAL jsonb_array_elements(e.metrics) m(value)",
                   "m.value->>'name'", "(m.value->>'value')::double precision")
     stmts.append(f"{create} v_credit_per_agent AS SELECT d.run_id AS run_id, d.episode AS episode, "
                  f"{share[1]} AS agent_id, SUM({share[2]}) AS credit, COUNT(*) AS steps, "
@@ -568,6 +592,9 @@ def view_ddl(dialect: str) -> list[str]:
     stmts.append(f"{create} v_fairness_over_time AS SELECT f.run_id AS run_id, f.episode AS episode, "
                  f"f.window_kind AS window_kind, f.window_start AS window_start, f.window_end AS window_end, "
                  f"{metric[1]} AS metric, {metric[2]} AS value {metric[0]}")
+    # the env's numeric domain metrics (episode.summary), one row per run, episode and metric
+    stmts.append(f"{create} v_episode_metrics AS SELECT e.run_id AS run_id, e.episode AS episode, "
+                 f"{domain[1]} AS metric, {domain[2]} AS value {domain[0]}")
     return stmts
 
 

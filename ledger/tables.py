@@ -10,6 +10,7 @@ its decoded record to ``(table, row)`` pairs, shared by every backend.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 # column kinds: text, int, real, bool, bytes, json
@@ -81,6 +82,10 @@ EVENT_TABLES: tuple[Table, ...] = (
         ("source_topic", "text"), ("source_partition", "int"), ("source_offset", "int"),
         ("source_key", "bytes"), ("error_kind", "text"), ("reason", "text"), ("consumer", "text"),
         ("payload", "bytes"), ("payload_sha256", "bytes")), ("source_key", "payload")),
+    # episode.summary (marl.run.lifecycle): one row per finished episode, the env's domain metrics
+    _event_table("episode_summaries", (
+        ("episode", "int"), ("steps", "int"), ("episode_return", "real"), ("agent_returns", "json"),
+        ("metrics", "json"), ("text_metrics", "json"))),
 )
 
 LINEAGE = Table("policy_update_lineage", (
@@ -113,6 +118,7 @@ SCHEMA_TABLE = {
     "credit_assignment": "di_credit_assignment", "fairness_metrics": "fairness_metrics",
     "policy_update": "policy_updates", "audit_checkpoint": "audit_checkpoints",
     "compliance_deletion": "compliance_deletions", "dead_letter": "dead_letters",
+    "episode_summary": "episode_summaries",
 }
 
 
@@ -205,6 +211,22 @@ def _p_fairness_metrics(r: dict) -> tuple:
             _json(r["agent_metrics"]))
 
 
+def _metric_values(metrics: list) -> str:
+    """JSON of ``[{name, value}]`` with a non-finite value as the string ``"NaN"``, ``"Infinity"`` or
+    ``"-Infinity"``: valid JSON for both backends (PostgreSQL's jsonb refuses bare NaN), and each
+    string casts back to the double (``::double precision``, Python's ``float``)."""
+    if all(math.isfinite(m["value"]) for m in metrics):
+        return _json(metrics)
+    return _json([m if math.isfinite(v := m["value"]) else
+                  {"name": m["name"], "value": "NaN" if v != v else "Infinity" if v > 0 else "-Infinity"}
+                  for m in metrics])
+
+
+def _p_episode_summary(r: dict) -> tuple:
+    return (r["episode"], r["steps"], r["episode_return"], _json(r["agent_returns"]), _metric_values(r["metrics"]),
+            _json(r["text_metrics"]))
+
+
 def _p_policy_update(r: dict) -> tuple:
     return (r["algorithm"], r["config_hash"], r["seed"], r["parent_policy_version"], r["policy_updated"],
             r["optimizer_steps"], r["env_steps"], _json(r["losses"]), r["weights_sha256"], r["verified"])
@@ -231,6 +253,7 @@ _PAYLOAD = {
     "credit_assignment": _p_credit_assignment, "fairness_metrics": _p_fairness_metrics,
     "policy_update": _p_policy_update, "audit_checkpoint": _p_audit_checkpoint,
     "compliance_deletion": _p_compliance_deletion, "dead_letter": _p_dead_letter,
+    "episode_summary": _p_episode_summary,
 }
 # schema name -> (table, payload builder), resolved once
 ROW_BUILDERS = {name: (SCHEMA_TABLE[name], fn) for name, fn in _PAYLOAD.items()}

@@ -16,6 +16,7 @@ SCHEMA_DIR = Path(__file__).resolve().parent
 EVENT_TYPES: dict[str, tuple[str, str]] = {
     "run.started": ("run_started", "marl.run.lifecycle"),
     "run.finished": ("run_finished", "marl.run.lifecycle"),
+    "episode.summary": ("episode_summary", "marl.run.lifecycle"),
     "env.state": ("env_state", "marl.env.state"),
     "agent.observation": ("agent_observation", "marl.agent.observation"),
     "joint.action": ("joint_action", "marl.joint.action"),

@@ -40,7 +40,8 @@ from .rules import InvalidDecision, Normalizer, RuleSet, decision_from_records, 
 from .signing import CHECKPOINT_TOPIC, CheckpointChain, Unsigned, checkpoint_chain_id, sign
 
 INPUT_TOPICS = ("marl.run.lifecycle", "marl.env.state", "marl.joint.action")
-EXPECTED = {"marl.run.lifecycle": ("run_started", "run_finished"), "marl.env.state": ("env_state",),
+# episode.summary (the harness's per-episode metrics) shares the lifecycle chain: read, nothing derived
+EXPECTED = {"marl.run.lifecycle": ("run_started", "run_finished", "episode_summary"), "marl.env.state": ("env_state",),
             "marl.joint.action": ("joint_action",)}
 DLQ_TOPIC = "marl.dlq"
 
@@ -296,7 +297,7 @@ class Processor:
                 self._join_put(r.run_id, "a", r.pending[-1]["hash"], {"n": self._arrival, "where": where, "key": k}, value)
                 self._arrival += 1
                 return self._drain(r)
-            return []  # run.finished: nothing to derive
+            return []  # run.finished, episode.summary: nothing to derive
         except (InvalidDecision, KeyError, TypeError, ValueError) as exc:
             return [self._dead(topic, partition, offset, raw_key, value, "invalid", f"{name}: {exc}")]
 
