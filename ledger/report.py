@@ -1,11 +1,15 @@
 """``marlgrc report --run R``: the seeds' analyses from the ledger's views, as PNG plots and text.
 
 Reads only the analyst views (``v_reward_convergence``, ``v_credit_per_agent``,
-``v_fairness_over_time``), so it runs with the ``ledger_analyst`` role on PostgreSQL.
+``v_fairness_over_time``, ``v_episode_summaries``), so it runs with the ``ledger_analyst`` role on
+PostgreSQL. The env's domain metrics (``episode.summary`` events) are plotted per episode, one panel
+per metric, and listed in the summary with their string metrics (e.g. market_v0's scenario).
 """
 from __future__ import annotations
 
-from collections import defaultdict
+import json
+import math
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +23,9 @@ class RunReport:
     returns: list[float] = field(default_factory=list)
     credit: dict[str, float] = field(default_factory=dict)
     fairness: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    # the env's domain metrics per episode (episode.summary): name -> [(episode, value)], in the env's order
+    domain: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    domain_text: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -42,7 +49,27 @@ class RunReport:
             lines.append(f"fairness {name}: {len(vals)} windows, first {vals[0]:.4f}, last {vals[-1]:.4f}")
         if not self.fairness:
             lines.append("fairness: no fairness.metrics events for this run")
+        lines.extend(self.domain_lines())
         return "\n".join(lines) + "\n"
+
+    def domain_lines(self) -> list[str]:
+        """The domain metrics: per numeric metric its episodes, first, last, mean, min and max; per
+        string metric how often each value occurred."""
+        if not self.domain and not self.domain_text:
+            return ["domain metrics: no episode.summary events with metrics for this run"]
+        n = len({e for pts in (*self.domain.values(), *self.domain_text.values()) for e, _ in pts})
+        lines = [f"domain metrics ({n} episodes):"]
+        for name, pts in self.domain.items():
+            vals = [v for _, v in pts]
+            finite = [v for v in vals if math.isfinite(v)]
+            mean = f"{sum(finite) / len(finite):.4f}" if finite else "n/a"
+            lo, hi = (f"{min(finite):.4f}", f"{max(finite):.4f}") if finite else ("n/a", "n/a")
+            lines.append(f"  {name}: {len(vals)} episodes, first {vals[0]:.4f}, last {vals[-1]:.4f}, "
+                         f"mean {mean}, min {lo}, max {hi}")
+        for name, pts in self.domain_text.items():
+            counts = Counter(t for _, t in pts)
+            lines.append(f"  {name}: " + ", ".join(f"{t} x{c}" for t, c in sorted(counts.items())))
+        return lines
 
 
 def collect(store: LedgerStore, run_id: str) -> RunReport:
@@ -60,18 +87,36 @@ def collect(store: LedgerStore, run_id: str) -> RunReport:
                                           f"WHERE run_id = {p} ORDER BY window_end", (run_id,)):
         fair[metric].append((int(end), float(value)))
     rep.fairness = dict(fair)
+    rep.domain, rep.domain_text = domain_series(store.query(
+        f"SELECT episode, metrics, text_metrics FROM v_episode_summaries WHERE run_id = {p} ORDER BY episode",
+        (run_id,)))
     return rep
 
 
+def domain_series(rows) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[tuple[int, str]]]]:
+    """``(episode, metrics, text_metrics)`` rows (JSON text on SQLite, parsed on PostgreSQL) as series
+    per metric name, in the order the env gave them. A non-finite value is stored as the string
+    ``"NaN"``/``"Infinity"``/``"-Infinity"`` (valid JSON for both backends) and read back as the float."""
+    values: dict[str, list[tuple[int, float]]] = {}
+    texts: dict[str, list[tuple[int, str]]] = {}
+    for ep, metrics, text_metrics in rows:
+        for m in json.loads(metrics) if isinstance(metrics, (str, bytes)) else metrics or []:
+            values.setdefault(m["name"], []).append((int(ep), float(m["value"])))
+        for m in json.loads(text_metrics) if isinstance(text_metrics, (str, bytes)) else text_metrics or []:
+            texts.setdefault(m["name"], []).append((int(ep), m["text"]))
+    return values, texts
+
+
 def write_report(store: LedgerStore, run_id: str, out_dir: Path) -> RunReport:
-    """Write reward_convergence.png, credit_per_agent.png, fairness_over_time.png and summary.txt."""
+    """Write reward_convergence.png, credit_per_agent.png, fairness_over_time.png, episode_metrics.png
+    (when the run has domain metrics) and summary.txt."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rep = collect(store, run_id)
-    if not rep.episodes and not rep.credit and not rep.fairness:
+    if not rep.episodes and not rep.credit and not rep.fairness and not rep.domain and not rep.domain_text:
         raise LookupError(f"the ledger has no rows for run {run_id!r}; check the run id "
                           f"(`SELECT DISTINCT run_id FROM v_runs`) and that `marlgrc ledger sync` ran")
     out_dir = Path(out_dir)
@@ -102,10 +147,40 @@ def write_report(store: LedgerStore, run_id: str, out_dir: Path) -> RunReport:
     ax.set(title=f"Fairness over time: {run_id}", xlabel="window end", ylabel="value")
     rep.files.append(_save(fig, out_dir / "fairness_over_time.png", plt))
 
+    if rep.domain:
+        rep.files.append(_domain_figure(rep, out_dir / "episode_metrics.png", plt))
+
     summary = out_dir / "summary.txt"
     summary.write_text(rep.summary())
     rep.files.append(summary)
     return rep
+
+
+def _domain_figure(rep: RunReport, path: Path, plt) -> Path:
+    """One panel per numeric domain metric, its value per episode; the string metrics of each
+    episode (e.g. the scenario) in the title when there are few enough to read."""
+    from matplotlib.ticker import MaxNLocator
+
+    names = list(rep.domain)
+    episodes = [e for pts in rep.domain.values() for e, _ in pts]
+    lo, hi = min(episodes), max(episodes)
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows + 0.6), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        pts = rep.domain[name]
+        ax.plot([e for e, _ in pts], [v for _, v in pts], marker="o", markersize=3)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("episode", fontsize=8)
+        ax.set_xlim(lo - 0.5, hi + 0.5)   # every panel on the run's episodes (a metric may skip some)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    texts = "; ".join(f"{k}: " + ", ".join(sorted({t for _, t in pts})) for k, pts in rep.domain_text.items())
+    title = f"Domain metrics per episode: {rep.run_id}"
+    fig.suptitle(title + (f"\n{texts}" if texts and len(texts) <= 120 else ""), fontsize=10)
+    return _save(fig, path, plt)
 
 
 def _save(fig, path: Path, plt) -> Path:

@@ -1,6 +1,7 @@
 """The harness: run any PettingZoo ``ParallelEnv`` with a ``Policy`` and write every step as events.
 
-Per run: ``run.started`` and ``run.finished`` on ``{run}:lifecycle``. Per step:
+Per run: ``run.started`` and ``run.finished`` on ``{run}:lifecycle``, and between them one
+``episode.summary`` per finished episode (steps, returns, the env's ``metrics()``). Per step:
 
 - ``env.state`` on ``{run}:env``: ``env.state()`` where the env has one, the collapsed state (no PII),
   and the step's data-subject fields as ``protected_fields`` (pseudonym + AES-GCM ciphertext);
@@ -25,12 +26,14 @@ them with a ``eventlog.privacy.FieldProtector`` and never writes them in the cle
 refuses to run without a protector. Optional hooks: ``collapsed_state()`` (state without PII),
 ``state_flags()`` (privileged strings for env.state's ``flags``, e.g. ``label:malicious``: ground
 truth hidden from the agents, for centralized critics and the decision interpreter only; never put
-into an observation) and ``action_mask`` in an agent's ``infos``.
+into an observation), ``metrics()`` (the episode's domain metrics, read once when it ends, for its
+``episode.summary``: ``domain_metrics``) and ``action_mask`` in an agent's ``infos``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -112,6 +115,47 @@ def _seal_after_failure(seal_pending: Callable[[], None], exc: BaseException) ->
         exc.add_note(f"the events captured before this failure could not all be sealed: {type(second).__name__}")
 
 
+def domain_metrics(metrics: Mapping[str, Any]) -> tuple[list[dict], list[dict]]:
+    """An env's ``metrics()`` as episode.summary's two arrays, in the env's order: ``metrics``
+    ({name, value}: numbers, numpy scalars and booleans as floats) and ``text_metrics`` ({name, text}:
+    strings). A list, tuple or array becomes ``name[i]`` entries and a nested mapping ``name.key``
+    entries; anything else (None, bytes, objects) is a ``HarnessError`` naming the metric."""
+    values: list[dict] = []
+    texts: list[dict] = []
+
+    def add(name: str, v: Any) -> None:
+        if isinstance(v, str):
+            texts.append({"name": name, "text": v})
+        elif isinstance(v, (numbers.Real, np.bool_)):  # bool, int, float, numpy scalars
+            values.append({"name": name, "value": float(v)})
+        elif isinstance(v, Mapping):
+            for k, x in v.items():
+                add(f"{name}.{k}", x)
+        elif isinstance(v, (list, tuple, np.ndarray)):
+            for i, x in enumerate(np.asarray(v).ravel().tolist() if isinstance(v, np.ndarray) else v):
+                add(f"{name}[{i}]", x)
+        else:
+            raise HarnessError(f"env metrics()[{name!r}] is a {type(v).__name__}; metrics() must give numbers, "
+                               f"booleans, strings, or lists/dicts of them")
+
+    if not isinstance(metrics, Mapping):
+        raise HarnessError(f"env metrics() returned a {type(metrics).__name__}; it must return a dict of "
+                           f"name -> number or string")
+    for k, v in metrics.items():
+        add(str(k), v)
+    return values, texts
+
+
+def summary_payload(ep: int, steps: int, ep_return: float, agent_returns: Mapping[str, float],
+                    metrics: Mapping[str, Any] | None) -> dict:
+    """An episode.summary payload: the episode's length and returns (per agent in ``agent_returns``'
+    order) and the env's domain metrics (``domain_metrics``; none when ``metrics`` is None)."""
+    values, texts = domain_metrics(metrics) if metrics is not None else ([], [])
+    return {"episode": ep, "steps": steps, "episode_return": float(ep_return),
+            "agent_returns": [{"agent_id": a, "return": float(r)} for a, r in agent_returns.items()],
+            "metrics": values, "text_metrics": texts}
+
+
 def state_payload(ep: int, step: int, state_vec: Any, collapsed: Any, flags: list | None) -> dict:
     """An env.state payload (``flags`` left out when None: the schema's default)."""
     payload = {"episode": ep, "step": step, "state": state_vec, "collapsed_state": collapsed}
@@ -137,9 +181,10 @@ def step_functions(append_state: Callable, append_obs: Mapping[str, Callable], d
     - ``observe(ep, step, state_vec, collapsed, flags, live, observations, infos)`` seals the step's
       env.state, then each live agent's observation naming it; returns their hashes, the joint
       action's sources;
-    - ``joint_action(ep, step, live, actions, chosen, rewards, terms, truncs, cut, ep_return)`` builds
-      the joint.action payload (it seals nothing: a bad action, reward or log-probability raises
-      here, before the event exists); returns it and ``ep_return`` plus the step's rewards.
+    - ``joint_action(ep, step, live, actions, chosen, rewards, terms, truncs, cut, ep_return,
+      agent_returns=None)`` builds the joint.action payload (it seals nothing: a bad action, reward or
+      log-probability raises here, before the event exists); returns it and ``ep_return`` plus the
+      step's rewards, and adds each agent's reward to ``agent_returns[agent]`` when given.
     """
     def observe(ep: int, step: int, state_vec: Any, collapsed: Any, flags: list | None, live: list,
                 observations: Mapping, infos: Mapping) -> list[bytes]:
@@ -151,11 +196,14 @@ def step_functions(append_state: Callable, append_obs: Mapping[str, Callable], d
         return sources
 
     def joint_action(ep: int, step: int, live: list, actions: Mapping, chosen: Mapping, rewards: Mapping,
-                     terms: Mapping, truncs: Mapping, cut: bool, ep_return: float) -> tuple[dict, float]:
+                     terms: Mapping, truncs: Mapping, cut: bool, ep_return: float,
+                     agent_returns: dict | None = None) -> tuple[dict, float]:
         records, joint = [], []
         for a in live:
             r = float(rewards.get(a, 0.0))
             ep_return += r
+            if agent_returns is not None:
+                agent_returns[a] = agent_returns.get(a, 0.0) + r
             # booleans go in as the env gave them: the encoder writes their truth value
             if discrete[a]:  # "continuous" left out: its schema default [] is written
                 d = int(actions[a])
@@ -221,13 +269,17 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
     # their keys in one key store transaction; any other env's events are sealed as they happen
     collapsed_fn = getattr(env, "collapsed_state", None)
     flags_fn = getattr(env, "state_flags", None)
+    metrics_fn = getattr(env, "metrics", None)
+    append_summary = log.appender(f"{run}:lifecycle", "episode.summary")
+    started_sources = (started.event_hash,)
     policy_version = policy.version
     total_steps, returns = 0, []
     status, reason = "completed", ""
     # captured steps not sealed yet (an env with personal data): [state payload, its produced_at,
     # [(appender, obs payload, produced_at)], joint.action payload (None until the env stepped), its
-    # produced_at, and the personal data of the state and of each observation, protected as each
-    # event is sealed: [(chain, seq, ProtectedValue items)] in that order]
+    # produced_at, the personal data of the state and of each observation, protected as each
+    # event is sealed: [(chain, seq, ProtectedValue items)] in that order, and the episode.summary
+    # payloads captured after the step with their produced_at: [(payload, produced_at)]]
     pending: list[list] = []
 
     def seal_pending() -> None:
@@ -239,7 +291,7 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                 protector.prepare([v for captured in pending for _, _, values in captured[5] for v in values])
             except Exception:
                 pass  # met again by protect() below, at the event it belongs to
-            for st_payload, st_time, obs_items, act_payload, act_time, subjects in pending:
+            for st_payload, st_time, obs_items, act_payload, act_time, subjects, summaries in pending:
                 st_payload["protected_fields"] = protector.protect(*subjects[0])
                 st_hash = append_state(st_payload, (), st_time).event_hash
                 sources, st_sources = [st_hash], (st_hash,)
@@ -248,6 +300,8 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                     sources.append(append_one(payload, st_sources, obs_time).event_hash)
                 if act_payload is not None:
                     append_action(act_payload, sources, act_time)
+                for payload, at in summaries:
+                    append_summary(payload, started_sources, at)
         finally:
             pending.clear()  # after a failure the rest is dropped, as if the loop had stopped there
 
@@ -256,6 +310,7 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
             observations, infos = env.reset(seed=seed + ep)
             has_state = state_space is not None or _has_state(env)
             ep_return, step = 0.0, 0
+            agent_returns = dict.fromkeys(agent_ids, 0.0)
             while True:
                 agents = env.agents  # one attribute read per step: wrappers forward it through __getattr__
                 if not agents:
@@ -270,7 +325,7 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                     subjects = [(state_chain, state_seq, list(env.subject_fields(None)))]
                     state_seq += 1
                     obs_items = []
-                    captured = [st_payload, clock(), obs_items, None, 0, subjects]
+                    captured = [st_payload, clock(), obs_items, None, 0, subjects, []]
                     pending.append(captured)
                     for a in live:
                         payload = observation_payload(ep, step, a, flat_floats(observations[a]), infos)
@@ -289,7 +344,7 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                 observations, rewards, terms, truncs, infos = env.step(actions)
                 cut = max_steps is not None and step + 1 >= max_steps
                 act_payload, ep_return = joint_action(ep, step, live, actions, chosen, rewards, terms, truncs,
-                                                      cut, ep_return)
+                                                      cut, ep_return, agent_returns)
                 if has_subjects:
                     captured[3] = act_payload
                     captured[4] = now = clock()
@@ -304,7 +359,16 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                     progress(1)
                 if cut:
                     break
+            # once per episode: its summary with the env's domain metrics, on the lifecycle chain (an
+            # env whose metrics cannot be written fails the run before the episode is counted)
+            summary = summary_payload(ep, step, ep_return, agent_returns,
+                                      metrics_fn() if metrics_fn is not None else None)
             returns.append(ep_return)
+            if pending:  # sealed after the episode's captured steps, in order, with this moment's time
+                pending[-1][6].append((summary, clock()))
+            else:
+                append_summary(summary, started_sources)
+            n_events += 1
         seal_pending()
     except KeyboardInterrupt as exc:
         status, reason = "interrupted", "KeyboardInterrupt"

@@ -40,7 +40,7 @@ def test_simple_spread_stream_verifies_and_describes_spaces(kafka, topics):
     report = verify_records(records, signer.public_key)
     assert report.ok, [b.describe() for b in report.breaks]
     data = [r for r in records if r.topic != "marl.audit.checkpoints"]
-    assert len(data) == summary.events == 2 + 50 * 5
+    assert len(data) == summary.events == 2 + 50 * 5 + 2  # + an episode.summary per episode
     codec = default_codec()
     started = next(codec.decode(r.value)[1] for r in records if r.topic == "marl.run.lifecycle"
                    and codec.decode(r.value)[1]["event_type"] == "run.started")

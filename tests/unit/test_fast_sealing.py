@@ -65,7 +65,7 @@ def test_harness_batches_give_the_bytes_of_sealing_each_step(monkeypatch, tmp_pa
     many, s2 = harness_run(deferred, monkeypatch, 7, protector=FieldProtector(keys))
     timed, _ = harness_run(deferred, monkeypatch, 64, micros=12_000, protector=FieldProtector(keys))  # ~2 steps
     keys.close()
-    assert s0.events == s1.events == s2.events == 1 + 2 * 20 * 5 + 1
+    assert s0.events == s1.events == s2.events == 1 + 2 * 20 * 5 + 2 + 1  # + an episode.summary per episode
     # a checkpoint per chain (lifecycle, env, 3 obs, actions), then the checkpoint chain's own
     assert len(one.sent) == s1.events + 7
     assert now.sent == one.sent == many.sent == timed.sent

@@ -42,7 +42,7 @@ def test_event_layout_and_links():
     assert len(by_type["env.state"]) == 10
     assert len(by_type["agent.observation"]) == 30
     assert len(by_type["joint.action"]) == 10
-    assert summary.events == 1 + 10 * 5 + 1
+    assert summary.events == 1 + 10 * 5 + 2 + 1  # run.started, 10 steps, 2 episode.summary, run.finished
     hashes = {r["event_hash"]: (k, r) for _, k, r in decoded}
     for k, r in by_type["joint.action"]:
         assert k == "run1:actions" and r["policy_version"] == "random-v1"
