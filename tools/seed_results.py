@@ -26,6 +26,7 @@ Usage (the invocation docs/results.md reports):
 
     ./dev python tools/seed_results.py --bootstrap 127.0.0.1:49901 --minutes 1.5 --seeds 1 2 3
     ./dev python tools/seed_results.py --summarize-only      # rebuild summary.json from the run files
+    ./dev python tools/seed_results.py actions --tags market_fair market_profit   # which actions the greedy policies take
 """
 from __future__ import annotations
 
@@ -201,9 +202,57 @@ def verify_run(run_id: str, bootstrap: str, home: Path, prefix: str) -> dict:
     return out
 
 
+def actions_subcommand(argv: list[str]) -> None:
+    """``actions``: the share of each action the greedy learned policies (and the heuristic) take on
+    the evaluation seeds, per checkpoint of ``--tags`` (market_v0: which bid rung they ask). Writes
+    ``OUT_DIR/actions.json``."""
+    p = argparse.ArgumentParser(prog="seed_results.py actions")
+    p.add_argument("--home", type=Path, default=Path("/tmp/seed_results_home"))
+    p.add_argument("--tags", nargs="+", default=["market_fair", "market_profit"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--episodes", type=int, default=30)
+    a = p.parse_args(argv)
+    import collections
+
+    import torch
+
+    from eventlog.checkpoint import Signer
+    from learners.checkpoint import learner_from_checkpoint
+    from learners.evaluate import GreedyPolicy
+    from producers.envs import make_env
+    from producers.policies import HeuristicPolicy
+
+    torch.set_num_threads(1)
+    key = Signer.load_or_create(a.home / "keys" / "signing.pem").public_key
+    envs = {tag: (env, args) for tag, env, args, _ in EXPERIMENTS}
+
+    def shares(env: Any, policy: Any) -> dict:
+        count: collections.Counter = collections.Counter()
+        for ep in range(a.episodes):
+            obs, _ = env.reset(seed=EVAL_SEED + ep)
+            while env.agents:
+                acts = policy.act({ag: obs[ag] for ag in env.agents})
+                count.update(int(x[0]) for x in acts.values())
+                obs, _, _, _, _ = env.step({ag: x[0] for ag, x in acts.items()})
+        total = sum(count.values())
+        return {str(k): round(count[k] / total, 4) for k in sorted(count)}
+
+    out: dict[str, Any] = {"episodes": a.episodes, "eval_seed": EVAL_SEED}
+    for tag in a.tags:
+        env, _, _ = make_env(envs[tag][0], **envs[tag][1])
+        out.setdefault("heuristic", {})[envs[tag][0]] = shares(env, HeuristicPolicy(env))
+        for s in a.seeds:
+            learner = learner_from_checkpoint(a.home / "checkpoints" / f"{tag}_s{s}" / "policy", key)
+            out[f"{tag}_s{s}_greedy"] = shares(env, GreedyPolicy(learner))
+    (OUT_DIR / "actions.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out))
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "train":
         return train_subcommand(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "actions":
+        return actions_subcommand(sys.argv[2:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bootstrap", default="127.0.0.1:49901", help="Kafka broker, or `memory`")
     p.add_argument("--minutes", type=float, default=1.5, help="training wall time per run")
