@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .config import BootOpt, HomeOpt, PrefixOpt, Settings
+from .config import BootOpt, HomeOpt, PrefixOpt, Settings, parse_env_args
 from .errors import fail
 
 
@@ -102,7 +102,9 @@ def register(app: typer.Typer) -> None:
     @app.command("train-online")
     def train_online_cmd(
         env: str = typer.Option("simple_spread_v3", "--env", help="simple_spread_v3 | mailbox_v0 | sandbox_v0 | "
-                                "module:factory"),
+                                "market_v0 | retail_v0 | banking_v0 | module:factory"),
+        env_arg: list[str] = typer.Option([], "--env-arg", help="env factory argument name=value (repeatable), "
+                                          "e.g. fair_reward=false"),
         algo: str = typer.Option("mappo", "--algo", help="mappo | ippo | dqn"),
         minutes: Optional[float] = typer.Option(None, "--minutes", min=0, help="train for this long (wall clock)"),
         iterations: Optional[int] = typer.Option(None, "--iterations", min=1,
@@ -131,7 +133,11 @@ def register(app: typer.Typer) -> None:
         from .training import run_training
 
         s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
+        try:
+            env_args = parse_env_args(env_arg)
+        except ValueError as exc:
+            fail(str(exc))
         res = run_training(s, env=env, algo=algo, seed=seed, iterations=iterations, minutes=minutes,
-                           continuous=continuous, overrides=overrides, out=out, checkpoint=checkpoint,
-                           eval_episodes=eval_episodes, threads=threads, say=typer.echo)
+                           continuous=continuous, env_args=env_args, overrides=overrides, out=out,
+                           checkpoint=checkpoint, eval_episodes=eval_episodes, threads=threads, say=typer.echo)
         typer.echo(res.run_id)

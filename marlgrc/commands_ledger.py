@@ -319,7 +319,8 @@ def register(app: typer.Typer) -> None:
                    home: Optional[Path] = HomeOpt, ledger: Optional[Path] = LedgerOpt,
                    key_file: Optional[Path] = KeyOpt, postgres: Optional[str] = PgOpt,
                    schema: str = SchemaOpt) -> None:
-        """Plot reward convergence, credit per agent and fairness over time for a run, from the ledger."""
+        """Plot reward convergence, credit per agent, fairness over time and the env's domain metrics per
+        episode (episode summaries) for a run, from the ledger."""
         from ledger.report import write_report
 
         s = Settings.load(home=home)

@@ -2,7 +2,6 @@
 (crypto-shred one data subject and publish a ``compliance.deletion`` event)."""
 from __future__ import annotations
 
-import json
 import os
 import time
 import uuid
@@ -15,24 +14,11 @@ from eventlog.chain import ChainHead
 from eventlog.checkpoint import KeyFileError, Signer
 from eventlog.privacy import FieldProtector, LocalKeyStore, PrivacyError, deletion_payload
 
-from .config import BootOpt, HomeOpt, PrefixOpt, Settings
+from .config import BootOpt, HomeOpt, PrefixOpt, Settings, parse_env_args
 from .errors import fail
 
 DELETIONS_TOPIC = "marl.compliance.deletions"
 DELETIONS_CHAIN = "compliance:deletions"
-
-
-def parse_env_args(pairs: Iterable[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--env-arg {pair!r} must look like name=value (value as JSON, e.g. N=3)")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def _ledger_steps(s: Settings, ledger: Optional[Path], key_file: Optional[Path], pg: Optional[str], schema: str,

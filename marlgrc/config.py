@@ -2,9 +2,11 @@
 that knows the default home, where each file lives under it, and how a command finds its broker."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterable
 
 import typer
 
@@ -13,6 +15,21 @@ from .errors import fail
 HomeOpt = typer.Option(None, "--home", help="state directory (default $MARLGRC_HOME or ~/.local/state/marlgrc)")
 BootOpt = typer.Option(None, "--bootstrap", help="Kafka bootstrap (default $MARLGRC_BOOTSTRAP or the broker `up` started)")
 PrefixOpt = typer.Option(None, "--prefix", help="topic prefix of this deployment (default $MARLGRC_TOPIC_PREFIX)")
+
+
+def parse_env_args(pairs: Iterable[str]) -> dict[str, Any]:
+    """``--env-arg name=value`` pairs as the env factory's keyword arguments (values as JSON where
+    they parse, e.g. ``N=3``, ``fair_reward=false``; else the string)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--env-arg {pair!r} must look like name=value (value as JSON, e.g. N=3)")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def default_home() -> Path:

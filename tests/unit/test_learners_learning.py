@@ -125,7 +125,8 @@ def test_train_online_command_errors_are_one_line(tmp_path):
                        (["--algo", "sac"], "unknown algorithm"),
                        (["--set", "no_field=1"], "has no field 'no_field'"),
                        (["--set", "update_epochs=many"], "--set update_epochs=many: Input should be a valid integer"),
-                       (["--set", "norm_adv=maybe"], "--set norm_adv=maybe: Input should be a valid boolean")):
+                       (["--set", "norm_adv=maybe"], "--set norm_adv=maybe: Input should be a valid boolean"),
+                       (["--env-arg", "fair_reward"], "--env-arg 'fair_reward' must look like name=value")):
         res = CliRunner().invoke(app, ["train-online", *args, *common])
         assert res.exit_code == 2, (args, res.output)
         lines = res.output.strip().splitlines()
