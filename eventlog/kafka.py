@@ -229,6 +229,24 @@ def partitions_of(bootstrap: str, topics: Iterable[str], prefix: str = "", timeo
     return out
 
 
+# errors of a partition that has no leader yet (a topic just created, a broker just restarted)
+_NO_LEADER_YET = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                  KafkaError.UNKNOWN_TOPIC_OR_PART)
+
+
+def _watermarks(consumer: Consumer, tp: TopicPartition, timeout: float) -> tuple[int, int]:
+    """(low, high) offsets of a partition, waiting (up to ``timeout``) for a leader it does not have yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return consumer.get_watermark_offsets(tp, timeout=timeout)
+        except KafkaException as exc:
+            err = exc.args[0]
+            if err.code() not in _NO_LEADER_YET or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def _plan(consumer: Consumer, bootstrap: str, topics: Iterable[str], prefix: str,
           start_offsets: dict[tuple[str, int], int] | None, start_timestamp_ms: int | None,
           end_offsets: dict[tuple[str, int], int] | None,
@@ -243,7 +261,7 @@ def _plan(consumer: Consumer, bootstrap: str, topics: Iterable[str], prefix: str
     assign = []
     remaining = 0
     for tp in tps:
-        lo, hi = consumer.get_watermark_offsets(tp, timeout=timeout)
+        lo, hi = _watermarks(consumer, tp, timeout)
         key = (logical(prefix, tp.topic), tp.partition)
         end = hi if end_offsets is None else min(hi, end_offsets.get(key, hi))
         if start_offsets is not None and key in start_offsets:
@@ -394,8 +412,6 @@ class OffsetReader:
         """{(logical topic, partition): offset after its last message} for every partition."""
         from confluent_kafka.admin import OffsetSpec
 
-        # a just-created topic may have no leader yet
-        retry = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART)
         request = {TopicPartition(tp.topic, tp.partition): OffsetSpec.latest() for tp in self._tps}
         for attempt in range(40):
             try:
@@ -404,7 +420,7 @@ class OffsetReader:
                         for tp, fut in futures.items()}
             except KafkaException as exc:
                 err = exc.args[0]
-                if attempt == 39 or not (err.retriable() or err.code() in retry):
+                if attempt == 39 or not (err.retriable() or err.code() in _NO_LEADER_YET):
                     raise _unavailable(self.bootstrap, "listing end offsets", exc) from None
                 time.sleep(0.25)
         raise AssertionError("unreachable")
