@@ -21,7 +21,7 @@ from eventlog.kafka import Record
 from eventlog.log import EventLog, MemorySink
 from eventlog.privacy import FieldProtector, LocalKeyStore
 from eventlog.verify import verify_records
-from learners.replay import read_records_of_run
+from learners.replay import read_records_of_run, records_from_memory as to_records
 from ledger import Materializer, SqliteLedger, StaticKey, purge_expired, verify_ledger
 from ledger.report import collect, domain_series, write_report
 from ledger.tables import TABLES
@@ -75,16 +75,6 @@ def harness_run(env, *, run_id="m1", episodes=2, seed=5, log_class=EventLog, pro
 
 def decoded(sent, topic=None):
     return [CODEC.decode(v)[1] for t, _, v in sent if topic is None or t == topic]
-
-
-def to_records(sent) -> list[Record]:
-    offs: dict = {}
-    out = []
-    for t, k, v in sent:
-        o = offs.get(t, 0)
-        offs[t] = o + 1
-        out.append(Record(t, 0, o, k, v, 0))
-    return out
 
 
 def as_pairs(values, texts):
