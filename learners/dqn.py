@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .lineage import BufferLineage
 from .networks import agent_dones, config_hash, mask_logits, seed_everything, weights_sha256
 from .replay import Replay, ReplayError, RunSpec
 
@@ -137,6 +138,7 @@ class DQN:
         self.target_network.load_state_dict(self.q_network.state_dict())
         self.optimizer = torch.optim.Adam(self.q_network.parameters(), lr=c.learning_rate)
         self.buffer = ReplayBuffer(c.buffer_size, self.in_dim, c.seed)
+        self.buffer_lineage = BufferLineage(c.buffer_size)  # what policy.update names: the buffer's ranges
         self.explorer = np.random.Generator(np.random.PCG64(c.seed + 1))
         self.updates = 0           # run time
         self.optimizer_steps = 0   # run time
@@ -200,6 +202,7 @@ class DQN:
                                  nxt.reshape(T * N, -1)[m], done.reshape(-1)[m])
             added += int(m.sum())
         self.pending_transitions += added
+        self.buffer_lineage.add(replay.lineage, added)
         losses = {"losses/td": 0.0, "losses/q_values": 0.0}
         n = 0
         while self.buffer.size >= c.learning_starts and self.pending_transitions >= c.train_frequency:
@@ -242,6 +245,7 @@ class DQN:
         return {"algorithm": self.algorithm, "config": asdict(self.config), "spec": self.spec.to_dict(),
                 "q_network": self.q_network.state_dict(), "target_network": self.target_network.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "buffer": self.buffer.state_dict(),
+                "buffer_lineage": self.buffer_lineage.state_dict(),
                 "explorer": self.explorer.bit_generator.state,
                 "counters": {"updates": self.updates, "optimizer_steps": self.optimizer_steps,
                              "env_steps": self.env_steps, "episodes": self.episodes,
@@ -252,6 +256,8 @@ class DQN:
         self.target_network.load_state_dict(state["target_network"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.buffer.load_state_dict(state["buffer"])
+        if "buffer_lineage" in state:  # checkpoints written before it named only the last batch
+            self.buffer_lineage.load_state_dict(state["buffer_lineage"])
         self.explorer.bit_generator.state = state["explorer"]
         for k, v in state["counters"].items():
             setattr(self, k, v)
