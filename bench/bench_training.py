@@ -1,7 +1,8 @@
-"""Training throughput (env steps/s) with every event through Kafka: MAPPO on simple_spread_v3
-(N=3, max_cycles=25), every step sealed, signed, sent, read back, verified and replayed by the one
+"""Training throughput (env steps/s) with every event through Kafka: a learner (MAPPO by default; any
+of ``learners.algorithms()`` with ``--algo``) on simple_spread_v3 (N=3, max_cycles=25; another env with
+``--env``, continuous actions with ``--continuous``), every step sealed, signed, sent, read back, verified and replayed by the one
 training loop (``learners.online.train_online``, wired to the harness by ``marlgrc.training``).
-Target: >= 900 env steps/s (issue 13). Beside it, in the same run, the same training with no events
+Target for MAPPO on simple_spread_v3: >= 900 env steps/s (issue 13); other algorithms and envs: information. Beside it, in the same run, the same training with no events
 written (the learner gets the episodes straight from the env): the ratio is information, not a
 target. A third arm, sealed events kept in memory (no broker), splits the cost between the event
 log and the broker.
@@ -9,7 +10,7 @@ log and the broker.
 The arms use the same seed and config, for the same number of iterations, in this process,
 interleaved. Uses $MARLGRC_BOOTSTRAP, else starts a local broker.
 
-    ./dev python bench/bench_training.py [--iterations 6] [--repeats 3]
+    ./dev python bench/bench_training.py [--iterations 6] [--repeats 3] [--algo mappo] [--env simple_spread_v3] [--continuous]
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def direct_episodes(env, policy, spec, episodes: int, seed: int) -> list[Episode
             A.append([acts[a][0] for a in spec.agents])
             R.append([rew[a] for a in spec.agents])
         T = len(O)
-        out.append(Episode(0, ep, np.stack(O), np.stack(S), np.asarray(A, np.int64), np.asarray(R, np.float32),
+        actions = np.asarray(A, np.int64 if spec.discrete else np.float32)
+        out.append(Episode(0, ep, np.stack(O), np.stack(S), actions, np.asarray(R, np.float32),
                            np.ones((T, N), np.float32), False))
     return out
 
@@ -60,6 +62,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--iterations", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--algo", default="mappo", help="a learner of learners.algorithms()")
+    p.add_argument("--env", default="simple_spread_v3")
+    p.add_argument("--continuous", action="store_true", help="the env's continuous-action variant")
     args = p.parse_args()
     torch.set_num_threads(1)
     boot = os.environ.get("MARLGRC_BOOTSTRAP")
@@ -73,8 +78,9 @@ def main() -> None:
 
     prefix = f"bench{uuid.uuid4().hex[:6]}."
     ensure_topics(boot, prefix)
-    env, env_id, ver = make_env("simple_spread_v3")
-    a = algorithm("mappo")
+    env, env_id, ver = make_env(args.env, continuous=args.continuous)
+    algo = args.algo
+    a = algorithm(algo)
     signer = Signer.generate()  # every chain signed, as every way to train does with the home's key
     signed = {"signer": signer, "public_key": signer.public_key}
 
@@ -82,20 +88,21 @@ def main() -> None:
         learner = a.learner_cls(spec_of(env, "direct", env_id, ver, 1), a.config_cls(seed=1))
         t, c = time.perf_counter(), time.process_time()
         for it in range(args.iterations):
-            eps = direct_episodes(env, learner, learner.spec, learner.config.episodes_per_update, 1_000_003 + it * 20)
+            E = learner.config.episodes_per_update
+            eps = direct_episodes(env, learner, learner.spec, E, 1_000_003 + it * E)
             learner.update(Replay(learner.spec, eps, [], True, None))
         return learner.env_steps / (time.perf_counter() - t), learner.env_steps / (time.process_time() - c)
 
     def kafka_arm(transport) -> float:
         t, c = time.perf_counter(), time.process_time()
-        res = train_on_env(env, env_id, ver, "mappo", transport=transport, iterations=args.iterations, seed=1,
+        res = train_on_env(env, env_id, ver, algo, transport=transport, iterations=args.iterations, seed=1,
                            config=a.config_cls(seed=1), **signed)
         n = res.learner.env_steps
         return n / (time.perf_counter() - t), n / (time.process_time() - c)
 
     def memory_arm() -> float:
         t, c = time.perf_counter(), time.process_time()
-        res = train_on_env(env, env_id, ver, "mappo", transport=MemoryTransport(keep=False),
+        res = train_on_env(env, env_id, ver, algo, transport=MemoryTransport(keep=False),
                            iterations=args.iterations, seed=1, config=a.config_cls(seed=1), **signed)
         n = res.learner.env_steps
         return n / (time.perf_counter() - t), n / (time.process_time() - c)
@@ -107,7 +114,7 @@ def main() -> None:
         # warm-up, not timed, as long as one timed run: imports (torch's deterministic mode loads its
         # compiler stack on first use), the producer's and consumer's connections, and a broker this
         # bench just started (its JVM compiles the produce and fetch paths in the first seconds)
-        train_on_env(env, env_id, ver, "mappo", transport=transport, iterations=args.iterations, seed=1,
+        train_on_env(env, env_id, ver, algo, transport=transport, iterations=args.iterations, seed=1,
                      config=a.config_cls(seed=1), **signed)
         for _ in range(args.repeats):  # arms interleaved, so load changes hit both
             kafka.append(kafka_arm(transport))
@@ -129,8 +136,10 @@ def main() -> None:
           f"sealed events kept in memory (no broker) {[round(m[0]) for m in memory]}")
     print(f"runs, per CPU-second of this process (librdkafka threads included, broker excluded): through Kafka "
           f"{[round(k[1]) for k in kafka]}, no events {[round(d[1]) for d in direct]}")
-    print(f"MAPPO simple_spread_v3, {args.iterations} iterations x 20 episodes: through Kafka {kafka_sps:.0f} env steps/s "
-          f"(target >= {TARGET_SPS:.0f}: {'PASS' if kafka_sps >= TARGET_SPS else 'FAIL'}), no events "
+    target = (f"(target >= {TARGET_SPS:.0f}: {'PASS' if kafka_sps >= TARGET_SPS else 'FAIL'})"
+              if (algo, args.env, args.continuous) == ("mappo", "simple_spread_v3", False) else "(information)")
+    print(f"{algo} {env_id}{' continuous' if args.continuous else ''}, {args.iterations} iterations x "
+          f"{a.config_cls().episodes_per_update} episodes: through Kafka {kafka_sps:.0f} env steps/s {target}, no events "
           f"{direct_sps:.0f} env steps/s (medians); ratio {ratio:.2f} (information); per CPU-second ratio "
           f"{cpu_ratio:.2f}; load average (1 min) {load:.2f} on {os.cpu_count()} CPUs")
     mem = float(np.median([m[0] for m in memory]))
