@@ -1,9 +1,11 @@
 """``marlgrc report --run R``: the seeds' analyses from the ledger's views, as PNG plots and text.
 
 Reads only the analyst views (``v_reward_convergence``, ``v_credit_per_agent``,
-``v_fairness_over_time``, ``v_episode_summaries``), so it runs with the ``ledger_analyst`` role on
-PostgreSQL. The env's domain metrics (``episode.summary`` events) are plotted per episode, one panel
-per metric, and listed in the summary with their string metrics (e.g. market_v0's scenario).
+``v_fairness_over_time``, ``v_episode_summaries``, ``v_decision_tiers``), so it runs with the
+``ledger_analyst`` role on PostgreSQL. The env's domain metrics (``episode.summary`` events) are
+plotted per episode, one panel per metric, and listed in the summary with their string metrics (e.g.
+market_v0's scenario). The joint actions' decisions are counted per tier (policy, heuristic, random;
+``unknown`` for actions written before joint.action recorded it), in all and per agent.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ class RunReport:
     # the env's domain metrics per episode (episode.summary): name -> [(episode, value)], in the env's order
     domain: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     domain_text: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    # decisions per agent and tier (joint.action's decision_tier): agent -> tier -> count
+    tiers: dict[str, dict[str, int]] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -49,8 +53,28 @@ class RunReport:
             lines.append(f"fairness {name}: {len(vals)} windows, first {vals[0]:.4f}, last {vals[-1]:.4f}")
         if not self.fairness:
             lines.append("fairness: no fairness.metrics events for this run")
+        lines.extend(self.tier_lines())
         lines.extend(self.domain_lines())
         return "\n".join(lines) + "\n"
+
+    def tier_totals(self) -> dict[str, int]:
+        """Decisions per tier over all agents, in ``TIER_ORDER`` (then any other value)."""
+        totals: Counter[str] = Counter()
+        for counts in self.tiers.values():
+            totals.update(counts)
+        return {t: totals[t] for t in _tier_order(totals)}
+
+    def tier_lines(self) -> list[str]:
+        """Decisions per tier, with their shares, in all and per agent."""
+        totals = self.tier_totals()
+        n = sum(totals.values())
+        if not n:
+            return ["decisions per tier: no joint actions in the ledger for this run"]
+        lines = [f"decisions per tier ({n} decisions): " + ", ".join(f"{t} {c} ({100 * c / n:.1f}%)"
+                                                                      for t, c in totals.items())]
+        for agent, counts in sorted(self.tiers.items()):
+            lines.append(f"  {agent}: " + ", ".join(f"{t} {counts[t]}" for t in _tier_order(counts)))
+        return lines
 
     def domain_lines(self) -> list[str]:
         """The domain metrics: per numeric metric its episodes, first, last, mean, min and max; per
@@ -87,10 +111,20 @@ def collect(store: LedgerStore, run_id: str) -> RunReport:
                                           f"WHERE run_id = {p} ORDER BY window_end", (run_id,)):
         fair[metric].append((int(end), float(value)))
     rep.fairness = dict(fair)
+    for agent, tier, n in store.query(f"SELECT agent_id, decision_tier, SUM(decisions) FROM v_decision_tiers "
+                                      f"WHERE run_id = {p} GROUP BY agent_id, decision_tier", (run_id,)):
+        rep.tiers.setdefault(agent, {})[tier] = int(n)
     rep.domain, rep.domain_text = domain_series(store.query(
         f"SELECT episode, metrics, text_metrics FROM v_episode_summaries WHERE run_id = {p} ORDER BY episode",
         (run_id,)))
     return rep
+
+
+TIER_ORDER = ("policy", "heuristic", "random", "unknown")
+
+
+def _tier_order(counts) -> list[str]:
+    return [t for t in TIER_ORDER if t in counts] + sorted(t for t in counts if t not in TIER_ORDER)
 
 
 def domain_series(rows) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[tuple[int, str]]]]:
@@ -109,14 +143,14 @@ def domain_series(rows) -> tuple[dict[str, list[tuple[int, float]]], dict[str, l
 
 def write_report(store: LedgerStore, run_id: str, out_dir: Path) -> RunReport:
     """Write reward_convergence.png, credit_per_agent.png, fairness_over_time.png, episode_metrics.png
-    (when the run has domain metrics) and summary.txt."""
+    (when the run has domain metrics), decision_tiers.png (when it has joint actions) and summary.txt."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rep = collect(store, run_id)
-    if not rep.episodes and not rep.credit and not rep.fairness and not rep.domain and not rep.domain_text:
+    if not (rep.episodes or rep.credit or rep.fairness or rep.domain or rep.domain_text or rep.tiers):
         raise LookupError(f"the ledger has no rows for run {run_id!r}; check the run id "
                           f"(`SELECT DISTINCT run_id FROM v_runs`) and that `marlgrc ledger sync` ran")
     out_dir = Path(out_dir)
@@ -150,10 +184,26 @@ def write_report(store: LedgerStore, run_id: str, out_dir: Path) -> RunReport:
     if rep.domain:
         rep.files.append(_domain_figure(rep, out_dir / "episode_metrics.png", plt))
 
+    if rep.tiers:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        agents = sorted(rep.tiers)
+        bottom = [0] * len(agents)
+        for tier in rep.tier_totals():
+            counts = [rep.tiers[a].get(tier, 0) for a in agents]
+            ax.bar(agents, counts, bottom=bottom, label=tier, color=_TIER_COLOURS.get(tier))
+            bottom = [b + c for b, c in zip(bottom, counts)]
+        ax.legend()
+        ax.set(title=f"Decisions per tier: {run_id}", xlabel="agent", ylabel="decisions")
+        rep.files.append(_save(fig, out_dir / "decision_tiers.png", plt))
+
     summary = out_dir / "summary.txt"
     summary.write_text(rep.summary())
     rep.files.append(summary)
     return rep
+
+
+# one colour per tier in every figure
+_TIER_COLOURS = {"policy": "tab:blue", "heuristic": "tab:orange", "random": "tab:green", "unknown": "tab:gray"}
 
 
 def _domain_figure(rep: RunReport, path: Path, plt) -> Path:

@@ -7,8 +7,9 @@ Per run: ``run.started`` and ``run.finished`` on ``{run}:lifecycle``, and betwee
   and the step's data-subject fields as ``protected_fields`` (pseudonym + AES-GCM ciphertext);
 - one ``agent.observation`` per live agent on ``{run}:obs:{agent}``, naming the state event;
 - one ``joint.action`` on ``{run}:actions``: every agent's action, log-probability, raw reward,
-  termination and truncation, the late-fusion joint vector and ``policy_version``, naming the state
-  and observation events it acted on.
+  termination, truncation and ``decision_tier`` (which tier decided it: the policy's ``last_tiers``
+  read after each ``act()``, ``policy`` for a policy without it; see ``producers.policies``), the
+  late-fusion joint vector and ``policy_version``, naming the state and observation events it acted on.
 
 A step's env.state and observations are sealed before the policy acts, its joint.action after the
 env stepped; ``step_functions`` is the step recorder that builds those payloads and seals them. For
@@ -43,6 +44,7 @@ from gymnasium.spaces import Discrete
 from eventlog.log import EventLog
 from eventlog.privacy import FieldProtector
 
+from .policies import POLICY_TIER, TIERS
 from .policy import Policy
 from .spaces import action_encoder, flat_floats, space_record
 
@@ -182,9 +184,10 @@ def step_functions(append_state: Callable, append_obs: Mapping[str, Callable], d
       env.state, then each live agent's observation naming it; returns their hashes, the joint
       action's sources;
     - ``joint_action(ep, step, live, actions, chosen, rewards, terms, truncs, cut, ep_return,
-      agent_returns=None)`` builds the joint.action payload (it seals nothing: a bad action, reward or
-      log-probability raises here, before the event exists); returns it and ``ep_return`` plus the
-      step's rewards, and adds each agent's reward to ``agent_returns[agent]`` when given.
+      agent_returns=None, tiers=None)`` builds the joint.action payload (it seals nothing: a bad action,
+      reward, log-probability or decision tier raises here, before the event exists); returns it and
+      ``ep_return`` plus the step's rewards, and adds each agent's reward to ``agent_returns[agent]``
+      when given. ``tiers``: each live agent's decision tier (None: all ``policy``).
     """
     def observe(ep: int, step: int, state_vec: Any, collapsed: Any, flags: list | None, live: list,
                 observations: Mapping, infos: Mapping) -> list[bytes]:
@@ -197,23 +200,32 @@ def step_functions(append_state: Callable, append_obs: Mapping[str, Callable], d
 
     def joint_action(ep: int, step: int, live: list, actions: Mapping, chosen: Mapping, rewards: Mapping,
                      terms: Mapping, truncs: Mapping, cut: bool, ep_return: float,
-                     agent_returns: dict | None = None) -> tuple[dict, float]:
+                     agent_returns: dict | None = None, tiers: Mapping | None = None) -> tuple[dict, float]:
         records, joint = [], []
+        tier = POLICY_TIER
         for a in live:
             r = float(rewards.get(a, 0.0))
             ep_return += r
             if agent_returns is not None:
                 agent_returns[a] = agent_returns.get(a, 0.0) + r
+            if tiers is not None:
+                tier = tiers.get(a)
+                if tier not in TIERS:
+                    raise HarnessError(f"the policy's last_tiers gives agent {a!r} the decision tier {tier!r} at "
+                                       f"episode {ep} step {step}; give each agent it acted for one of "
+                                       f"{', '.join(sorted(TIERS))}")
             # booleans go in as the env gave them: the encoder writes their truth value
             if discrete[a]:  # "continuous" left out: its schema default [] is written
                 d = int(actions[a])
                 records.append({"agent_id": a, "discrete": d, "log_prob": float(chosen[a][1]), "reward": r,
-                                "terminated": terms.get(a, False), "truncated": truncs.get(a, False) or cut})
+                                "terminated": terms.get(a, False), "truncated": truncs.get(a, False) or cut,
+                                "decision_tier": tier})
                 joint.append(float(d))
                 continue
             d, c = encode[a](actions[a])
             records.append({"agent_id": a, "discrete": d, "continuous": c, "log_prob": float(chosen[a][1]),
-                            "reward": r, "terminated": terms.get(a, False), "truncated": truncs.get(a, False) or cut})
+                            "reward": r, "terminated": terms.get(a, False), "truncated": truncs.get(a, False) or cut,
+                            "decision_tier": tier})
             if c:
                 joint.extend(c)
             else:
@@ -344,7 +356,8 @@ def run_episodes(env: Any, policy: Policy, log: EventLog, *, episodes: int, seed
                 observations, rewards, terms, truncs, infos = env.step(actions)
                 cut = max_steps is not None and step + 1 >= max_steps
                 act_payload, ep_return = joint_action(ep, step, live, actions, chosen, rewards, terms, truncs,
-                                                      cut, ep_return, agent_returns)
+                                                      cut, ep_return, agent_returns,
+                                                      getattr(policy, "last_tiers", None))
                 if has_subjects:
                     captured[3] = act_payload
                     captured[4] = now = clock()
