@@ -179,7 +179,7 @@ def _roles_and_grants(schema: str) -> list[str]:
                    f"NULL; END $$")
     tables = ", ".join(t.name for t in ALL_TABLES)
     views = ", ".join(f"v_{t.name}" for t in ALL_TABLES) + ", v_reward_convergence, v_credit_per_agent, " \
-                                                            "v_fairness_over_time, v_episode_metrics"
+                                                            "v_fairness_over_time, v_episode_metrics, v_decision_tiers"
     event_tables = ", ".join([t.name for t in EVENT_TABLES] + ["policy_update_lineage"])
     out += [
         f"REVOKE ALL ON SCHEMA {s} FROM PUBLIC",
@@ -256,7 +256,7 @@ def drop(superuser_dsn: str, schema: str = "ledger") -> None:
 # "install" (drop and create the schema: rebuild) and "views" (the analyst views: report).
 NEEDS = ("read", "sync", "purge", "erase", "install", "views")
 _REPORT_VIEWS = ("v_runs", "v_reward_convergence", "v_credit_per_agent", "v_fairness_over_time",
-                 "v_episode_summaries")
+                 "v_episode_summaries", "v_decision_tiers")
 _INSERTED = tuple(t.name for t in EVENT_TABLES) + ("policy_update_lineage", "integrity_findings", "ingest_offsets")
 
 

@@ -579,6 +579,8 @@ def view_ddl(dialect: str) -> list[str]:
                   "json_extract(m.value, '$.name')", "json_extract(m.value, '$.value')")
         domain = ("FROM episode_summaries e, json_each(e.metrics) m",
                   "json_extract(m.value, '$.name')", "json_extract(m.value, '$.value')")
+        tier = ("FROM joint_actions j, json_each(j.actions) a",
+                "json_extract(a.value, '$.agent_id')", "json_extract(a.value, '$.decision_tier')")
     else:
         share = ("FROM di_credit_assignment d CROSS JOIN LATERAL jsonb_array_elements(d.shares) s(value)",
                  "s.value->>'agent_id'", "(s.value->>'credit')::double precision")
@@ -586,6 +588,8 @@ def view_ddl(dialect: str) -> list[str]:
                   "m.value->>'name'", "(m.value->>'value')::double precision")
         domain = ("FROM episode_summaries e CROSS JOIN LATERAL jsonb_array_elements(e.metrics) m(value)",
                   "m.value->>'name'", "(m.value->>'value')::double precision")
+        tier = ("FROM joint_actions j CROSS JOIN LATERAL jsonb_array_elements(j.actions) a(value)",
+                "a.value->>'agent_id'", "a.value->>'decision_tier'")
     stmts.append(f"{create} v_credit_per_agent AS SELECT d.run_id AS run_id, d.episode AS episode, "
                  f"{share[1]} AS agent_id, SUM({share[2]}) AS credit, COUNT(*) AS steps, "
                  f"AVG(d.global_reward) AS mean_global_reward {share[0]} GROUP BY d.run_id, d.episode, {share[1]}")
@@ -595,6 +599,11 @@ def view_ddl(dialect: str) -> list[str]:
     # the env's numeric domain metrics (episode.summary), one row per run, episode and metric
     stmts.append(f"{create} v_episode_metrics AS SELECT e.run_id AS run_id, e.episode AS episode, "
                  f"{domain[1]} AS metric, {domain[2]} AS value {domain[0]}")
+    # decisions per tier (joint.action's decision_tier: policy | heuristic | random), per run, episode
+    # and agent; 'unknown' for actions written before the field existed
+    stmts.append(f"{create} v_decision_tiers AS SELECT j.run_id AS run_id, j.episode AS episode, "
+                 f"{tier[1]} AS agent_id, COALESCE(NULLIF({tier[2]}, ''), 'unknown') AS decision_tier, "
+                 f"COUNT(*) AS decisions {tier[0]} GROUP BY 1, 2, 3, 4")
     return stmts
 
 

@@ -16,10 +16,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import schemas  # noqa: E402
 from tests import corruptions  # noqa: E402
 from eventlog.bundle import write_bundle  # noqa: E402
 from eventlog.checkpoint import Signer, public_key_pem, public_key_raw  # noqa: E402
-from eventlog.codec import default_codec  # noqa: E402
+from eventlog.codec import Codec, default_codec  # noqa: E402
 from eventlog.kafka import Record  # noqa: E402
 from eventlog.log import EventLog, MemorySink  # noqa: E402
 from eventlog.merkle import inclusion_proof, leaf_hash, merkle_root  # noqa: E402
@@ -28,13 +29,17 @@ from tests.synthetic import synthetic_run  # noqa: E402
 VECTORS = ROOT / "tests" / "vectors"
 SIGNER = Signer.from_seed(b"marlgrc test vectors")
 T0 = 1_795_000_000_000_000  # 2026-11-18T09:46:40Z in microseconds
+# The vectors were published with joint_action as it was then (schemas/history/joint_action.v0.avsc,
+# before decision_tier): they are written with that schema, so they stay the bytes auditors hold, and
+# current readers read them through the history (docs/HASHING.md, "Schema evolution").
+VECTOR_CODEC = Codec({**schemas.current(), "joint_action": schemas.history()["joint_action.v0"]}, schemas.history())
 
 
 def deterministic_log(sink, run_id: str, checkpoint_every: int) -> EventLog:
     ticks = itertools.count(T0, 1000)
     ids = (f"00000000-0000-8000-8000-{i:04x}" for i in itertools.count())
     return EventLog(sink, run_id=run_id, producer_id="vectors", signer=SIGNER, checkpoint_every=checkpoint_every,
-                    clock=lambda: next(ticks), id_prefixes=lambda: next(ids)[:24])
+                    clock=lambda: next(ticks), id_prefixes=lambda: next(ids)[:24], codec=VECTOR_CODEC)
 
 
 def stream(run_id="r1", steps=20, episodes=2, checkpoint_every=16) -> list[Record]:
