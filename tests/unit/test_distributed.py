@@ -1,0 +1,212 @@
+"""learners.distributed without a broker: round bookkeeping over any arrival order, the split of a
+round's episodes and seeds, and the learner's loop with producers running as threads of this process
+(the same sealed bytes Kafka would carry, in memory), reproduced bit for bit by ``retrain``."""
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from eventlog.checkpoint import Signer
+from eventlog.codec import default_codec
+from eventlog.kafka import Record
+from eventlog.log import MemorySink
+from eventlog.verify import Verifier
+from learners.checkpoint import load_signing_key
+from learners.distributed import (PolicyBoard, RecordSource, RoundBook, acting_seed, collect_batch, group_config,
+                                  produce_rounds, producer_run_id, read_group_run, reproduce, retrain, round_seed,
+                                  split_episodes, train_distributed)
+from learners.mappo import MAPPO, MAPPOConfig
+from learners.replay import RunSpec, records_from_memory
+from producers.harness import config_digest, env_spaces, run_episodes
+from producers.policies import RandomPolicy
+from tests.unit.test_learners_support import MatchTarget
+
+CODEC = default_codec()
+
+
+def _collect(env):
+    def collect(policy, log, *, episodes, seed, config):
+        return run_episodes(env, policy, log, episodes=episodes, seed=seed, env_id="match_target_v0",
+                            env_version="0", config=config)
+    return collect
+
+
+def _rounds(runs, rounds, signer, episodes=2):
+    """Each producer run writes ``rounds`` signed batches (random policy), one after another."""
+    sink = MemorySink()
+    for k, run in enumerate(runs):
+        env, heads = MatchTarget(), {}
+        for r in range(rounds):
+            heads = collect_batch(_collect(env), RandomPolicy(env, seed=r), sink, run_id=run, round_=r, heads=heads,
+                                  signer=signer, episodes=episodes, seed=100 * k + r, config={})
+    return records_from_memory(sink.sent)
+
+
+def _batch_of(record: Record) -> str:
+    return CODEC.decode(record.value)[1]["producer_id"]
+
+
+def test_split_and_seeds_give_each_round_the_seeds_of_one_process():
+    assert split_episodes(20, 3) == [7, 7, 6] and split_episodes(20, 4) == [5] * 4 and split_episodes(2, 3) == [1, 1, 0]
+    with pytest.raises(ValueError):
+        split_episodes(20, 0)
+    for n in (1, 2, 3, 4):
+        for r in (0, 5):
+            shares = split_episodes(20, n)
+            seeds = [round_seed(7, r, 20, k, n) + i for k in range(n) for i in range(shares[k])]
+            assert seeds == list(range(7 * 1_000_003 + r * 20, 7 * 1_000_003 + r * 20 + 20))
+    acting = {acting_seed(1, r, k) for r in range(10) for k in range(4)}
+    assert len(acting) == 40 and acting_seed(1, 2, 3) == acting_seed(1, 2, 3) != acting_seed(2, 2, 3)
+
+
+def test_a_round_is_ready_exactly_when_all_its_signed_records_have_arrived_in_any_order():
+    signer = Signer.generate()
+    runs = ["g.p0", "g.p1"]
+    records = _rounds(runs, 2, signer)
+    for trial in range(3):
+        rng = random.Random(trial)
+        # a consumer sees each partition in order, partitions interleaved at random
+        queues = {}
+        for rec in records:
+            queues.setdefault(rec.topic, []).append(rec)
+        round0 = [{(x.topic, x.offset) for x in records if x.key.startswith(run + ":") and _batch_of(x) == "harness-0"}
+                  for run in runs]
+        book, arrived = RoundBook(runs), set()
+        while any(queues.values()):
+            topic = rng.choice([t for t, q in queues.items() if q])
+            rec = queues[topic].pop(0)
+            book.add([rec])
+            arrived.add((rec.topic, rec.offset))
+            for k in range(len(runs)):
+                assert book.ready(k, 0) == (round0[k] <= arrived)
+        for k, run in enumerate(runs):
+            first = book.take(k, 0)
+            mine = [x for x in records if x.key.startswith(run + ":")]
+            assert sorted((x.topic, x.offset) for x in first) == sorted(
+                (x.topic, x.offset) for x in mine if _batch_of(x) == "harness-0")
+            assert not book.ready(k, 0) and book.ready(k, 1)
+            assert {_batch_of(x) for x in book.take(k, 1)} == {"harness-1"}
+        assert book.pending_low() == {}
+
+
+def test_the_book_keeps_only_the_producers_records_and_says_what_a_round_waits_for():
+    signer = Signer.generate()
+    records = _rounds(["g.p0", "other"], 1, signer)
+    book = RoundBook(["g.p0", "g.p1"])
+    foreign = [r for r in records if not r.key.startswith("g.p0:")]
+    assert book.add(foreign) == 0
+    assert book.add([Record("marl.di.credit", 0, 0, "g.p0:credit", b"\x00" * 60, 0)]) == 0
+    mine = [r for r in records if r.key.startswith("g.p0:")]
+    last_action = max(i for i, r in enumerate(mine) if r.topic == "marl.joint.action")
+    book.add(mine[:last_action] + mine[last_action + 1:])  # one joint action still in flight
+    assert not book.ready(0, 0)
+    assert "g.p0:actions at seq" in book.missing(0) and "g.p1: its batch is not signed yet" in book.missing(0)
+    assert book.pending_low()[("marl.joint.action", 0)] == min(r.offset for r in mine if r.topic == "marl.joint.action")
+    book.add([mine[last_action]])
+    assert book.ready(0, 0) and not book.ready(1, 0)
+    with pytest.raises(ValueError, match="not complete"):
+        book.take(1, 0)
+
+
+class MemorySource(RecordSource):
+    """The records every thread has sent to a shared MemorySink so far (offsets per topic)."""
+
+    def __init__(self, sink: MemorySink):
+        self.sink, self.read, self.offsets = sink, 0, {}
+
+    def poll(self, timeout: float) -> list[Record]:
+        new = self.sink.sent[self.read:]
+        if not new:
+            time.sleep(min(timeout, 0.005))
+            return []
+        self.read += len(new)
+        out = []
+        for topic, key, value in new:
+            o = self.offsets.get(topic, 0)
+            self.offsets[topic] = o + 1
+            out.append(Record(topic, 0, o, key, value, 0))
+        return out
+
+
+def _session(tmp_path, group, producers=3, rounds=3, episodes=5):
+    """A learner and ``producers`` producer threads over one in-memory sink; returns (result, sink, public key)."""
+    torch.set_num_threads(1)
+    signer = Signer.generate()
+    signer.save(tmp_path / "k.pem")
+    key = load_signing_key(tmp_path / "k.pem")
+    env = MatchTarget()
+    spec = RunSpec.from_run_started(group, {"env_id": "match_target_v0", "env_version": "0", "seed": 1,
+                                            "config_hash": "", **env_spaces(env)})
+    config = MAPPOConfig(seed=1, episodes_per_update=episodes)
+    runs = [producer_run_id(group, k) for k in range(producers)]
+    text, digest = config_digest(group_config("mappo", config, runs, episodes, 1))
+    started = {"env_id": "match_target_v0", "env_version": "0", "seed": 1, "config_hash": digest, "config_json": text,
+               **env_spaces(env), "episodes_planned": rounds * episodes}
+    sink, board = MemorySink(), PolicyBoard(tmp_path / "policies")
+    errors: list[BaseException] = []
+
+    def producer(k):
+        try:
+            produce_rounds(group, k, producers, collect=_collect(MatchTarget()), sink=sink, board=board,
+                           public_key=signer.public_key, signer=signer, episodes_per_round=episodes, seed=1,
+                           algo="mappo", wait_timeout_s=60)
+        except BaseException as exc:  # noqa: BLE001 - the learner's alive() raises it
+            errors.append(exc)
+
+    def alive():
+        if errors:
+            raise errors[0]
+
+    threads = [threading.Thread(target=producer, args=(k,), daemon=True) for k in range(producers)]
+    for t in threads:
+        t.start()
+    try:
+        res = train_distributed(spec, "mappo", runs=runs, source=MemorySource(sink), sink=sink, board=board,
+                                signing_key=key, signer=signer, public_key=signer.public_key, iterations=rounds,
+                                seed=1, config=config, run_started=started, alive=alive, round_timeout_s=30)
+    finally:
+        board.stop(-1)
+        for t in threads:
+            t.join(30)
+    assert not errors
+    return res, sink, signer.public_key
+
+
+def test_the_learner_trains_on_every_producers_batch_and_retrain_reproduces_each_update(tmp_path):
+    res, sink, pk = _session(tmp_path, "grp")
+    assert [r["env_steps"] for r in res.curve] == [40, 80, 120]  # 5 episodes of 8 steps a round, from 3 producers
+    records = records_from_memory(sink.sent)
+    updates = read_group_run(records, "grp").updates
+    assert [u["event_hash"] for u in updates] == res.update_hashes
+    actions = [{x["chain_id"]: (x["first_seq"], x["last_seq"]) for x in u["lineage"] if x["topic"] == "marl.joint.action"}
+               for u in updates]
+    # every producer's chain in every update; the 5 episodes split 2, 2, 1; consecutive rounds continue the chains
+    assert actions[0] == {"grp.p0:actions": (0, 15), "grp.p1:actions": (0, 15), "grp.p2:actions": (0, 7)}
+    assert actions[2] == {"grp.p0:actions": (32, 47), "grp.p1:actions": (32, 47), "grp.p2:actions": (16, 23)}
+    assert all(u["verified"] and u["env_steps"] == 40 for u in updates)
+    # each producer acted with the version the learner published for that round
+    acted = {CODEC.decode(v)[1]["policy_version"] for t, k, v in sink.sent if t == "marl.joint.action"}
+    assert acted == {u["parent_policy_version"] for u in updates} and len(acted) == 3
+    report = Verifier(pk, require_signed=True)  # every event, the learner's included, under a signature
+    report.add_checkpoints([r for r in records if r.topic == "marl.audit.checkpoints"])
+    report.feed([r for r in records if r.topic != "marl.audit.checkpoints"])
+    assert report.finish().ok
+    assert reproduce(records, "grp", public_key=pk) == [(u["policy_version"], True) for u in updates]
+    # the same records in another arrival order (topics reversed) give the same weights
+    group = read_group_run(records, "grp")
+    _, hashes = retrain(sorted(records, key=lambda r: r.topic, reverse=True), group, public_key=pk)
+    assert hashes == [bytes(u["weights_sha256"]) for u in updates]
+    assert hashes[-1] == res.learner.weights_sha256()
+
+
+def test_a_session_is_deterministic_given_its_seed(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, _, _ = _session(tmp_path / "a", "ga", producers=2, rounds=2, episodes=4)
+    b, _, _ = _session(tmp_path / "b", "gb", producers=2, rounds=2, episodes=4)
+    assert a.learner.weights_sha256() == b.learner.weights_sha256()
+    assert isinstance(a.learner, MAPPO)
