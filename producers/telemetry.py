@@ -1,10 +1,18 @@
-"""Sandbox telemetry (seed 002's JSON format) to a 30-feature state vector in [0, 1], and a producer
-that replays recorded telemetry into ``env.state`` events.
+"""Sandbox telemetry (seed 002's JSON format): the 30-feature state vector, strict validation of
+recorded JSON lines, and their replay as a ``sandbox_v0`` run.
 
-Nothing crashes on bad input: a missing field gets its default and the flag ``defaulted:<field>``;
-a field of the wrong type, or not finite, gets its default and ``malformed:<field>``; a number
-outside its range is clipped and flagged ``clipped:<field>``; a record that is not a JSON object is
-read as an empty one and flagged ``malformed:record``.
+Two readers, for two jobs:
+
+- ``normalize(record)`` never raises (the live env's path): a missing field gets its default and the
+  flag ``defaulted:<field>``; a field of the wrong type, or not finite, gets its default and
+  ``malformed:<field>``; a number outside its range is clipped and flagged ``clipped:<field>``; a
+  record that is not a JSON object is read as an empty one and flagged ``malformed:record``.
+- ``parse_telemetry_lines(lines)`` validates recorded telemetry (JSON Lines) strictly with pydantic
+  (``TelemetryRecord``) before anything is replayed (`marlgrc ingest --telemetry`): each bad line is a
+  ``BadLine`` with its line number, its kind and a one-line reason naming every wrong field, for the
+  dead-letter topic; the good ones are grouped into recordings (one recorded detonation each).
+  ``replay_env(recordings, n_sandboxes)`` is ``sandbox_v0`` over them: docs/PRODUCERS.md, "Recorded
+  telemetry".
 
 Features (``FEATURES``): the 13 raw fields min-max scaled (``RANGES``), 7 counts on a log scale,
 and 10 derived features (file I/O ratio, network intensity, exfiltration ratio, syscalls per child
@@ -13,6 +21,7 @@ the fraction of raw fields that were defaulted or malformed).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -20,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 # numeric field -> (default, max); min is 0
 RANGES: dict[str, tuple[float, float]] = {
@@ -185,3 +195,206 @@ def ingest_telemetry(records: Iterable[Any], log: Any, *, source: str, seed: int
         "status": "completed", "reason": "", "episodes": len(episodes), "steps": n, "mean_return": 0.0,
         "chain_heads": heads}, source_event_hashes=[started.event_hash])
     return IngestSummary(run, n + 2, flagged)
+
+
+# ---------------------------------------------------------------- recorded telemetry, validated
+
+
+class TelemetryRecord(BaseModel):
+    """One line of recorded telemetry in seed 002's format ("Telemetry Format"), strictly: JSON types
+    as the seed writes them (counts are integers, flags are booleans, no strings for numbers, no
+    NaN), physical ranges (counts >= 0, severity in [0, 1], CPU in [0, 100] %, memory >= 0 MB), every
+    field present and no unknown one. ``RANGES``' maxima are scaling bounds, not limits: a larger
+    value is valid and is clipped when normalized. ``sandbox_id`` (optional) tells recordings of
+    several sandboxes apart; it is used for grouping only and never written to an event.
+    ``timestamp`` (optional) is accepted and not used."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+    episode_id: int = Field(ge=0)
+    step: int = Field(ge=0)
+    is_malicious: bool
+    severity: float = Field(ge=0.0, le=1.0)
+    syscall_count: int = Field(ge=0)
+    file_read_count: int = Field(ge=0)
+    file_write_count: int = Field(ge=0)
+    network_connections: int = Field(ge=0)
+    bytes_sent: int = Field(ge=0)
+    bytes_received: int = Field(ge=0)
+    child_processes: int = Field(ge=0)
+    cpu_usage: float = Field(ge=0.0, le=100.0)
+    memory_usage: float = Field(ge=0.0)
+    registry_modification: bool
+    privilege_escalation_attempt: bool
+    code_injection_detected: bool
+    sandbox_id: str | None = None
+    timestamp: str | float | None = None
+
+    def as_json(self) -> dict:
+        """The record as ``normalize`` reads it."""
+        return self.model_dump(exclude={"sandbox_id", "timestamp"})
+
+
+# dead-letter kinds (dead.letter's error_kind)
+NOT_UTF8, INVALID_JSON, INVALID_TELEMETRY, DUPLICATE_STEP, LABEL_CHANGED = (
+    "not_utf8", "invalid_json", "invalid_telemetry", "duplicate_step", "label_changed")
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """A line that is not valid telemetry: 1-based ``line`` number, its exact bytes, the kind and a
+    reason that starts with the line number and names every problem."""
+
+    line: int
+    raw: bytes
+    kind: str
+    reason: str
+
+
+@dataclass
+class ParsedTelemetry:
+    """Valid records with their line numbers, bad lines, and how many lines were blank."""
+
+    records: list[tuple[int, TelemetryRecord]] = field(default_factory=list)
+    bad: list[BadLine] = field(default_factory=list)
+    blank: int = 0
+
+    @property
+    def lines(self) -> int:
+        return len(self.records) + len(self.bad) + self.blank
+
+    def recordings(self) -> list[list[TelemetryRecord]]:
+        """One recording per (sandbox_id, episode_id), in order of first appearance, its records in
+        step order (a gap in the steps is kept as a gap: nothing is invented)."""
+        groups: dict[tuple[str | None, int], list[TelemetryRecord]] = {}
+        for _, r in self.records:
+            groups.setdefault((r.sandbox_id, r.episode_id), []).append(r)
+        return [sorted(g, key=lambda r: r.step) for g in groups.values()]
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def describe_errors(exc: ValidationError) -> tuple[str, str]:
+    """(kind, reason) of a line pydantic refused: every field's problem, in one line."""
+    errors = exc.errors(include_url=False)
+    if any(e["type"] == "json_invalid" for e in errors):
+        msg = errors[0]["msg"].removeprefix("Invalid JSON: ").replace("at line 1 column", "at column")
+        return INVALID_JSON, f"not JSON ({msg})"
+    parts = []
+    for e in errors:
+        where = ".".join(str(x) for x in e["loc"]) or "record"
+        if e["type"] == "missing":
+            parts.append(f"{where}: missing")
+        elif e["type"] == "extra_forbidden":
+            parts.append(f"{where}: unknown field (seed 002's telemetry has no such field)")
+        elif e["type"] == "model_type":
+            parts.append(f"not a JSON object but {type(e['input']).__name__}")
+        else:
+            parts.append(f"{where}: {e['msg'][0].lower()}{e['msg'][1:]} (got {_shown(e['input'])})")
+    return INVALID_TELEMETRY, "; ".join(parts)
+
+
+def parse_telemetry_lines(lines: Iterable[bytes | str]) -> ParsedTelemetry:
+    """Validate recorded telemetry, one JSON object per line (pure). Per line: UTF-8, JSON, a
+    ``TelemetryRecord``; across lines: a (sandbox, episode, step) given once, and one label
+    (``is_malicious``) per recorded episode, which is one sample's detonation. A line that fails is
+    a ``BadLine``; blank lines are counted and skipped."""
+    out = ParsedTelemetry()
+    seen: dict[tuple, int] = {}
+    labels: dict[tuple, tuple[bool, int]] = {}
+    for n, raw in enumerate(lines, 1):
+        data = raw.encode() if isinstance(raw, str) else bytes(raw)
+        data = data.rstrip(b"\r\n")
+        if not data.strip():
+            out.blank += 1
+            continue
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            out.bad.append(BadLine(n, data, NOT_UTF8, f"line {n}: not UTF-8 text (byte {exc.start}); JSON "
+                                                      f"Lines are UTF-8"))
+            continue
+        try:
+            rec = TelemetryRecord.model_validate_json(text)
+        except ValidationError as exc:
+            kind, why = describe_errors(exc)
+            out.bad.append(BadLine(n, data, kind, f"line {n}: {why}"))
+            continue
+        episode = (rec.sandbox_id, rec.episode_id)
+        where = f"episode {rec.episode_id}" + (f" of sandbox {rec.sandbox_id!r}" if rec.sandbox_id else "")
+        first = seen.get((*episode, rec.step))
+        if first is not None:
+            out.bad.append(BadLine(n, data, DUPLICATE_STEP, f"line {n}: {where} step {rec.step} was already given "
+                                                            f"on line {first}; each step is recorded once"))
+            continue
+        label = labels.get(episode)
+        if label is not None and label[0] != rec.is_malicious:
+            out.bad.append(BadLine(n, data, LABEL_CHANGED, f"line {n}: is_malicious is {str(rec.is_malicious).lower()}"
+                                                           f" but line {label[1]} of {where} says "
+                                                           f"{str(label[0]).lower()}; a recorded episode is one sample"))
+            continue
+        seen[(*episode, rec.step)] = n
+        labels.setdefault(episode, (rec.is_malicious, n))
+        out.records.append((n, rec))
+    return out
+
+
+def dead_letter_payload(bad: BadLine, source: str, consumer: str) -> dict:
+    """The ``dead.letter`` payload of a bad line: the source (``telemetry:NAME``), its line number as
+    the offset, the kind, the reason and the line's exact bytes with their SHA-256."""
+    return {"source_topic": f"telemetry:{source}", "source_partition": 0, "source_offset": bad.line,
+            "source_key": b"", "error_kind": bad.kind, "reason": bad.reason, "consumer": consumer,
+            "payload": bad.raw, "payload_sha256": hashlib.sha256(bad.raw).digest()}
+
+
+def replay_env(recordings: list[list[TelemetryRecord]], n_sandboxes: int = 2):
+    """``sandbox_v0`` over recorded detonations instead of synthetic ones: the k-th episode (the k-th
+    ``reset``) gives sandbox ``i`` recording ``(k * n_sandboxes + i) mod len(recordings)``; at step t
+    the sandbox observes that recording's t-th record (normalized), its ground truth is the
+    recording's ``is_malicious``, and the env's own rewards, containment and truncation apply. A
+    sandbox whose recording ends before it contains is truncated there (no telemetry is invented);
+    ``max_cycles`` is the longest recording. The recording cannot react to actions: isolation does
+    not change what was recorded. ``len(recordings) / n_sandboxes`` episodes, rounded up, replay each
+    recording at least once."""
+    from .envs.sandbox_v0 import SandboxEnv
+
+    if not recordings or any(not r for r in recordings):
+        raise ValueError("replay_env needs at least one recording, none of them empty")
+
+    class RecordedSandboxes(SandboxEnv):
+        metadata = {**SandboxEnv.metadata, "name": "sandbox_v0"}
+
+        def __init__(self) -> None:
+            flat = [r.as_json() for rec in recordings for r in rec]
+            super().__init__(n_sandboxes=n_sandboxes, max_cycles=max(len(r) for r in recordings), telemetry=flat)
+            self.recordings = [[r.as_json() for r in rec] for rec in recordings]
+            self.resets = 0
+            self._now: list[list[dict]] = []
+
+        def reset(self, seed: int | None = None, options: dict | None = None):
+            k, n = self.resets, self.n_sandboxes
+            self.resets += 1
+            self._now = [self.recordings[(k * n + i) % len(self.recordings)] for i in range(n)]
+            return super().reset(seed, options)
+
+        def _record(self, i: int) -> dict:
+            rec = self._now[i]
+            return rec[min(self._t, len(rec) - 1)]
+
+        def step(self, actions):
+            obs, rewards, terms, truncs, infos = super().step(actions)
+            for a in list(self.agents):  # out of telemetry: truncated, as at max_cycles
+                if self._t >= len(self._now[self._index[a]]):
+                    truncs[a] = True
+                    self.agents.remove(a)
+            return obs, rewards, terms, truncs, infos
+
+    return RecordedSandboxes()
+
+
+def replay_episodes(recordings: list, n_sandboxes: int) -> int:
+    """Episodes of ``replay_env`` that replay every recording at least once."""
+    return math.ceil(len(recordings) / n_sandboxes)
