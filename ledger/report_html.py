@@ -445,11 +445,17 @@ def verification_of(store: LedgerStore, run_id: str, public_key: Any = None) -> 
     integrity findings that name them. The verdict is VERIFIED only with no break and no finding."""
     from .verify import verify_ledger
 
+    # PostgreSQL's analyst role reads the views only: the verdict needs the stored events' raw bytes
+    missing = store.missing_privileges("read") if hasattr(store, "missing_privileges") else []
+    if missing:
+        return Verification("NOT CHECKED", lines=[f"this ledger role lacks {'; '.join(missing)}, which verifying "
+                                                  f"the stored events needs: run `marlgrc verify --ledger "
+                                                  f"--postgres DSN` as the ledger's writer or owner"])
     try:
         rep = verify_ledger(store, public_key)
     except LedgerError as exc:
-        return Verification("NOT CHECKED", lines=[f"this ledger role cannot read the stored events ({exc}); "
-                                                  f"run `marlgrc verify --ledger` with a role that can"])
+        return Verification("NOT CHECKED", lines=[f"the stored events could not be read ({exc}); run "
+                                                  f"`marlgrc verify --ledger` to see why"])
     mine = [c for c in rep.chains.chains if c.chain_id.startswith(f"{run_id}:")]
     findings = [f for f in rep.findings if (getattr(f, "chain_id", "") or "").startswith(f"{run_id}:")]
     rows = [[c.topic, c.chain_id, str(c.events), str(c.last_seq), str(c.signed_through_seq),

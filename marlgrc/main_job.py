@@ -294,7 +294,7 @@ def where_to_look(result: MainJobResult, s: Settings, bootstrap: str) -> list[st
     for name, run in (("behaviour run", result.behaviour), ("trained run", result.trained)):
         if run is not None and run.report is not None:
             lines.append(f"  report ({name}): {run.report}")
-    lines += [f"  live dashboard:  marlgrc dashboard {conn}   (then open the address it prints)",
+    lines += [f"  live dashboard:  marlgrc dashboard {conn}   (then open http://127.0.0.1:8787)",
               f"  audit yourself:  marlgrc verify --run {result.trained.run_id if result.trained else result.run_id} {conn}",
               f"  retrain:         marlgrc train --run {result.run_id} --algo {ALGO} --updates {result.training.updates} "
               f"{conn}"]
