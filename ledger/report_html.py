@@ -285,8 +285,9 @@ def lineage_panel(store: LedgerStore, run_id: str) -> Panel:
     own = [u for u in updates if u["run_id"] == run_id]
     if own:
         last = own[-1]
-        p.facts.append(f"trained on this run: {len(own)} policy.update events, {sum(u['optimizer_steps'] for u in own)} "
-                       f"optimizer steps, last version {last['policy_version']}")
+        steps = sum(u["optimizer_steps"] for u in own)
+        p.facts.append(f"trained on this run: {len(own)} policy.update events, {steps} optimizer steps, last version "
+                       f"{last['policy_version']}")
         for topic, chain, first, last_seq in _lineage(store, last["event_id"]):
             p.facts.append(f"last update learned from {topic} {chain} seq {first}..{last_seq}")
     if not p.facts:
@@ -314,7 +315,7 @@ def credit_panel(store: LedgerStore, run_id: str, plt) -> Panel:
 
 def fairness_figure(title: str, name: str, windows: dict[str, list[tuple[int, float]]], plt) -> bytes:
     """One fairness metric over time on its own axis: its episode windows and sliding windows."""
-    what, unit, bounds = FAIRNESS_METRICS.get(name, (name, "as emitted", None))
+    _, unit, bounds = FAIRNESS_METRICS.get(name, (name, "as emitted", None))
     fig, ax = _axes(plt, title, "joint actions scored (credit index at the window's end)", f"{name} ({unit})",
                     bounds)
     for kind, style in (("sliding", dict(linewidth=1.2)), ("episode", dict(marker="o", linestyle="none"))):
@@ -476,9 +477,10 @@ CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 60em; color: #222; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.1em; margin-top: 1.6em; border-bottom: 1px solid #ccc; }
 .meta td, .chains td, .chains th, .domain td, .domain th { padding: 0.15em 0.6em; font-size: 0.85em; }
-.chains, .domain { border-collapse: collapse; } .chains td:nth-child(2) { word-break: break-all; } .chains th, .domain th { text-align: left; background: #eee; }
+.chains, .domain { border-collapse: collapse; } .chains td:nth-child(2) { word-break: break-all; }
+.chains th, .domain th { text-align: left; background: #eee; }
 .verdict { font-weight: bold; padding: 0.2em 0.6em; border-radius: 4px; color: white; }
-.VERIFIED { background: #2a7d2a; } .BROKEN { background: #b22222; } .NOT.CHECKED, .NOT { background: #777; }
+.VERIFIED { background: #2a7d2a; } .BROKEN { background: #b22222; } .NOT { background: #777; }
 figure { margin: 0.5em 0; } figcaption { font-size: 0.85em; color: #444; } img { max-width: 100%; }
 .note { font-style: italic; color: #666; } ul.facts { font-size: 0.85em; margin: 0.3em 0; }
 """
@@ -518,7 +520,8 @@ def render_html(run_id: str, run: dict, panels: list[Panel], verification: Verif
             ("mean return", f"{run['mean_return']:.4g}" if isinstance(run.get("mean_return"), float) else "?")]
     v = verification
     body = [f"<h1>marlgrc run report: {_e(run_id)}</h1>",
-            '<table class="meta">' + "".join(f"<tr><td>{_e(k)}</td><td>{_e(x)}</td></tr>" for k, x in meta) + "</table>",
+            '<table class="meta">' + "".join(f"<tr><td>{_e(k)}</td><td>{_e(x)}</td></tr>" for k, x in meta)
+            + "</table>",
             f'<section id="panel-verification"><h2>Verification</h2>'
             f'<p>verdict: <span class="verdict {_e(v.verdict)}">{_e(v.verdict)}</span></p>',
             '<ul class="facts">' + "".join(f"<li>{_e(x)}</li>" for x in v.lines) + "</ul>",

@@ -148,7 +148,8 @@ class _Worker:
 
     def scored_line(self, step: str, run: RunOutcome) -> str:
         if run.credits >= run.steps:
-            return f"{step} stream processors: {run.credits} credit assignments for run {run.run_id}, one per joint action"
+            return (f"{step} stream processors: {run.credits} credit assignments for run {run.run_id}, one per "
+                    f"joint action")
         return f"{step} stream processors: only {run.credits} of {run.steps} joint actions of {run.run_id} scored"
 
     def complaint(self) -> str:
@@ -231,8 +232,9 @@ def run_main_job(s: Settings, bootstrap: str, *, episodes: int = 20, seed: int =
         # 3. learners: retrain from the run's topics
         t, learner = _retrain(s, bootstrap, signer, behaviour.run_id, seed=seed, updates=updates)
         result.training = t
+        transitions = t.env_steps * len(learner.spec.agents)
         learned = (f"{t.optimizer_steps} optimizer steps" if t.optimizer_steps else
-                   f"0 optimizer steps: {t.env_steps * 3} agent transitions are fewer than DQN's learning_starts "
+                   f"0 optimizer steps: {transitions} agent transitions are fewer than DQN's learning_starts "
                    f"({learner.config.learning_starts}); give the demo --episodes 20 or more to learn")
         say(f"3/6 learners: verified replay of {behaviour.run_id} (verified={t.verified}): {t.episodes} episodes, "
             f"{t.env_steps} steps; {ALGO} {t.updates} updates, {learned}; policy {t.policy_version}; "
@@ -294,10 +296,11 @@ def where_to_look(result: MainJobResult, s: Settings, bootstrap: str) -> list[st
     for name, run in (("behaviour run", result.behaviour), ("trained run", result.trained)):
         if run is not None and run.report is not None:
             lines.append(f"  report ({name}): {run.report}")
+    last = result.trained.run_id if result.trained else result.run_id
     lines += [f"  live dashboard:  marlgrc dashboard {conn}   (then open http://127.0.0.1:8787)",
-              f"  audit yourself:  marlgrc verify --run {result.trained.run_id if result.trained else result.run_id} {conn}",
-              f"  retrain:         marlgrc train --run {result.run_id} --algo {ALGO} --updates {result.training.updates} "
-              f"{conn}"]
+              f"  audit yourself:  marlgrc verify --run {last} {conn}",
+              f"  retrain:         marlgrc train --run {result.run_id} --algo {ALGO} "
+              f"--updates {result.training.updates} {conn}"]
     return lines
 
 

@@ -332,9 +332,9 @@ def parse_telemetry_lines(lines: Iterable[bytes | str]) -> ParsedTelemetry:
             continue
         label = labels.get(episode)
         if label is not None and label[0] != rec.is_malicious:
-            out.bad.append(BadLine(n, data, LABEL_CHANGED, f"line {n}: is_malicious is {str(rec.is_malicious).lower()}"
-                                                           f" but line {label[1]} of {where} says "
-                                                           f"{str(label[0]).lower()}; a recorded episode is one sample"))
+            said, now = str(label[0]).lower(), str(rec.is_malicious).lower()
+            out.bad.append(BadLine(n, data, LABEL_CHANGED, f"line {n}: is_malicious is {now} but line {label[1]} of "
+                                                           f"{where} says {said}; a recorded episode is one sample"))
             continue
         seen[(*episode, rec.step)] = n
         labels.setdefault(episode, (rec.is_malicious, n))
