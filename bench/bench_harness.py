@@ -12,7 +12,7 @@ host taking the CPU away), the harness's cost per step and per event, and the lo
 env with personal data also the privacy floor: what the key store and the AES-GCM protection the
 issue requires cost alone, against the same bare loop (``privacy_floor``).
 
-    ./dev python bench/bench_harness.py [--env simple_spread|mailbox|sandbox|market|retail|banking] [--episodes 40] [--rounds 15]
+    ./dev python bench/bench_harness.py [--env simple_spread|mailbox|sandbox|market|retail|banking|trading|supply_chain|resource_allocation] [--episodes 40] [--rounds 15]
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ LIMIT = 1.20
 
 
 ENVS = {"simple_spread": "simple_spread_v3", "mailbox": "mailbox_v0", "sandbox": "sandbox_v0", "market": "market_v0",
-        "retail": "retail_v0", "banking": "banking_v0"}
+        "retail": "retail_v0", "banking": "banking_v0", "trading": "trading_v0", "supply_chain": "supply_chain_v0",
+        "resource_allocation": "resource_allocation_v0"}
 
 
 def make_env(name: str):

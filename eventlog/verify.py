@@ -347,6 +347,7 @@ class Verifier:
             k = (e["topic"], e["key"])
             if k != key:
                 if run:
+                    n += len(run)
                     self._flush_run(key, run, to_record)
                 run, key = [], k
             run.append(e)

@@ -1,4 +1,4 @@
-"""Learners: MAPPO, IPPO and DQN trained from replayed, verified topics (see docs/LEARNERS.md).
+"""Learners: MAPPO, IPPO, DQN and QMIX trained from replayed, verified topics (see docs/LEARNERS.md).
 
 ``ALGORITHMS`` is the registry: each entry names its config class and learner class and declares
 what it can do, so tests and the CLI are parametrized over it.
@@ -16,17 +16,20 @@ class Algorithm:
     on_policy: bool
     centralized_critic: bool
     continuous_actions: bool
+    discrete_actions: bool = True
 
 
 def _registry() -> dict[str, Algorithm]:
     from .dqn import DQN, DQNConfig
     from .ippo import IPPO, IPPOConfig
     from .mappo import MAPPO, MAPPOConfig
+    from .qmix import QMIX, QMIXConfig
 
     return {
         "mappo": Algorithm("mappo", MAPPOConfig, MAPPO, True, True, True),
         "ippo": Algorithm("ippo", IPPOConfig, IPPO, True, False, True),
         "dqn": Algorithm("dqn", DQNConfig, DQN, False, False, False),
+        "qmix": Algorithm("qmix", QMIXConfig, QMIX, False, True, False),
     }
 
 

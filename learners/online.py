@@ -31,7 +31,7 @@ from eventlog.verify import CHECKPOINT_TOPIC
 
 from . import algorithm
 from .lineage import BufferLineage, emit_policy_update
-from .replay import RUN_TOPICS, Replay, ReplayError, RunReader, RunSpec
+from .replay import ONLINE_TOPICS, Replay, ReplayError, RunReader, RunSpec
 
 Collect = Callable[..., Any]
 """``collect(policy, log, *, episodes, seed, config)``: run ``episodes`` episodes (episode ``i``
@@ -121,7 +121,7 @@ class KafkaTransport:
         # requests cost the client and the broker less CPU per event (linger 5 ms -> 50 ms: about
         # 8% more env steps per CPU-second in bench/bench_training.py)
         self.sink = EventProducer(bootstrap, prefix=prefix, client_id="marlgrc-train", **{"linger.ms": LINGER_MS})
-        self._reader = OffsetReader(bootstrap, RUN_TOPICS, prefix, timeout=timeout)
+        self._reader = OffsetReader(bootstrap, ONLINE_TOPICS, prefix, timeout=timeout)
 
     def mark(self) -> dict[tuple[str, int], int]:
         return self._reader.end_offsets()
@@ -184,7 +184,7 @@ def train_online(spec: RunSpec, algo: str, *, collect: Collect, transport: Trans
         raise ValueError(f"decisions_per_update must be at least 1, got {K}")
     run_id = spec.run_id
     learner_log = EventLog(transport.sink, run_id=run_id, producer_id=f"learner-{algo}", signer=signer)
-    reader = RunReader(run_id, public_key=public_key)
+    reader = RunReader(run_id, public_key=public_key, topics=ONLINE_TOPICS)
     result = OnlineResult(learner, run_id)
     heads: dict = {}  # the run's data chains: where the next batch's log continues them
     batch = collected = 0          # batches and episodes collected so far (seeds continue from there)
@@ -220,7 +220,10 @@ def train_online(spec: RunSpec, algo: str, *, collect: Collect, transport: Trans
                 heads.update((k, h) for k, h in log.heads().items() if k[0] != CHECKPOINT_TOPIC)
                 transport.flush()
                 end = transport.mark()
-                records = transport.read(start, end)
+                # the batch's own checkpoint chain only: a processor signing the run's credits writes
+                # checkpoint chains of its own under the run, read in part between two batches
+                own = f"{run_id}:checkpoints:{producer_id}-{batch}"
+                records = [r for r in transport.read(start, end) if r.topic != CHECKPOINT_TOPIC or r.key == own]
                 replay = reader.add(records)
                 if replay.spec.agents != learner.spec.agents or replay.spec.action_spaces != learner.spec.action_spaces:
                     raise ReplayError(f"run {run_id}: run.started's agents/spaces differ from the spec the policy "

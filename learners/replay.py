@@ -29,6 +29,11 @@ from eventlog.verify import CHECKPOINT_TOPIC, Report, Verifier
 
 RUN_TOPICS = ("marl.run.lifecycle", "marl.env.state", "marl.agent.observation", "marl.joint.action",
               "marl.di.credit", CHECKPOINT_TOPIC)
+# What the online loop reads back: the harness's own topics. Credits are left out: the decision
+# interpreter writes them asynchronously, so a batch's credits may land after the loop marked the
+# batch's end (and before the next batch's start); online training learns from the env's rewards,
+# and `marlgrc train --run R` retrains on the credits once the worker has scored the run.
+ONLINE_TOPICS = tuple(t for t in RUN_TOPICS if t != "marl.di.credit")
 POLICY_TOPIC = "marl.policy.update"
 # read and verified (earlier policy updates and their checkpoints too), but never trained on
 VERIFY_TOPICS = (*RUN_TOPICS, POLICY_TOPIC)

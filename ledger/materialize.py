@@ -163,10 +163,15 @@ def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
 def sync(store: LedgerStore, bootstrap: str, *, prefix: str = "", follow: bool = False,
          poll_interval: float = 1.0, commit_every: int = 5000, topics: Iterable[str] = schema_files.TOPICS,
          should_stop: Callable[[], bool] = lambda: False,
-         on_batch: Callable[[IngestStats], None] | None = None) -> IngestStats:
+         on_batch: Callable[[IngestStats], None] | None = None,
+         on_position: Callable[[dict[tuple[str, int], int]], None] | None = None) -> IngestStats:
     """Read every marl.* topic from the ledger's stored offsets to the end (``follow``: again and
     again until ``should_stop()``), materializing as it goes and applying the ``compliance.deletion``
-    events it reads (``ledger.erasure``), and first any this ledger stores without having applied them."""
+    events it reads (``ledger.erasure``), and first any this ledger stores without having applied them.
+
+    ``on_batch`` gets the stats of the current read round after each committed batch; ``on_position``
+    the ledger's offsets ({(topic, partition): next offset}) at the start, after each committed batch
+    and after each read round (the topics' end offsets minus these: progress and consumer lag)."""
     m = Materializer(store)
     topics = list(topics)
     total = IngestStats()
@@ -175,11 +180,22 @@ def sync(store: LedgerStore, bootstrap: str, *, prefix: str = "", follow: bool =
         total.deletions.append(summary.request_id)
         for ev in summary.evidence:
             total.erased[ev.source_table] = total.erased.get(ev.source_table, 0) + ev.count
+
+    def committed(stats: IngestStats) -> None:
+        if on_batch is not None:
+            on_batch(stats)
+        if on_position is not None:
+            on_position(dict(m.offsets))
+
+    if on_position is not None:
+        on_position(dict(m.offsets))
     while True:
         records = chain.from_iterable(record_batches(bootstrap, topics, prefix=prefix,
                                                      start_offsets=dict(m.offsets)))
-        stats = m.ingest(records, commit_every=commit_every, on_batch=on_batch)
+        stats = m.ingest(records, commit_every=commit_every, on_batch=committed)
         total.add(stats)
+        if on_position is not None:
+            on_position(dict(m.offsets))
         if not follow or should_stop():
             break
         if stats.records == 0:

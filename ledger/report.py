@@ -173,13 +173,9 @@ def write_report(store: LedgerStore, run_id: str, out_dir: Path) -> RunReport:
     ax.set(title=f"Credit per agent: {run_id}", xlabel="agent", ylabel="total credit")
     rep.files.append(_save(fig, out_dir / "credit_per_agent.png", plt))
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, pts in sorted(rep.fairness.items()):
-        ax.plot([e for e, _ in pts], [v for _, v in pts], label=name)
-    if rep.fairness:
-        ax.legend()
-    ax.set(title=f"Fairness over time: {run_id}", xlabel="window end", ylabel="value")
-    rep.files.append(_save(fig, out_dir / "fairness_over_time.png", plt))
+    from .report_html import fairness_grid  # one metric per panel: counts never share the 0..1 axis
+
+    rep.files.append(_save(fairness_grid(run_id, rep.fairness, plt), out_dir / "fairness_over_time.png", plt))
 
     if rep.domain:
         rep.files.append(_domain_figure(rep, out_dir / "episode_metrics.png", plt))

@@ -86,6 +86,23 @@ EVENT_TABLES: tuple[Table, ...] = (
     _event_table("episode_summaries", (
         ("episode", "int"), ("steps", "int"), ("episode_return", "real"), ("agent_returns", "json"),
         ("metrics", "json"), ("text_metrics", "json"))),
+    # policy.rollback (marl.policy.update, the policy chain beside policy.update): the safety gate
+    # refused an update and restored the checkpoint taken before it; lineage = the window's events
+    _event_table("policy_rollbacks", (
+        ("algorithm", "text"), ("rejected_policy_version", "text"), ("rejected_weights_sha256", "bytes"),
+        ("rejected_update_event_hash", "bytes"), ("restored_policy_version", "text"),
+        ("checkpoint_weights_sha256", "bytes"), ("baseline", "real"), ("candidate", "real"), ("threshold", "real"),
+        ("gate_ratio", "real"), ("window_decisions", "int"), ("window_reset_seeds", "json"), ("reason", "text"),
+        ("lineage", "json"))),
+    # curriculum.stage (marl.policy.update, chain {run}:curriculum): the curriculum changed the env's
+    # stage; the window it judged (episode numbers, metric values) and its trend
+    _event_table("curriculum_stages", (
+        ("from_stage", "text"), ("to_stage", "text"), ("from_stage_index", "int"), ("to_stage_index", "int"),
+        ("reason", "text"), ("metric", "text"), ("threshold", "real"), ("window_n", "int"), ("window_mean", "real"),
+        ("window_std", "real"), ("window_min", "real"), ("window_max", "real"), ("trend_slope", "real"),
+        ("trend_t", "real"), ("trend", "text"), ("window_episodes", "json"), ("window_values", "json"),
+        ("stage_episodes", "int"), ("config_window", "int"), ("config_min_episodes", "int"),
+        ("config_trend_t", "real"))),
 )
 
 LINEAGE = Table("policy_update_lineage", (
@@ -118,7 +135,8 @@ SCHEMA_TABLE = {
     "credit_assignment": "di_credit_assignment", "fairness_metrics": "fairness_metrics",
     "policy_update": "policy_updates", "audit_checkpoint": "audit_checkpoints",
     "compliance_deletion": "compliance_deletions", "dead_letter": "dead_letters",
-    "episode_summary": "episode_summaries",
+    "episode_summary": "episode_summaries", "policy_rollback": "policy_rollbacks",
+    "curriculum_stage": "curriculum_stages",
 }
 
 
@@ -171,9 +189,22 @@ _NONE6 = (None,) * 6
 _NONE8 = (None,) * 8
 
 
+def _finite(v):
+    """``v`` with every infinite or NaN float as the string JavaScript and PostgreSQL's ``float8`` read
+    back ("Infinity", "-Infinity", "NaN"): a Box space's unbounded limits are valid JSON then, which
+    PostgreSQL's ``jsonb`` requires (Python's ``json`` would write a bare ``-Infinity``)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
 def _p_run_started(r: dict) -> tuple:
-    return (r["env_id"], r["env_version"], r["seed"], r["config_hash"], r["config_json"], _json(r["agents"]),
-            _json(r["state_space"]), r["episodes_planned"]) + _NONE6
+    return (r["env_id"], r["env_version"], r["seed"], r["config_hash"], r["config_json"],
+            _json(_finite(r["agents"])), _json(_finite(r["state_space"])), r["episodes_planned"]) + _NONE6
 
 
 def _p_run_finished(r: dict) -> tuple:
@@ -232,6 +263,20 @@ def _p_policy_update(r: dict) -> tuple:
             r["optimizer_steps"], r["env_steps"], _json(r["losses"]), r["weights_sha256"], r["verified"])
 
 
+def _p_policy_rollback(r: dict) -> tuple:
+    return (r["algorithm"], r["rejected_policy_version"], r["rejected_weights_sha256"], r["rejected_update_event_hash"],
+            r["restored_policy_version"], r["checkpoint_weights_sha256"], r["baseline"], r["candidate"],
+            r["threshold"], r["gate_ratio"], r["window_decisions"], _json(r["window_reset_seeds"]), r["reason"],
+            _json(r["lineage"]))
+
+
+def _p_curriculum_stage(r: dict) -> tuple:
+    return (r["from_stage"], r["to_stage"], r["from_stage_index"], r["to_stage_index"], r["reason"], r["metric"],
+            r["threshold"], r["window_n"], r["window_mean"], r["window_std"], r["window_min"], r["window_max"],
+            r["trend_slope"], r["trend_t"], r["trend"], _json(r["window_episodes"]), _json(r["window_values"]),
+            r["stage_episodes"], r["config_window"], r["config_min_episodes"], r["config_trend_t"])
+
+
 def _p_audit_checkpoint(r: dict) -> tuple:
     return (r["checked_topic"], r["checked_chain_id"], r["first_seq"], r["last_seq"], r["prev_head_hash"],
             r["head_event_hash"], r["merkle_root"], r["signer_key_id"], r["signature"])
@@ -253,7 +298,8 @@ _PAYLOAD = {
     "credit_assignment": _p_credit_assignment, "fairness_metrics": _p_fairness_metrics,
     "policy_update": _p_policy_update, "audit_checkpoint": _p_audit_checkpoint,
     "compliance_deletion": _p_compliance_deletion, "dead_letter": _p_dead_letter,
-    "episode_summary": _p_episode_summary,
+    "episode_summary": _p_episode_summary, "policy_rollback": _p_policy_rollback,
+    "curriculum_stage": _p_curriculum_stage,
 }
 # schema name -> (table, payload builder), resolved once
 ROW_BUILDERS = {name: (SCHEMA_TABLE[name], fn) for name, fn in _PAYLOAD.items()}

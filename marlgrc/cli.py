@@ -8,21 +8,15 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .config import BootOpt, HomeOpt, PrefixOpt, Settings
 from .errors import Commands, fail
+from .progress import Backlog, ProgressOpt, console, counted, progress_bar
 
 app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True,
                   help="Event-sourced, audit-first multi-agent RL on Apache Kafka.")
-console = Console(stderr=True)
 out = Console() if Console().is_terminal else Console(width=160)
-
-
-def progress_bar(total: int | None, what: str) -> Progress:
-    return Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-                    transient=False, disable=not console.is_terminal and total is None)
 
 
 # ---------------------------------------------------------------- services
@@ -76,14 +70,18 @@ def status(home: Optional[Path] = HomeOpt) -> None:
 # ---------------------------------------------------------------- demo
 @app.command()
 def demo(home: Optional[Path] = HomeOpt, bootstrap: Optional[str] = BootOpt, prefix: Optional[str] = PrefixOpt,
-         episodes: int = typer.Option(3, help="mailbox_v0 episodes"),
+         episodes: int = typer.Option(20, min=1, help="mailbox_v0 episodes of each run (random behaviour, "
+                                      "then trained)"),
+         updates: int = typer.Option(5, min=1, help="DQN updates over the behaviour run's replayed episodes"),
          seed: int = typer.Option(0)) -> None:
-    """The main job end to end: start Kafka if needed; run mailbox_v0 through the producers, a stream
-    processor worker and the encrypted ledger; verify every chain; print the verdict."""
+    """The main job end to end: start Kafka if needed; run mailbox_v0 with a random policy through the
+    producers and a stream processor worker; retrain DQN from the run's topics (verified replay,
+    lineage, signed checkpoint); act with the trained policy in a second run; materialize both into the
+    encrypted ledger; verify everything; print where to look and the return before and after training."""
     from compose import ServiceError, start_kafka
     from eventlog.kafka import BrokerUnavailable, DeliveryError
 
-    from .main_job import run_main_job
+    from .main_job import run_main_job, summary_lines, where_to_look
 
     s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
     boot = s.bootstrap
@@ -94,13 +92,14 @@ def demo(home: Optional[Path] = HomeOpt, bootstrap: Optional[str] = BootOpt, pre
         except ServiceError as exc:
             fail(str(exc))
     try:
-        result = run_main_job(s, boot, episodes=episodes, seed=seed,
+        result = run_main_job(s, boot, episodes=episodes, seed=seed, updates=updates,
                               say=lambda line: out.print(line, highlight=False))
     except (BrokerUnavailable, DeliveryError) as exc:
         fail(str(exc))
-    for line in result.lines:
+    for line in [*result.lines, *where_to_look(result, s, boot), *summary_lines(result)]:
         out.print(line, highlight=False)
-    out.print(f"verdict: {'VERIFIED' if result.ok else 'BROKEN'} (run {result.run_id})")
+    for run in result.runs:
+        out.print(f"verdict: {'VERIFIED' if result.run_ok(run) else 'BROKEN'} (run {run.run_id})")
     if not result.ok:
         raise typer.Exit(1)
 
@@ -157,11 +156,12 @@ def verify(run: Optional[str] = typer.Option(None, "--run", help="only the chain
                None, "--require-signed/--allow-unsigned",
                help="every event must be covered by a signed checkpoint (default: with --bundle and --public-key; "
                     "otherwise only a finished run's events must be)"),
+           progress: bool = ProgressOpt,
            home: Optional[Path] = HomeOpt, bootstrap: Optional[str] = BootOpt, prefix: Optional[str] = PrefixOpt) -> None:
     """Verify hash chains and signed checkpoints, of Kafka topics, a bundle or the ledger. Exit 1 on any break
     (a damaged bundle too); exit 2 when it could not read what it was asked to verify."""
-    from eventlog.audit import verify_bundle, verify_kafka
-    from eventlog.bundle import BundleError, NotABundle
+    from eventlog.audit import DATA_TOPICS, verify_bundle, verify_kafka
+    from eventlog.bundle import BundleError, NotABundle, read_manifest
     from eventlog.kafka import BrokerUnavailable
     from eventlog.verify import TrustedState
 
@@ -181,17 +181,29 @@ def verify(run: Optional[str] = typer.Option(None, "--run", help="only the chain
         return
     state = TrustedState.load(trusted) if trusted else None
     try:
-        with progress_bar(None, "verifying") as bar:
-            task = bar.add_task("events", total=None)
-            tick = lambda n: bar.advance(task, n)  # noqa: E731
+        with progress_bar("verifying", unit="events", enabled=progress) as bar:
             if bundle is not None:
+                try:  # the data events; the progress callback does not count the checkpoints, read first
+                    manifest = read_manifest(bundle)
+                    total = manifest["events"] - manifest["topics"].get("marl.audit.checkpoints", 0)
+                except BundleError:
+                    total = None  # verify_bundle says what is wrong with it
+                bar.update(what=f"verifying bundle {bundle}", total=None if run else total)
                 # a key given with --public-key is pinned: the manifest must be signed with it
                 report, verifier = verify_bundle(bundle, public_key=key, pinned=public_key is not None,
                                                  require_signed=require_signed, trusted=state, run_id=run,
-                                                 progress=tick)
+                                                 progress=bar.advance)
             else:
-                report, verifier = verify_kafka(s.resolve_bootstrap(), prefix=s.prefix, run_id=run, public_key=key,
-                                                trusted=state, require_signed=bool(require_signed), progress=tick)
+                boot = s.resolve_bootstrap()
+                if run is None and bar.shown:  # whole topics: every offset is read, so the ends are the total
+                    backlog = Backlog(boot, DATA_TOPICS, s.prefix)
+                    bar.update(total=backlog.total())
+                    backlog.close()
+                bar.update(what=f"verifying {f'run {run}' if run else 'every chain'} on {boot}")
+                report, verifier = verify_kafka(boot, prefix=s.prefix, run_id=run, public_key=key,
+                                                trusted=state, require_signed=bool(require_signed),
+                                                progress=bar.advance)
+            bar.finish()
     except NotABundle as exc:
         fail(str(exc))
     except BundleError as exc:  # damaged or incomplete: it does not verify
@@ -213,28 +225,42 @@ def verify(run: Optional[str] = typer.Option(None, "--run", help="only the chain
 @app.command("export")
 def export(out_dir: Path = typer.Option(..., "--out", help="bundle folder to write"),
            run: Optional[str] = typer.Option(None, "--run", help="only this run's chains (default: whole topics)"),
+           progress: bool = ProgressOpt,
            home: Optional[Path] = HomeOpt, bootstrap: Optional[str] = BootOpt, prefix: Optional[str] = PrefixOpt) -> None:
     """Export topics (or one run) to an auditor's bundle: exact event bytes, checkpoints, public key."""
     from eventlog.audit import DATA_TOPICS
     from eventlog.bundle import write_bundle
     from eventlog.checkpoint import Signer, public_key_pem
-    from eventlog.kafka import read_records
+    from eventlog.kafka import Record, record_batches
     from eventlog.verify import CHECKPOINT_TOPIC
 
     s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
     boot = s.resolve_bootstrap()
     signer = Signer.load(s.signing_key) if s.signing_key.exists() else None
     key = signer.public_key if signer else None
-    recs = read_records(boot, [CHECKPOINT_TOPIC, *DATA_TOPICS], prefix=s.prefix)
-    if run:
-        recs = (r for r in recs if r.key.startswith(f"{run}:"))
-    manifest = write_bundle(out_dir, recs, public_key_pem=public_key_pem(key) if key else None,
-                            meta={"run_id": run, "source": boot, "prefix": s.prefix}, signer=signer)
+    topics = [CHECKPOINT_TOPIC, *DATA_TOPICS]
+    with progress_bar(f"reading {'run ' + run if run else 'every topic'} from {boot}", unit="events",
+                      enabled=progress) as bar:
+        if bar.shown:  # every offset is read (a run's chains are picked out of whole topics)
+            backlog = Backlog(boot, topics, s.prefix)
+            bar.update(total=backlog.total())
+            backlog.close()
+
+        def records():
+            for batch in record_batches(boot, topics, prefix=s.prefix, timestamps=True):
+                bar.advance(len(batch))
+                for r in map(Record._make, batch):
+                    if run is None or r.key.startswith(f"{run}:"):
+                        yield r
+        manifest = write_bundle(out_dir, records(), public_key_pem=public_key_pem(key) if key else None,
+                                meta={"run_id": run, "source": boot, "prefix": s.prefix}, signer=signer)
+        bar.finish()
     out.print(f"bundle {out_dir}: {manifest['events']} events ({', '.join(f'{t}={n}' for t, n in manifest['topics'].items())})")
 
 
 @app.command("import")
 def import_bundle(bundle: Path = typer.Argument(..., help="bundle folder written by `marlgrc export`"),
+                  progress: bool = ProgressOpt,
                   home: Optional[Path] = HomeOpt, bootstrap: Optional[str] = BootOpt,
                   prefix: Optional[str] = PrefixOpt) -> None:
     """Produce a bundle's events back to Kafka, byte for byte, keyed by chain id."""
@@ -244,14 +270,16 @@ def import_bundle(bundle: Path = typer.Argument(..., help="bundle folder written
     s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
     boot = s.resolve_bootstrap()
     try:
-        read_manifest(bundle)
+        manifest = read_manifest(bundle)
         ensure_topics(boot, s.prefix)
         producer = EventProducer(boot, prefix=s.prefix, client_id="marlgrc-import")
-        n = 0
-        for r in read_bundle(bundle):
-            producer.send(r.topic, r.key, r.value)
-            n += 1
-        producer.flush()
+        with progress_bar(f"importing {bundle} into {boot}", manifest["events"], unit="events",
+                          enabled=progress) as bar:
+            for r in counted(read_bundle(bundle), bar):
+                producer.send(r.topic, r.key, r.value)
+            n = int(bar.completed)
+            bar.update(what=f"waiting for {boot} to acknowledge")
+            producer.flush()
     except BundleError as exc:
         fail(str(exc))
     out.print(f"imported {n} events into {boot} (prefix {s.prefix!r})")
@@ -287,12 +315,15 @@ def public_key_cmd(home: Optional[Path] = HomeOpt) -> None:
 
 
 # ---------------------------------------------------------------- the other parts' commands
-from . import commands_learners, commands_ledger, commands_processors, commands_producers  # noqa: E402
+from . import commands_dashboard, commands_ingest, commands_learners, commands_ledger  # noqa: E402
+from . import commands_processors, commands_producers  # noqa: E402
 
 commands_producers.register(app)
 commands_ledger.register(app)
 commands_learners.register(app)
 commands_processors.register(app)
+commands_dashboard.register(app)
+commands_ingest.register(app)
 
 
 def main() -> None:

@@ -11,6 +11,8 @@ import typer
 
 from .config import BootOpt, HomeOpt, PrefixOpt, Settings, parse_env_args
 from .errors import fail
+from .metrics import TappedSink, metrics_port_option
+from .progress import ProgressOpt, progress_bar
 
 
 def register(app: typer.Typer) -> None:
@@ -27,6 +29,7 @@ def register(app: typer.Typer) -> None:
               out: Optional[Path] = typer.Option(None, "--out", help="checkpoint path (default HOME/checkpoints/RUN__ALGO__SEED)"),
               bundle: Optional[Path] = typer.Option(None, "--bundle", help="read an exported bundle instead of Kafka"),
               public_key: Optional[Path] = typer.Option(None, "--public-key", help="trusted Ed25519 public key (PEM)"),
+              progress: bool = ProgressOpt,
               home: Optional[Path] = HomeOpt, bootstrap: Optional[str] = BootOpt,
               prefix: Optional[str] = PrefixOpt) -> None:
         """Train ALGO from the events of run RUN: verified replay, policy.update lineage, signed checkpoint."""
@@ -50,16 +53,18 @@ def register(app: typer.Typer) -> None:
             pk = load_public_key(public_key) if public_key else None
         except KeyFileError as exc:
             fail(str(exc))
+        if bundle is None and run is None:
+            fail("name the run to train from with --run (or give --bundle)")
         try:
-            if bundle is not None:
-                replay = read_bundle_run(bundle, run, public_key=pk, allow_unverified=allow_unverified)
-                boot = s.bootstrap
-            else:
-                if run is None:
-                    fail("name the run to train from with --run (or give --bundle)")
-                boot = s.resolve_bootstrap()
-                replay = read_kafka(boot, run, prefix=s.prefix, public_key=pk or signer.public_key,
-                                    allow_unverified=allow_unverified)
+            with progress_bar(f"reading and verifying {f'run {run}' if run else 'the run'} from "
+                              f"{bundle if bundle is not None else 'Kafka'}", enabled=progress):
+                if bundle is not None:
+                    replay = read_bundle_run(bundle, run, public_key=pk, allow_unverified=allow_unverified)
+                    boot = s.bootstrap
+                else:
+                    boot = s.resolve_bootstrap()
+                    replay = read_kafka(boot, run, prefix=s.prefix, public_key=pk or signer.public_key,
+                                        allow_unverified=allow_unverified)
         except (ReplayError, BrokerUnavailable, KeyError) as exc:
             fail(str(exc))
         if not replay.episodes:
@@ -73,11 +78,15 @@ def register(app: typer.Typer) -> None:
             except CheckpointError as exc:
                 fail(str(exc))
         sink = EventProducer(boot, prefix=s.prefix) if boot else MemorySink()
-        # a checkpoint chain of this session's own; the policy chain continues (train_offline)
-        log = EventLog(sink, run_id=replay.spec.run_id, producer_id=f"learner-{algo}-{uuid.uuid4().hex[:8]}",
-                       signer=signer)
         try:
-            learner, events = train_offline(replay, algo, log=log, seed=seed, updates=updates, learner=learner)
+            with progress_bar(f"training {algo} on {len(replay.episodes)} episodes of {replay.spec.run_id}", updates,
+                              unit="updates", enabled=progress) as bar:
+                # each update ends with its policy.update event: counted on its way to the sink
+                counting = TappedSink(sink, lambda topic, _: bar.advance() if topic == "marl.policy.update" else None)
+                # a checkpoint chain of this session's own; the policy chain continues (train_offline)
+                log = EventLog(counting, run_id=replay.spec.run_id,
+                               producer_id=f"learner-{algo}-{uuid.uuid4().hex[:8]}", signer=signer)
+                learner, events = train_offline(replay, algo, log=log, seed=seed, updates=updates, learner=learner)
         except ReplayError as exc:
             fail(str(exc))
         log.close()
@@ -120,6 +129,9 @@ def register(app: typer.Typer) -> None:
                                           help="episodes to evaluate random, heuristic and learned policies on "
                                                "(0: none)"),
         threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads"),
+        producers: int = typer.Option(1, "--producers", min=1,
+                                      help="producer processes feeding one learner through a Kafka consumer group, "
+                                           "each writing run RUN.pK (seed 002); 1: one process"),
         checkpoint: Optional[Path] = typer.Option(None, "--checkpoint",
                                                   help="signed checkpoint path (default HOME/checkpoints/RUN/policy)"),
         home: Optional[Path] = HomeOpt,
@@ -127,6 +139,14 @@ def register(app: typer.Typer) -> None:
                                                 "$MARLGRC_BOOTSTRAP or the broker `up` started), or `memory`: the "
                                                 "sealed events stay in this process (no broker)"),
         prefix: Optional[str] = PrefixOpt,
+        progress: bool = ProgressOpt,
+        metrics_port: Optional[int] = metrics_port_option("learner"),
+        curriculum: bool = typer.Option(False, "--curriculum", help="play the env's stages from the easiest, "
+                                        "promoted and regressed by its CURRICULUM criteria over a window of episodes "
+                                        "(seed 004; curriculum.stage events on RUN:curriculum; the evaluation is "
+                                        "at the hardest stage reached)"),
+        curriculum_window: int = typer.Option(20, "--curriculum-window", min=3, help="with --curriculum: episodes "
+                                              "at a stage, and in the window, before it is judged"),
     ) -> None:
         """On-policy training through the event log: act with the current policy, write every step as
         signed events, read them back verified, update; writes a learning curve. Prints the run id."""
@@ -137,7 +157,23 @@ def register(app: typer.Typer) -> None:
             env_args = parse_env_args(env_arg)
         except ValueError as exc:
             fail(str(exc))
+        staged = None
+        if curriculum:
+            from learners.curriculum import CurriculumConfig
+
+            if producers > 1:
+                fail("--curriculum runs in one process: drop --producers (or --curriculum)")
+            staged = CurriculumConfig(curriculum_window, curriculum_window)
+        if producers > 1:  # no evaluation: the learning curve and the checkpoint (marlgrc.scaleout)
+            from .scaleout import run_scaleout
+
+            res = run_scaleout(s, env=env, algo=algo, producers=producers, seed=seed, iterations=iterations,
+                               minutes=minutes, continuous=continuous, env_args=env_args, overrides=overrides,
+                               out=out, checkpoint=checkpoint, threads=threads, say=typer.echo)
+            typer.echo(res.run_id)
+            return
         res = run_training(s, env=env, algo=algo, seed=seed, iterations=iterations, minutes=minutes,
                            continuous=continuous, env_args=env_args, overrides=overrides, out=out,
-                           checkpoint=checkpoint, eval_episodes=eval_episodes, threads=threads, say=typer.echo)
+                           checkpoint=checkpoint, eval_episodes=eval_episodes, threads=threads, say=typer.echo,
+                           progress=progress, metrics_port=metrics_port, curriculum=staged)
         typer.echo(res.run_id)

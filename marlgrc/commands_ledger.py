@@ -13,6 +13,8 @@ import typer
 
 from .config import BootOpt, HomeOpt, PrefixOpt, Settings
 from .errors import fail
+from .metrics import LedgerSyncMetrics, exporter, metrics_port_option
+from .progress import Backlog, ProgressOpt, progress_bar
 
 LedgerOpt = typer.Option(None, "--ledger", help="SQLCipher ledger file (default HOME/ledger/ledger.db)")
 KeyOpt = typer.Option(None, "--key-file", help="ledger key file, 64 hex chars, mode 0600 "
@@ -143,14 +145,19 @@ def register(app: typer.Typer) -> None:
                  poll: float = typer.Option(1.0, "--poll", help="seconds between polls in --follow mode"),
                  install: bool = typer.Option(True, "--install/--no-install",
                                               help="PostgreSQL: create schema, roles and grants (needs a superuser)"),
+                 progress: bool = ProgressOpt,
+                 metrics_port: Optional[int] = metrics_port_option("ledger"),
                  home: Optional[Path] = HomeOpt, ledger: Optional[Path] = LedgerOpt,
                  key_file: Optional[Path] = KeyOpt, postgres: Optional[str] = PgOpt, schema: str = SchemaOpt,
                  bootstrap: Optional[str] = BootOpt, prefix: Optional[str] = PrefixOpt) -> None:
         """Materialize every marl.* topic into the ledger (one-shot, or --follow)."""
+        import schemas
         from eventlog.kafka import BrokerUnavailable
         from ledger import sync
 
         s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
+        registry = exporter(metrics_port)  # first: a port in use stops it before a ledger is created
+        syncing = LedgerSyncMetrics(registry) if registry is not None else None
         store = open_ledger(s, ledger, key_file, postgres, schema, create=True, install=install, need="sync")
         stop = {"now": False}
 
@@ -159,9 +166,29 @@ def register(app: typer.Typer) -> None:
 
         old = signal.signal(signal.SIGTERM, _stop)
         try:
-            with ledger_errors(store):
-                stats = sync(store, s.resolve_bootstrap(), prefix=s.prefix, follow=follow, poll_interval=poll,
-                             commit_every=batch, should_stop=lambda: stop["now"])
+            with ledger_errors(store), progress_bar(f"{'following' if follow else 'reading'} the marl.* topics into "
+                                                    f"the ledger", unit="offsets", enabled=progress) as bar:
+                boot = s.resolve_bootstrap()
+                # the topics' end offsets against the ledger's: how far along, and the consumer lag
+                backlog = Backlog(boot, schemas.TOPICS, s.prefix) if bar.shown or syncing else None
+                start: dict = {}
+
+                def at(positions: dict) -> None:
+                    if backlog is None:
+                        return
+                    start.setdefault("offsets", positions)  # the first call: where this sync began
+                    lag = backlog.lag(positions)
+                    if syncing is not None:
+                        syncing.set_lag(lag)
+                    total = backlog.total(start["offsets"])
+                    bar.update(total=total, completed=total - sum(lag.values()))
+
+                stats = sync(store, boot, prefix=s.prefix, follow=follow, poll_interval=poll,
+                             commit_every=batch, should_stop=lambda: stop["now"],
+                             on_batch=None if syncing is None else syncing.batch, on_position=at)
+                bar.finish()
+                if backlog is not None:
+                    backlog.close()
         except KeyboardInterrupt:
             typer.echo("interrupted; every committed batch is kept, the next sync resumes from there", err=True)
             raise typer.Exit(130) from None
@@ -314,20 +341,32 @@ def register(app: typer.Typer) -> None:
 
     @app.command("report")
     def report_cmd(run: str = typer.Option(..., "--run", help="run id"),
-                   out_dir: Optional[Path] = typer.Option(None, "--out", help="folder for PNGs and summary.txt "
-                                                                            "(default HOME/reports/RUN)"),
+                   out_dir: Optional[Path] = typer.Option(None, "--out", help="folder for report.html, the PNGs "
+                                                                            "and summary.txt (default HOME/reports/RUN)"),
+                   public_key: Optional[Path] = typer.Option(None, "--public-key", help="trusted Ed25519 public key "
+                                                             "(PEM) for the verdict (default: the home's signing key)"),
                    home: Optional[Path] = HomeOpt, ledger: Optional[Path] = LedgerOpt,
                    key_file: Optional[Path] = KeyOpt, postgres: Optional[str] = PgOpt,
                    schema: str = SchemaOpt) -> None:
         """Plot reward convergence, credit per agent, fairness over time and the env's domain metrics per
-        episode (episode summaries) for a run, from the ledger."""
+        episode (episode summaries) for a run, from the ledger; report.html holds every panel (one metric
+        each, PNGs embedded) with the run's verification verdict and chain table."""
+        from eventlog.checkpoint import KeyFileError, Signer, load_public_key
         from ledger.report import write_report
+        from ledger.report_html import write_html_report
 
         s = Settings.load(home=home)
+        try:
+            key = load_public_key(public_key) if public_key else (
+                Signer.load(s.signing_key).public_key if s.signing_key.exists() else None)
+        except KeyFileError as exc:
+            fail(str(exc))
         store = open_ledger(s, ledger, key_file, postgres, schema, need="views")
+        target = out_dir or s.reports / run
         try:
             with ledger_errors(store):
-                rep = write_report(store, run, out_dir or s.reports / run)
+                rep = write_report(store, run, target)
+                page = write_html_report(store, run, target / "report.html", key)
         except LookupError as exc:
             fail(str(exc).strip("'\""))
         finally:
@@ -335,3 +374,4 @@ def register(app: typer.Typer) -> None:
         sys.stdout.write(rep.summary())
         for f in rep.files:
             typer.echo(f"wrote {f}")
+        typer.echo(f"wrote {page.path} (verification: {page.verification.verdict})")

@@ -8,12 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from .config import BootOpt, HomeOpt, PrefixOpt, Settings
 from .errors import fail
-
-console = Console(stderr=True)
+from .progress import Backlog, ProgressOpt, console, counted, progress_bar
 
 
 def _start_faust_fairness(bootstrap: str, prefix: str, metrics_port: int, signing_key: Path):
@@ -97,12 +95,14 @@ def register(app: typer.Typer) -> None:
         write: bool = typer.Option(False, "--write", help="send the results to Kafka on chains "
                                    "{run}:credit:reprocess:<rules> / {run}:fairness:reprocess:<rules>"),
         out: Optional[Path] = typer.Option(None, "--out", help="write the results as JSON lines here"),
+        progress: bool = ProgressOpt,
         home: Optional[Path] = HomeOpt, bootstrap: Optional[str] = BootOpt, prefix: Optional[str] = PrefixOpt,
     ) -> None:
         """Apply the rules to a run's replayed joint actions; same input and rule version give the
         live processor's outputs."""
         from eventlog.checkpoint import Signer
         from eventlog.kafka import BrokerUnavailable, DeliveryError, EventProducer
+        from stream_processors.processor import INPUT_TOPICS
         from stream_processors.replay import payload_fields, reprocess as replay
         from stream_processors.rules import RULE_SETS
 
@@ -113,10 +113,19 @@ def register(app: typer.Typer) -> None:
         tag = f"reprocess:{rules or 'env'}"
         boot = s.resolve_bootstrap()
         try:
-            events = replay(boot, run, prefix=s.prefix, rules_override=rules, default_env=default_env,
-                            credit_stream=f"credit:{tag}" if write else "credit",
-                            fairness_stream=f"fairness:{tag}" if write else "fairness", start_timestamp_ms=since_ms,
-                            signer=Signer.load_or_create(s.signing_key) if write else None)
+            with progress_bar(f"replaying the input topics through the {rules or 'env'} rules for run {run}",
+                              unit="records", enabled=progress) as bar:
+                if bar.shown and since_ms is None:  # from the beginning: every offset is read
+                    backlog = Backlog(boot, INPUT_TOPICS, s.prefix)
+                    bar.update(total=backlog.total())
+                    backlog.close()
+                events = replay(boot, run, prefix=s.prefix, rules_override=rules, default_env=default_env,
+                                credit_stream=f"credit:{tag}" if write else "credit",
+                                fairness_stream=f"fairness:{tag}" if write else "fairness",
+                                start_timestamp_ms=since_ms,
+                                signer=Signer.load_or_create(s.signing_key) if write else None,
+                                progress=bar.advance)
+                bar.finish()
         except (BrokerUnavailable, KeyError) as exc:
             fail(str(exc).strip("'\""))
         if not any(e.topic == "marl.di.credit" for e in events):
@@ -130,9 +139,11 @@ def register(app: typer.Typer) -> None:
         if write:
             sink = EventProducer(boot, prefix=s.prefix)
             try:
-                for e in events:
-                    sink.send(e.topic, e.chain_id, e.value)
-                sink.flush()
+                with progress_bar(f"writing the results to {boot}", len(events), unit="events",
+                                  enabled=progress) as bar:
+                    for e in counted(events, bar):
+                        sink.send(e.topic, e.chain_id, e.value)
+                    sink.flush()
             except DeliveryError as exc:
                 fail(str(exc), 1)
         counts: dict[str, int] = {}

@@ -16,6 +16,8 @@ from eventlog.privacy import FieldProtector, LocalKeyStore, PrivacyError, deleti
 
 from .config import BootOpt, HomeOpt, PrefixOpt, Settings, parse_env_args
 from .errors import fail
+from .metrics import HarnessMetrics, TappedSink, exporter, metrics_port_option
+from .progress import ProgressOpt, console, progress_bar
 
 DELETIONS_TOPIC = "marl.compliance.deletions"
 DELETIONS_CHAIN = "compliance:deletions"
@@ -97,14 +99,36 @@ def _onnx_policy(s: Settings, path: str, public_key: Optional[Path], env: Any):
         fail(str(exc))
 
 
+def _named_policy(s: Settings, name: str, public_key: Optional[Path], env: Any, seed: int,
+                  explore_rate: Optional[float]):
+    """``--policy random | heuristic | hybrid | hybrid:onnx:PATH``: a hybrid's model file, when there
+    is one, only after its signature checks out (as for onnx:PATH); a failure stops with one line."""
+    from eventlog.checkpoint import SignedFileError, load_public_key
+    from producers.policies import HYBRID_ONNX_PREFIX, PolicyFileError, builtin_policy
+
+    try:
+        key = None
+        if name.startswith(HYBRID_ONNX_PREFIX) and Path(name[len(HYBRID_ONNX_PREFIX):]).exists():
+            key = load_public_key(public_key) if public_key else Signer.load_or_create(s.signing_key).public_key
+        return builtin_policy(name, env, seed, explore_rate=explore_rate, public_key=key)
+    except (SignedFileError, KeyFileError, PolicyFileError, ValueError) as exc:
+        fail(str(exc))
+
+
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run_cmd(
         env: str = typer.Option(..., "--env", help="mailbox_v0 | sandbox_v0 | simple_spread_v3 | module:factory"),
         policy: str = typer.Option("random", "--policy", help="random | heuristic | onnx:PATH (a policy exported "
-                                   "by `marlgrc train --onnx`, used only if its signature checks out)"),
-        policy_key: Optional[Path] = typer.Option(None, "--public-key", help="with --policy onnx:PATH: the trusted "
-                                                  "Ed25519 public key (PEM) its signature must verify with "
+                                   "by `marlgrc train --onnx`, used only if its signature checks out) | hybrid | "
+                                   "hybrid:onnx:PATH (that policy, else the env's heuristic, else random, per "
+                                   "agent; a missing PATH decides without it)"),
+        explore_rate: Optional[float] = typer.Option(None, "--explore-rate", min=0.0, max=1.0,
+                                                     help="with --policy hybrid: of the decisions the policy tier "
+                                                     "does not take, the share taken at random instead of by the "
+                                                     "heuristic (default 0.1, seed 001)"),
+        policy_key: Optional[Path] = typer.Option(None, "--public-key", help="with --policy [hybrid:]onnx:PATH: the "
+                                                  "trusted Ed25519 public key (PEM) its signature must verify with "
                                                   "(default: the home's signing key)"),
         episodes: int = typer.Option(1, "--episodes", min=0),
         seed: int = typer.Option(0, "--seed"),
@@ -113,10 +137,27 @@ def register(app: typer.Typer) -> None:
         bootstrap: Optional[str] = BootOpt,
         prefix: Optional[str] = PrefixOpt,
         home: Optional[Path] = HomeOpt,
-        progress_bar: bool = typer.Option(True, "--progress/--no-progress"),
+        progress: bool = ProgressOpt,
+        metrics_port: Optional[int] = metrics_port_option("harness"),
         algo: Optional[str] = typer.Option(None, "--algo", help="train on-policy through Kafka with this learner "
                                            "(mappo | ippo | dqn) instead of running a fixed policy"),
         iterations: int = typer.Option(10, "--iterations", min=1, help="with --algo: act/read-back/update rounds"),
+        online: bool = typer.Option(False, "--online", help="with --algo: online learning behind a safety gate "
+                                    "(seed 001): a signed checkpoint before each update, the updated policy judged "
+                                    "on the recent window and rolled back if it falls below the --gate-ratio rule"),
+        update_every: int = typer.Option(1000, "--update-every", min=1, help="with --online: agent decisions "
+                                         "between updates (rounded up to whole episodes)"),
+        window: int = typer.Option(100, "--window", min=1, help="with --online: the last decisions an update is "
+                                   "judged on"),
+        gate_ratio: float = typer.Option(0.8, "--gate-ratio", help="with --online: refuse an update scoring below "
+                                         "baseline - (1 - ratio) * |baseline| (80 percent of a positive baseline)"),
+        overrides: list[str] = typer.Option([], "--set", metavar="FIELD=VALUE", help="with --algo: override a "
+                                            "learner config field, e.g. --set learning_rate=3e-4 (repeatable)"),
+        curriculum: bool = typer.Option(False, "--curriculum", help="with --algo: play the env's stages from the "
+                                        "easiest, promoted and regressed by its CURRICULUM criteria over a window "
+                                        "of episodes (seed 004; curriculum.stage events on RUN:curriculum)"),
+        curriculum_window: int = typer.Option(20, "--curriculum-window", min=3, help="with --curriculum: episodes "
+                                              "at a stage, and in the window, before it is judged"),
     ) -> None:
         """Run an environment with a policy for N episodes and write every step to Kafka; prints the run id.
         With --algo, the policy is a learner trained from the events it reads back from the broker."""
@@ -125,34 +166,45 @@ def register(app: typer.Typer) -> None:
             kwargs = parse_env_args(env_arg)
         except ValueError as exc:
             fail(str(exc))
+        if online and algo is None:
+            fail("--online trains a learner as the policy acts: give --algo (e.g. --algo mappo)")
+        if curriculum and algo is None:
+            fail("--curriculum changes the stage as a learner succeeds or struggles: give --algo (e.g. --algo mappo)")
         if algo is not None:
             from .training import MEMORY, run_training
 
             if s.bootstrap == MEMORY:
                 fail("`marlgrc run` writes to Kafka; for events kept in memory use `marlgrc train-online "
                      "--bootstrap memory`")
+            from learners.curriculum import CurriculumConfig
+            from learners.safety import GateConfig
+
+            gate = GateConfig(update_every, window, gate_ratio) if online else None
+            staged = CurriculumConfig(curriculum_window, curriculum_window) if curriculum else None
             res = run_training(s, env=env, algo=algo, seed=seed, iterations=iterations, env_args=kwargs,
-                               max_steps=max_steps, say=lambda line: typer.echo(line, err=True))
+                               max_steps=max_steps, say=lambda line: typer.echo(line, err=True), progress=progress,
+                               metrics_port=metrics_port, overrides=overrides, online=gate, curriculum=staged)
             typer.echo(res.run_id)
             return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         from eventlog.kafka import BrokerUnavailable, DeliveryError, EventProducer, ensure_topics
         from eventlog.log import EventLog
         from producers.envs import EnvError, resolve_env
         from producers.harness import HarnessError, run_episodes
-        from producers.policies import ONNX_PREFIX, builtin_policy
+        from producers.policies import HYBRID, ONNX_PREFIX
 
         try:
             spec = resolve_env(env)
             the_env = spec.factory(**kwargs)
             if policy.startswith(ONNX_PREFIX):
+                if explore_rate is not None:
+                    fail(f"--explore-rate applies to --policy {HYBRID} or {HYBRID}:{policy}, not to {policy}")
                 the_policy = _onnx_policy(s, policy[len(ONNX_PREFIX):], policy_key, the_env)
             else:
-                the_policy = builtin_policy(policy, the_env, seed)
+                the_policy = _named_policy(s, policy, policy_key, the_env, seed, explore_rate)
         except (EnvError, ValueError, TypeError) as exc:
             fail(str(exc))
+        registry = exporter(metrics_port)  # before the key store opens: a port in use stops it first
+        harness = HarnessMetrics(registry) if registry is not None else None
         protector, keys = None, None
         try:
             if hasattr(the_env, "subject_fields"):
@@ -162,29 +214,26 @@ def register(app: typer.Typer) -> None:
         except (PrivacyError, KeyFileError) as exc:
             fail(str(exc))
         label, policy_config = policy, policy
-        if policy.startswith(ONNX_PREFIX):  # a run id names no path; run.started names the file and its signature
-            label = "onnx"
-            st = the_policy.statement
-            policy_config = {"onnx": str(the_policy.path), "file_sha256": st["file_sha256"],
-                             "signer_key_id": st["key_id"], "policy_version": the_policy.version,
-                             "trained_on_run": st["context"].get("run_id")}
+        if policy.startswith((ONNX_PREFIX, HYBRID)):  # a run id names no path; run.started names the file
+            label = HYBRID if policy.startswith(HYBRID) else "onnx"
+            policy_config = the_policy.run_config()
         run_id = f"{spec.env_id}__{label}__{seed}__{int(time.time())}__{uuid.uuid4().hex[:6]}"
-        console = Console(stderr=True)
         try:
             boot = s.resolve_bootstrap()
             ensure_topics(boot, s.prefix)
             producer = EventProducer(boot, prefix=s.prefix, client_id="marlgrc-run")
-            log = EventLog(producer, run_id=run_id, producer_id=f"harness-{uuid.uuid4().hex[:8]}", signer=signer)
+            sink = producer if harness is None else TappedSink(producer, harness.sent)
+            log = EventLog(sink, run_id=run_id, producer_id=f"harness-{uuid.uuid4().hex[:8]}", signer=signer)
             steps_hint = getattr(the_env, "max_cycles", None) or getattr(the_env, "inbox_size", None)
-            with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TimeElapsedColumn(), console=console, disable=not progress_bar) as bar:
-                task = bar.add_task(f"{spec.env_id} steps", total=episodes * steps_hint if steps_hint else None)
+            with progress_bar(f"{spec.env_id}: {episodes} episodes, {policy} policy",
+                              episodes * steps_hint if steps_hint else None, unit="steps", enabled=progress) as bar:
+                step = bar.advance if harness is None else lambda n: (bar.advance(n), harness.step(n))
                 summary = run_episodes(the_env, the_policy, log, episodes=episodes, seed=seed, env_id=spec.env_id,
                                        env_version=spec.env_version,
                                        config={"env_spec": spec.spec, "env_args": kwargs, "policy": policy_config,
                                                "max_steps": max_steps},
-                                       progress=lambda n: bar.advance(task, n), protector=protector,
-                                       max_steps=max_steps)
+                                       progress=step, protector=protector, max_steps=max_steps)
+                bar.finish()  # episodes end early in some envs: the hint was an upper bound
             log.close()
         except (BrokerUnavailable, DeliveryError) as exc:
             fail(str(exc))
@@ -195,6 +244,10 @@ def register(app: typer.Typer) -> None:
                 keys.close()
         console.print(f"run {run_id}: {summary.episodes} episodes, {summary.steps} steps, {summary.events} events, "
                       f"mean return {summary.mean_return:.3f}")
+        fallbacks = getattr(the_policy, "fallbacks", None)
+        if fallbacks:  # a hybrid's decisions that fell from a tier, by reason
+            console.print("decisions that fell to a lower tier: "
+                          + ", ".join(f"{r}: {n}" for r, n in fallbacks.items()))
         typer.echo(run_id)
 
     @app.command("forget")

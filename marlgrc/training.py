@@ -22,7 +22,10 @@ from learners.replay import RunSpec
 from producers.harness import env_spaces, run_episodes
 
 from .config import Settings
+from .curriculum_wiring import CurriculumEnvError, StagedCollect, curriculum_for, curriculum_summary
 from .errors import fail
+from .metrics import HarnessMetrics, LearnerMetrics, TappedSink, exporter
+from .progress import progress_bar
 
 MEMORY = "memory"  # --bootstrap memory: the sealed events stay in this process
 
@@ -39,17 +42,24 @@ def new_run_id(env_id: str, algo: str, seed: int) -> str:
 
 def train_on_env(env: Any, env_id: str, env_version: str, algo: str, *, transport: Transport, iterations: int,
                  seed: int = 1, run_id: str | None = None, protector: Any = None, max_steps: int | None = None,
-                 **loop: Any) -> OnlineResult:
+                 progress: Callable[[int], None] | None = None, curriculum: Any = None, **loop: Any) -> OnlineResult:
     """``learners.online.train_online`` on ``env``, collected by the harness. ``protector`` (an
     ``eventlog.privacy.FieldProtector``) is required for envs with personal data (``subject_fields()``,
-    e.g. mailbox_v0): the harness refuses to write them in the clear. ``loop``: the loop's other
-    keyword arguments (config, signer, public_key, time_budget_s, on_update, ...)."""
+    e.g. mailbox_v0): the harness refuses to write them in the clear. ``progress``: the harness's
+    (``n`` env steps taken). ``curriculum`` (a ``learners.curriculum.Curriculum`` over the env's
+    stages): each batch is played at its stage, and its stage changes are ``curriculum.stage`` events
+    (``marlgrc.curriculum_wiring``). ``loop``: the loop's other keyword arguments (config, signer,
+    public_key, time_budget_s, on_update, ...)."""
     spec = spec_of(env, run_id or new_run_id(env_id, algo, seed), env_id, env_version, seed)
 
     def collect(policy: Any, log: Any, *, episodes: int, seed: int, config: dict) -> Any:
         return run_episodes(env, policy, log, episodes=episodes, seed=seed, env_id=env_id, env_version=env_version,
-                            config=config, protector=protector, max_steps=max_steps)
+                            config=config, protector=protector, max_steps=max_steps, progress=progress)
 
+    if curriculum is not None:
+        collect = staged = StagedCollect(env, curriculum, collect)
+        on_update = loop.get("on_update")
+        loop["on_update"] = lambda row: on_update(staged.annotate(row)) if on_update else staged.annotate(row)
     return train_online(spec, algo, collect=collect, transport=transport, iterations=iterations, seed=seed, **loop)
 
 
@@ -57,19 +67,27 @@ def run_training(s: Settings, *, env: str, algo: str, seed: int = 1, iterations:
                  minutes: float | None = None, continuous: bool = False, env_args: dict | None = None,
                  max_steps: int | None = None, overrides: list[str] = (), out: Path | None = None,
                  checkpoint: Path | None = None, eval_episodes: int = 0, threads: int = 1,
-                 say: Callable[[str], None] = print) -> OnlineResult:
+                 say: Callable[[str], None] = print, progress: bool = False,
+                 metrics_port: int | None = None, online: Any = None, curriculum: Any = None) -> OnlineResult:
     """Train ``algo`` on-policy on ``env`` with every transition through the event log, signed with the
     home's key. ``s.bootstrap == "memory"`` keeps the events in this process (learning curves without a
     broker); otherwise they go through Kafka (the given broker, or the one `marlgrc up` started).
     ``out`` gets the learning curve (JSON, rewritten after every update) and, with ``eval_episodes``,
-    the evaluation of random, heuristic and learned policies. Ends with a signed checkpoint."""
+    the evaluation of random, heuristic and learned policies. Ends with a signed checkpoint.
+    ``progress``: bars on an interactive stderr (``marlgrc.progress``); ``metrics_port``: the harness's
+    and the learner's Prometheus metrics on 127.0.0.1 (``marlgrc.metrics``). ``online`` (a
+    ``learners.safety.GateConfig``): update every K decisions behind the safety gate, its pre-update
+    checkpoint at ``HOME/checkpoints/RUN/pre-update``, judged in a second instance of the env.
+    ``curriculum`` (a ``learners.curriculum.CurriculumConfig``): play the env's stages from the easiest,
+    promoted and regressed by its ``CURRICULUM`` (``marlgrc.curriculum_wiring``); the evaluation is then
+    at the hardest stage reached, after training, baselines included."""
     import torch
 
     from eventlog.checkpoint import KeyFileError, Signer
     from eventlog.kafka import BrokerUnavailable, DeliveryError, ensure_topics
     from eventlog.privacy import FieldProtector, LocalKeyStore, PrivacyError
     from learners import algorithm, config_overrides
-    from learners.checkpoint import load_signing_key, save_checkpoint
+    from learners.checkpoint import CheckpointError, load_signing_key, save_checkpoint
     from learners.evaluate import GreedyPolicy, evaluate, evaluate_security
     from learners.online import KafkaTransport
     from learners.replay import ReplayError
@@ -84,7 +102,20 @@ def run_training(s: Settings, *, env: str, algo: str, seed: int = 1, iterations:
         e, env_id, ver = make_env(env, continuous=continuous, **(env_args or {}))
     except (KeyError, ValueError, EnvError) as exc:
         fail(str(exc).strip("'\""))
+    cur = None
+    if curriculum is not None:
+        if online is not None:
+            fail("--curriculum and --online cannot be combined yet (the safety gate re-runs its window at one "
+                 "stage); drop one of them")
+        try:
+            cur = curriculum_for(e, env_id, curriculum)
+        except CurriculumEnvError as exc:
+            fail(str(exc))
     memory = s.bootstrap == MEMORY
+    registry = exporter(metrics_port)  # first: a port in use stops it before anything is opened
+    harness = learning = None
+    if registry is not None:
+        harness, learning = HarnessMetrics(registry), LearnerMetrics(registry)
     if iterations is None:
         iterations = 10**9 if minutes is not None else 10
     try:
@@ -112,10 +143,19 @@ def run_training(s: Settings, *, env: str, algo: str, seed: int = 1, iterations:
         protector = FieldProtector(keys)
 
     baselines: dict[str, dict] = {}
-    if eval_episodes:
-        baselines["random"] = evaluate_security(e, RandomPolicy(e, seed=seed), eval_episodes, seed=10_000)
+
+    def evaluate_baselines() -> None:
+        fixed = [("random", RandomPolicy(e, seed=seed))]
         if hasattr(e, "heuristic_action"):
-            baselines["heuristic"] = evaluate_security(e, HeuristicPolicy(e), eval_episodes, seed=10_000)
+            fixed.append(("heuristic", HeuristicPolicy(e)))
+        with progress_bar(f"evaluating {' and '.join(n for n, _ in fixed)} over {eval_episodes} episodes",
+                          len(fixed), unit="policies", enabled=progress) as bar:
+            for name, pol in fixed:
+                baselines[name] = evaluate_security(e, pol, eval_episodes, seed=10_000)
+                bar.advance()
+
+    if eval_episodes and cur is None:  # with a curriculum: after training, at the hardest stage reached
+        evaluate_baselines()
     head = {"env": env, "algo": algo, "seed": seed, "transport": MEMORY if memory else "kafka",
             "random_return": baselines.get("random", {}).get("mean_return")}
     rows: list[dict] = []
@@ -127,18 +167,46 @@ def run_training(s: Settings, *, env: str, algo: str, seed: int = 1, iterations:
     def on_update(row: dict) -> None:
         rows.append(row)
         write()
+        if learning is not None:
+            learning.update(row)
+        if minutes is not None:
+            bar.update(completed=min(row["seconds"], minutes * 60))
+        else:
+            bar.advance()
         say(json.dumps(row) if out is not None else
-            f"update {row['iteration']}: env steps {row['env_steps']}, return {row['charts/episodic_return']:.2f}")
+            f"update {row['iteration']}: env steps {row['env_steps']}, return {row['charts/episodic_return']:.2f}"
+            + (f"; {row['gate']} (reward per decision: window {row['gate_baseline']:.4f}, updated policy "
+               f"{row['gate_candidate']:.4f})" if "gate" in row else "")
+            + (f"; stage {row['stage']}" if "stage" in row else "")
+            + "".join(f"; {c}" for c in row.get("stage_changes", ())))
 
+    run_id, gated = new_run_id(env_id, algo, seed), {}
+    if online is not None:  # the safety gate judges each update in an env of its own
+        from learners.safety import SafetyGate
+
+        try:
+            gate = SafetyGate(make_env(env, continuous=continuous, **(env_args or {}))[0],
+                              checkpoint=s.checkpoints / run_id / "pre-update", key=key, window=online.window,
+                              ratio=online.ratio, max_steps=max_steps)
+        except ValueError as exc:
+            fail(str(exc))
+        gated = {"gate": gate, "decisions_per_update": online.update_every}
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
     transport = MemoryTransport(keep=False) if memory else KafkaTransport(boot, s.prefix)
+    if harness is not None:  # every event the session sends, counted on its way to the transport's sink
+        transport.sink = TappedSink(transport.sink, harness.sent)
+    doing = f"training {algo} on {env_id} ({MEMORY if memory else 'through Kafka'})"
     try:
-        res = train_on_env(e, env_id, ver, algo, transport=transport, iterations=iterations, seed=seed,
-                           protector=protector, max_steps=max_steps, config=config, signer=signer,
-                           public_key=signer.public_key, time_budget_s=None if minutes is None else minutes * 60,
-                           on_update=on_update)
-    except (BrokerUnavailable, DeliveryError, HarnessError, ReplayError) as exc:
+        with progress_bar(doing, minutes * 60 if minutes is not None else iterations,
+                          unit="s of the budget" if minutes is not None else "updates", enabled=progress) as bar:
+            res = train_on_env(e, env_id, ver, algo, transport=transport, iterations=iterations, seed=seed,
+                               protector=protector, max_steps=max_steps, config=config, signer=signer,
+                               public_key=signer.public_key, time_budget_s=None if minutes is None else minutes * 60,
+                               on_update=on_update, progress=None if harness is None else harness.step,
+                               run_id=run_id, curriculum=cur, **gated)
+            bar.finish()
+    except (BrokerUnavailable, DeliveryError, HarnessError, ReplayError, CheckpointError, CurriculumEnvError) as exc:
         fail(str(exc))
     finally:
         transport.close()
@@ -148,13 +216,27 @@ def run_training(s: Settings, *, env: str, algo: str, seed: int = 1, iterations:
             shutil.rmtree(scratch, ignore_errors=True)
     base = checkpoint or s.checkpoints / res.run_id / "policy"
     save_checkpoint(base, res.learner, key)
+    if cur is not None:
+        head["curriculum"] = curriculum_summary(cur)
+        say(f"curriculum: {len(cur.history)} stage change(s) (curriculum.stage events on {res.run_id}:curriculum); "
+            f"final stage {cur.stage}, hardest reached {cur.stages[cur.highest]}")
+        if eval_episodes:
+            e.set_stage(cur.stages[cur.highest])
+            evaluate_baselines()
+            head["random_return"] = baselines["random"]["mean_return"]
+            head["eval_stage"] = cur.stages[cur.highest]
     if eval_episodes:
         learner = res.learner
-        if algo == "dqn":
+        if algo in ("dqn", "qmix"):
             learner.episodes = 10**9  # evaluate at the final epsilon, not the one of the last batch
-        final = evaluate(e, learner, eval_episodes, seed=10_000)
-        baselines["learned (sampled)"] = evaluate_security(e, learner, eval_episodes, seed=10_000)
-        baselines["learned (greedy)"] = evaluate_security(e, GreedyPolicy(learner), eval_episodes, seed=10_000)
+        with progress_bar(f"evaluating the trained policy over {eval_episodes} episodes", 3, unit="passes",
+                          enabled=progress) as bar:
+            final = evaluate(e, learner, eval_episodes, seed=10_000)
+            bar.advance()
+            baselines["learned (sampled)"] = evaluate_security(e, learner, eval_episodes, seed=10_000)
+            bar.advance()
+            baselines["learned (greedy)"] = evaluate_security(e, GreedyPolicy(learner), eval_episodes, seed=10_000)
+            bar.advance()
         write(config=asdict(config), final_eval_return=final, policies=baselines)
         say(f"random {head['random_return']:.2f} -> trained {final:.2f} (mean team return over {eval_episodes} "
             f"episodes)")
@@ -162,5 +244,8 @@ def run_training(s: Settings, *, env: str, algo: str, seed: int = 1, iterations:
             say(f"{name:18s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
     else:
         write(config=asdict(config))
+    if online is not None:
+        say(f"safety gate: {len(res.rollback_hashes)} of {len(res.update_hashes)} updates rolled back "
+            f"(policy.rollback events on {res.run_id}:policy:{algo})")
     say(f"run {res.run_id}: {res.learner.version}; checkpoint {base}.pt")
     return res

@@ -23,6 +23,9 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
     "di.credit": ("credit_assignment", "marl.di.credit"),
     "fairness.metrics": ("fairness_metrics", "marl.fairness.metrics"),
     "policy.update": ("policy_update", "marl.policy.update"),
+    "policy.rollback": ("policy_rollback", "marl.policy.update"),
+    # the curriculum's stage changes (seed 004), beside the policy chain whose updates they explain
+    "curriculum.stage": ("curriculum_stage", "marl.policy.update"),
     "audit.checkpoint": ("audit_checkpoint", "marl.audit.checkpoints"),
     "compliance.deletion": ("compliance_deletion", "marl.compliance.deletions"),
     "dead.letter": ("dead_letter", "marl.dlq"),

@@ -1,12 +1,12 @@
 """Batch mode: the same Processor over a replayed range of the input topics (``marlgrc reprocess``)."""
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from eventlog.chain import Event
 from eventlog.checkpoint import Signer
 from eventlog.codec import HEADER_FIELDS, default_codec
-from eventlog.kafka import Record, read_records
+from eventlog.kafka import Record, record_batches
 
 from .processor import INPUT_TOPICS, Processor
 
@@ -32,9 +32,11 @@ def reprocess_records(records: Iterable[Record], processor: Processor) -> list[E
 
 def reprocess(bootstrap: str, run_id: str, *, prefix: str = "", rules_override: str | None = None,
               default_env: str = "passthrough", credit_stream: str = "credit", fairness_stream: str = "fairness",
-              start_timestamp_ms: int | None = None, signer: Signer | None = None) -> list[Event]:
+              start_timestamp_ms: int | None = None, signer: Signer | None = None,
+              progress: Callable[[int], None] | None = None) -> list[Event]:
     """Replay ``run_id``'s lifecycle, env.state and joint.action records (from the beginning, or from
     ``start_timestamp_ms``) through a fresh Processor; return the sealed events, not yet sent.
+    ``progress(n)``: ``n`` more input records (of every run) read and processed.
 
     ``signer``: for results that will be written (``marlgrc reprocess --write``): the events end with
     the checkpoints signing every chain, on ``{run}:checkpoints:marlgrc-reprocess-{credit stream}`` (a
@@ -44,8 +46,15 @@ def reprocess(bootstrap: str, run_id: str, *, prefix: str = "", rules_override: 
     p = Processor(consumer=f"reprocess:{run_id}", producer_id=producer, default_env=default_env,
                   rules_override=rules_override, max_pending=None, max_states=None,
                   credit_stream=credit_stream, fairness_stream=fairness_stream, signer=signer)
-    recs = read_records(bootstrap, INPUT_TOPICS, prefix=prefix, start_timestamp_ms=start_timestamp_ms)
-    return reprocess_records(run_records(recs, run_id), p)
+
+    def recs() -> Iterator[Record]:
+        for batch in record_batches(bootstrap, INPUT_TOPICS, prefix=prefix, start_timestamp_ms=start_timestamp_ms,
+                                    timestamps=True):
+            yield from map(Record._make, batch)
+            if progress is not None:
+                progress(len(batch))
+
+    return reprocess_records(run_records(recs(), run_id), p)
 
 
 def comparable(value: bytes) -> dict:

@@ -12,6 +12,9 @@ BUILTIN_ENVS = {
     "market_v0": "producers.envs.market_v0:parallel_env",
     "retail_v0": "producers.envs.retail_v0:parallel_env",
     "banking_v0": "producers.envs.banking_v0:parallel_env",
+    "trading_v0": "producers.envs.trading_v0:parallel_env",
+    "supply_chain_v0": "producers.envs.supply_chain_v0:parallel_env",
+    "resource_allocation_v0": "producers.envs.resource_allocation_v0:parallel_env",
 }
 # installed PettingZoo envs known by their versioned name alone (docs/results.md trains on them)
 KNOWN_ENVS = {

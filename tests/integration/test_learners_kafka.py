@@ -149,3 +149,46 @@ def test_every_way_to_train_signs_every_chain_with_the_home_key(kafka, topics, t
             [(c.chain_id, c.last_seq, c.signed_through_seq) for c in chains]
     assert not any("not covered" in n for n in report.notes), report.notes
     assert verify_records(records, Signer.generate().public_key).breaks  # another key: refused
+
+
+@pytest.mark.timeout(300)
+def test_online_training_while_a_processor_worker_scores_the_same_run(kafka, topics, tmp_path):
+    """A decision-interpreter worker writes credits (and signs them) while the run trains: the credits
+    land between the loop's batches, so the loop reads back only the harness's topics and learns from
+    the env's rewards; the run, the credits included, verifies, and every joint action gets a credit."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    key_path = tmp_path / "signing.pem"
+    signer = Signer.load_or_create(key_path)
+    worker = subprocess.Popen([sys.executable, "-m", "stream_processors", "--bootstrap", kafka.bootstrap, "--prefix",
+                               topics, "--batch", "20", "--signing-key", str(key_path)],
+                              cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                              stdout=open(tmp_path / "worker.log", "ab"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        res = train_on_env(MatchTarget(), "match_target_v0", "0", "mappo",
+                           transport=KafkaTransport(kafka.bootstrap, topics), iterations=6, seed=1,
+                           config=MAPPOConfig(seed=1, episodes_per_update=4), signer=signer,
+                           public_key=signer.public_key, run_id="online-scored")
+        assert [r["env_steps"] for r in res.curve] == [32 * k for k in range(1, 7)]
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:  # the worker catches up with the last batch
+            credits = [r for r in read_records(kafka.bootstrap, ["marl.di.credit"], prefix=topics)
+                       if r.key.startswith("online-scored:")]
+            if len(credits) >= 6 * 32:
+                break
+            time.sleep(1)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    assert len(credits) == 6 * 32, (tmp_path / "worker.log").read_text()[-2000:]
+    from eventlog.audit import DATA_TOPICS
+
+    records = list(read_records(kafka.bootstrap, [*DATA_TOPICS, "marl.audit.checkpoints"], prefix=topics))
+    report = verify_records([r for r in records if r.key.startswith("online-scored:")], signer.public_key)
+    assert report.ok, [b.describe() for b in report.breaks]

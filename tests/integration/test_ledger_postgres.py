@@ -274,3 +274,31 @@ def test_verify_ledger_as_the_analyst_says_so_in_one_line(postgres, tmp_path):
     finally:
         with psycopg.connect(postgres.dsn, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+
+
+def test_a_run_with_unbounded_spaces_syncs_to_postgres_as_to_sqlcipher(postgres, schema, tmp_path):
+    """simple_spread's observation space is Box(-inf, inf): run.started's space records carry
+    infinite limits, which PostgreSQL's jsonb refuses as bare JSON numbers; both ledgers hold them
+    as the strings "-Infinity"/"Infinity" and agree on the contents."""
+    import json
+
+    from eventlog.log import EventLog, MemorySink
+    from learners.replay import records_from_memory
+    from producers.envs import make_env
+    from producers.harness import run_episodes
+    from producers.policies import RandomPolicy
+
+    env, env_id, ver = make_env("simple_spread_v3")
+    sink = MemorySink()
+    log = EventLog(sink, run_id="spread-pg", producer_id="h")
+    run_episodes(env, RandomPolicy(env, seed=0), log, episodes=1, seed=0, env_id=env_id, env_version=ver, config={})
+    log.close()
+    records = records_from_memory(sink.sent)
+    pg = PostgresLedger(postgres.dsn, schema, user=WRITER)
+    Materializer(pg).ingest(records, commit_every=64)
+    lite = SqliteLedger(tmp_path / "l.db", KEY)
+    Materializer(lite).ingest(records, commit_every=64)
+    assert pg.content_hash() == lite.content_hash()
+    row = pg.conn.execute("SELECT agents::text FROM runs WHERE agents IS NOT NULL").fetchone()
+    assert "-Infinity" in row[0] and json.loads(row[0])  # strict JSON: the limits are strings
+    pg.close()

@@ -32,7 +32,7 @@ from packaging.utils import canonicalize_name
 REPO = Path(__file__).resolve().parents[2]
 PARTS = ("schemas", "eventlog", "producers", "stream_processors", "learners", "ledger", "marlgrc", "compose")
 """The project's top-level packages: what the wheel ships, and all it ships."""
-DATA = {"schemas": (".avsc",), "compose": (".yml", ".xml", ".properties")}
+DATA = {"schemas": (".avsc",), "compose": (".yml", ".xml", ".properties", ".json"), "marlgrc": (".html", ".js", ".css")}
 """Non-Python files each part ships (pyproject.toml's package-data)."""
 
 # Run by the venv's interpreter (isolated: -I): import every module of every part, found by

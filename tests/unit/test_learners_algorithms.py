@@ -18,13 +18,19 @@ from learners.lineage import emit_policy_update
 from producers.policies import OnnxPolicy, RandomPolicy
 from tests.unit.test_learners_support import MatchTarget, harness_run, replay_of
 
-CASES = [(n, c) for n, a in sorted(algorithms().items()) for c in ([False, True] if a.continuous_actions else [False])]
+CASES = [(n, c) for n, a in sorted(algorithms().items()) for c in (False, True)
+         if (a.continuous_actions if c else a.discrete_actions)]
 IDS = [f"{n}-{'continuous' if c else 'discrete'}" for n, c in CASES]
 
 
 def _config(name, seed=1):
     a = algorithms()[name]
     extra = {"learning_starts": 16, "train_frequency": 2, "hidden_layers": (32,)} if name == "dqn" else {"hidden": 32}
+    if name == "qmix":  # 6 episodes of 2 agents x 8 steps: a gradient step per episode from the 4th
+        extra = {"learning_starts": 4, "batch_size": 4, "train_frequency": 16, "target_network_frequency": 2,
+                 "hidden_layers": (32,), "mixing_embed_dim": 8, "hypernet_embed": 16}
+    if name in ("maddpg", "sac"):  # 6 episodes x 7 stored joint transitions of 2 agents: ~10 gradient steps
+        extra = {"learning_starts": 16, "batch_size": 16, "train_frequency": 8, "hidden": 32}
     return a.config_cls(seed=seed, **extra)
 
 

@@ -122,7 +122,7 @@ def test_train_online_command_errors_are_one_line(tmp_path):
 
     common = ["--bootstrap", "memory", "--home", str(tmp_path), "--iterations", "1"]
     for args, says in ((["--env", "no_such_env_v1"], "neither a built-in env"),
-                       (["--algo", "sac"], "unknown algorithm"),
+                       (["--algo", "a2c"], "unknown algorithm"),
                        (["--set", "no_field=1"], "has no field 'no_field'"),
                        (["--set", "update_epochs=many"], "--set update_epochs=many: Input should be a valid integer"),
                        (["--set", "norm_adv=maybe"], "--set norm_adv=maybe: Input should be a valid boolean"),
