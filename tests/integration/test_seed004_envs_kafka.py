@@ -37,6 +37,8 @@ class Seed004Env:
 
 ENVS = [
     Seed004Env("trading_v0", ("stage=master", "max_cycles=30"), "master", "sharpe"),
+    Seed004Env("supply_chain_v0", ("stage=simple", "max_cycles=12"), "simple", "fill_rate"),
+    Seed004Env("resource_allocation_v0", ("stage=contended", "max_cycles=12"), "contended", "jain"),
 ]
 
 EPISODES, SEED = 2, 3
