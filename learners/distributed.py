@@ -386,8 +386,9 @@ class GroupSource(RecordSource):
     """The learner's Kafka consumer: a consumer group (``group_id``) subscribed to ``topics``, each
     partition assigned from its offset in ``start`` (the end offsets taken before the producers
     started; a partition not in it from the group's committed offset, else the beginning),
-    ``read_committed``. ``commit`` commits, per partition, the offset below which every record the
-    learner kept has been trained on."""
+    ``read_committed``; after a rebalance a partition continues after the last record polled, so
+    nothing is delivered twice. ``commit`` commits, per partition, the offset below which every
+    record the learner kept has been trained on."""
 
     def __init__(self, bootstrap: str, prefix: str, group_id: str, start: dict[tuple[str, int], int],
                  topics: Sequence[str] = ROUND_TOPICS):
@@ -396,13 +397,15 @@ class GroupSource(RecordSource):
         probe(bootstrap)
         self.prefix, self.start = prefix, dict(start)
         self._last_commit: list = []
+        self._next: dict[tuple[str, int], int] = {}   # (topic, partition) -> offset after the last polled
         self._consumer = _consumer(bootstrap, **{"group.id": group_id})
         self._consumer.subscribe([prefix + t for t in topics], on_assign=self._on_assign)
 
     def _on_assign(self, consumer, partitions) -> None:
         n = len(self.prefix)
         for tp in partitions:
-            offset = self.start.get((tp.topic[n:], tp.partition))
+            key = (tp.topic[n:], tp.partition)
+            offset = self._next.get(key, self.start.get(key))
             if offset is not None:
                 tp.offset = offset
         consumer.assign(partitions)
@@ -422,16 +425,19 @@ class GroupSource(RecordSource):
                     continue
                 raise KafkaException(err)
             key = m.key()
-            out.append(Record(m.topic()[n:], m.partition(), m.offset(),
-                              key.decode("utf-8", "backslashreplace") if key is not None else "", m.value(),
-                              m.timestamp()[1]))
+            rec = Record(m.topic()[n:], m.partition(), m.offset(),
+                         key.decode("utf-8", "backslashreplace") if key is not None else "", m.value(),
+                         m.timestamp()[1])
+            self._next[(rec.topic, rec.partition)] = rec.offset + 1
+            out.append(rec)
         return out
 
     def commit(self, low: dict[tuple[str, int], int]) -> None:
         from confluent_kafka import TopicPartition
 
         c, n = self._consumer, len(self.prefix)
-        offsets = [TopicPartition(tp.topic, tp.partition, min(tp.offset, low.get((tp.topic[n:], tp.partition), tp.offset)))
+        offsets = [TopicPartition(tp.topic, tp.partition,
+                                  min(tp.offset, low.get((tp.topic[n:], tp.partition), tp.offset)))
                    for tp in c.position(c.assignment()) if tp.offset >= 0]
         if offsets:
             c.commit(offsets=offsets, asynchronous=True)
@@ -603,7 +609,8 @@ def read_group_run(records: Iterable[Record], group_run: str) -> GroupRun:
                     updates)
 
 
-def retrain(records: Iterable[Record], group: GroupRun, *, public_key=None, rounds: int | None = None) -> tuple[Any, list[bytes]]:
+def retrain(records: Iterable[Record], group: GroupRun, *, public_key=None,
+            rounds: int | None = None) -> tuple[Any, list[bytes]]:
     """Train ``group``'s learner again from the producers' records (any order of partitions; whole
     topics are fine): the same batches, rounds and order as online. Returns the learner and the
     weights hash after each round."""

@@ -27,8 +27,8 @@ def test_three_producer_processes_feed_one_learner_through_kafka(kafka, topics, 
     torch.set_num_threads(1)
     key = tmp_path / "signing.pem"
     signer = Signer.load_or_create(key)
-    res = train_scaleout("simple_spread_v3", producers=PRODUCERS, bootstrap=kafka.bootstrap, prefix=topics, algo="mappo",
-                         signing_key=key, iterations=ROUNDS, seed=1, run_id="many1",
+    res = train_scaleout("simple_spread_v3", producers=PRODUCERS, bootstrap=kafka.bootstrap, prefix=topics,
+                         algo="mappo", signing_key=key, iterations=ROUNDS, seed=1, run_id="many1",
                          config=MAPPOConfig(seed=1, episodes_per_update=EPISODES), board_dir=tmp_path / "policies")
     runs = [f"many1.p{k}" for k in range(PRODUCERS)]
     per_round = EPISODES * STEPS
@@ -42,7 +42,8 @@ def test_three_producer_processes_feed_one_learner_through_kafka(kafka, topics, 
         named = {(x["topic"], x["chain_id"]) for x in u["lineage"]}
         for run in runs:  # every producer's data chains, in every update
             assert {("marl.joint.action", f"{run}:actions"), ("marl.env.state", f"{run}:env"),
-                    ("marl.agent.observation", f"{run}:obs:agent_0"), ("marl.run.lifecycle", f"{run}:lifecycle")} <= named
+                    ("marl.agent.observation", f"{run}:obs:agent_0"),
+                    ("marl.run.lifecycle", f"{run}:lifecycle")} <= named
         # each producer's share of the round: 2 episodes of 25 steps, continuing its chain
         acts = {x["chain_id"]: x for x in u["lineage"] if x["topic"] == "marl.joint.action"}
         assert [(acts[f"{run}:actions"]["first_seq"], acts[f"{run}:actions"]["last_seq"]) for run in runs] == \

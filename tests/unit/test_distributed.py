@@ -182,8 +182,8 @@ def test_the_learner_trains_on_every_producers_batch_and_retrain_reproduces_each
     records = records_from_memory(sink.sent)
     updates = read_group_run(records, "grp").updates
     assert [u["event_hash"] for u in updates] == res.update_hashes
-    actions = [{x["chain_id"]: (x["first_seq"], x["last_seq"]) for x in u["lineage"] if x["topic"] == "marl.joint.action"}
-               for u in updates]
+    actions = [{x["chain_id"]: (x["first_seq"], x["last_seq"]) for x in u["lineage"]
+                if x["topic"] == "marl.joint.action"} for u in updates]
     # every producer's chain in every update; the 5 episodes split 2, 2, 1; consecutive rounds continue the chains
     assert actions[0] == {"grp.p0:actions": (0, 15), "grp.p1:actions": (0, 15), "grp.p2:actions": (0, 7)}
     assert actions[2] == {"grp.p0:actions": (32, 47), "grp.p1:actions": (32, 47), "grp.p2:actions": (16, 23)}
