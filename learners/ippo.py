@@ -1,7 +1,8 @@
 """IPPO: independent PPO (de Witt et al. 2020, "Is Independent Learning All You Need in the StarCraft
 Multi-Agent Challenge?"). Everything as in MAPPO, except that each agent's critic sees only what the
 agent itself sees: its own observation and its id, never the global state. Discrete and continuous
-actions.
+actions (clipped Gaussian samples scored as a censored Gaussian), the update on ``config.device``:
+both as MAPPO's docstring describes.
 """
 from __future__ import annotations
 

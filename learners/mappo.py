@@ -5,18 +5,46 @@ Games"). Discrete and continuous (diagonal Gaussian) actions.
 Reads top to bottom: config, networks, acting (the Policy protocol), the update from replayed
 episodes, state for checkpoints. Training data is a ``learners.replay.Replay``: the audited stream.
 The behaviour log-probabilities are recomputed from the recorded actions with the policy as it was
-before the update (on-policy data makes them equal to the recorded ones for discrete actions, and
-they stay exact for clipped continuous actions).
+before the update, so the recorded event alone must determine them.
+
+Continuous actions: a Gaussian sample clipped into the Box, scored as a censored Gaussian
+(``networks.clipped_gaussian_log_prob``, Fujita and Maeda 2018): an action at a bound has the
+probability of the whole tail beyond it, ``log Phi``, an action inside the Box its density. Until
+2026-12 the clipped action was scored with the density, whose gradient at a bound points the wrong
+way (it rises as the mean approaches the bound from outside, while the mass clipped there rises as
+the mean moves away): a bad action at the bound pushed the mean further out every update. On
+resource_allocation_v0 (Box(0, 1), mean starting at the lower bound) the means fell to -1.4 in 10
+updates and the tenants stopped asking for resources. Of the ways out:
+- recording the unclipped sample would make ``joint.action`` say something the env did not execute
+  (the env clips), and put out-of-Box values in front of every reader of the stream (the hybrid
+  policy's validity check among them);
+- squashing with tanh (as SAC does) records an action in the Box, but the pre-squash value is
+  recovered with ``atanh`` of a float32, which saturates near the bounds: the log-probability is then
+  only approximately that of what was sampled;
+- the censored Gaussian needs nothing but the recorded (clipped) action, which is what the env
+  executed, and recomputes its log-probability exactly; the greedy action stays the mean clipped into
+  the Box, as the ONNX export has it. That is the one used.
+Its known weakness, shared with tanh: a mean far outside the Box puts nearly every sample on the
+bound, where the gradient fades (it no longer points the wrong way). The mean therefore starts in the
+middle of a finite Box, with a std in proportion to its width (``networks.Actor``), as normalizing
+actions to [-1, 1] does; before, on the usual Box(0, 1), it started on the lower bound.
+
+``device``: the update (the actor's and critic's gradient steps over the minibatches) runs on that
+device, on twins of the networks that the optimizer owns; acting and everything kept (weights hash,
+version, checkpoints, ONNX export, GAE's value pass) use the CPU modules, which receive the twins'
+weights after each update. On ``cpu`` there are no twins: the update is what it always was.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .networks import Actor, ValueNorm, agent_dones, config_hash, gae, mlp, seed_everything, weights_sha256
+from .networks import (Actor, ValueNorm, agent_dones, clipped_gaussian_log_prob, config_hash, gae, mlp,
+                       seed_everything, torch_device, weights_sha256)
 from .replay import Episode, Replay, RunSpec
 
 
@@ -52,6 +80,8 @@ class MAPPOConfig:
     """critic learns normalized targets (running mean/std of the returns, MAPPO's ValueNorm)"""
     episodes_per_update: int = 20
     """episodes the producers run with the current policy between updates (online training)"""
+    device: str = "cpu"
+    """where the update runs (cpu, cuda, cuda:N); acting stays on the CPU; not part of config_hash or checkpoints"""
 
 
 class MAPPO:
@@ -67,14 +97,20 @@ class MAPPO:
         self.config = config or MAPPOConfig()
         c = self.config
         seed_everything(c.seed)
+        self.device = torch_device(c.device)
         self.n_agents = len(spec.agents)
         self._index = {a: i for i, a in enumerate(spec.agents)}
         self.actor_in = spec.obs_dim + self.n_agents
+        box = {} if spec.discrete else {"low": spec.action_space.low, "high": spec.action_space.high}
         self.actor = Actor(self.actor_in, c.hidden, n_actions=spec.n_actions, action_dim=spec.action_dim,
-                           action_mask=spec.action_mask())
+                           action_mask=spec.action_mask(), **box)
         self.critic = mlp(self.critic_in_dim(), c.hidden, 1, out_std=1.0)
         self.value_norm = ValueNorm(c.value_norm)
-        self.optimizer = torch.optim.Adam([*self.actor.parameters(), *self.critic.parameters()],
+        # what the optimizer steps: the modules themselves on the CPU, twins on another device
+        self.twins = self.device != torch.device("cpu")
+        self.train_actor = copy.deepcopy(self.actor).to(self.device) if self.twins else self.actor
+        self.train_critic = copy.deepcopy(self.critic).to(self.device) if self.twins else self.critic
+        self.optimizer = torch.optim.Adam([*self.train_actor.parameters(), *self.train_critic.parameters()],
                                           lr=c.learning_rate, eps=1e-5)
         self.sampler = torch.Generator().manual_seed(c.seed)       # acting
         self.shuffler = torch.Generator().manual_seed(c.seed + 1)  # minibatches
@@ -84,7 +120,7 @@ class MAPPO:
         self.episodes = 0           # total (run time)
         self.last_losses: dict[str, float] = {}
         self.last_return = float("nan")
-        self.config_hash = config_hash(self.config)
+        self.config_hash = config_hash(self._kept_config())
         self.version = self._version()
 
     # --- inputs ----------------------------------------------------------------------------
@@ -129,21 +165,22 @@ class MAPPO:
             return {a: (int(k) + start, logp[j]) for j, (a, k) in enumerate(zip(live, acts.squeeze(-1).tolist()))}
         d = self.actor.dist(x)
         noise = torch.randn(d.mean.shape, generator=self.sampler)
-        raw = d.mean + d.stddev * noise
-        low = torch.as_tensor(spec.action_space.low, dtype=torch.float32)
-        high = torch.as_tensor(spec.action_space.high, dtype=torch.float32)
-        acts = torch.maximum(torch.minimum(raw, high), low)
-        logp = d.log_prob(acts).sum(-1)
+        acts = self.actor.clip(d.mean + d.stddev * noise)  # what the env executes and the event records
+        logp = clipped_gaussian_log_prob(d.mean, d.stddev, acts, self.actor.low, self.actor.high)
         return {a: (acts[j].numpy().copy(), float(logp[j])) for j, a in enumerate(live)}
 
     def greedy(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic action for actor inputs [B, obs_dim + N]: what ONNX exports."""
+        """Deterministic action for actor inputs [B, obs_dim + N] (argmax, or the Gaussian mean, which the
+        export and ``GreedyPolicy`` clip into the Box): what ONNX exports."""
         return self.actor(x)
 
     # --- the update ------------------------------------------------------------------------
     def _flatten(self, episodes: list[Episode]):
+        """Every live agent-step of the episodes as rows: actor inputs, critic inputs, actions,
+        advantages, returns. The critic values each episode on its own; GAE runs once over all the
+        episodes of one length side by side (elementwise: the same numbers as one episode at a time)."""
         c = self.config
-        xs, cs, acts, advs, rets, masks = [], [], [], [], [], []
+        xs, cs, acts, masks, terms = [], [], [], [], []
         with torch.no_grad():
             for ep in episodes:
                 obs = torch.as_tensor(ep.obs)
@@ -153,59 +190,79 @@ class MAPPO:
                 rewards = torch.as_tensor(ep.rewards) * c.reward_scale
                 # the episode's end (or an agent's early exit) is its end: no final observation is recorded
                 dones = torch.as_tensor(agent_dones(ep.alive))
-                adv, ret = gae(rewards, values, dones,
-                               torch.zeros(self.n_agents), c.gamma, c.gae_lambda)
+                terms.append((rewards, values, dones))
                 xs.append(x.reshape(-1, x.shape[-1]))
                 cs.append(cx.reshape(-1, cx.shape[-1]))
                 a = torch.as_tensor(ep.actions)
                 acts.append(a.reshape(-1, *a.shape[2:]))
-                advs.append(adv.reshape(-1))
-                rets.append(ret.reshape(-1))
                 masks.append(torch.as_tensor(ep.alive).reshape(-1) > 0)
+            advs: list = [None] * len(episodes)
+            rets: list = [None] * len(episodes)
+            by_length: dict[int, list[int]] = {}
+            for i, (rewards, _, _) in enumerate(terms):
+                by_length.setdefault(rewards.shape[0], []).append(i)
+            for group in by_length.values():  # [T, E, N]
+                rewards, values, dones = (torch.stack([terms[i][k] for i in group], 1) for k in range(3))
+                adv, ret = gae(rewards, values, dones, torch.zeros(len(group), self.n_agents), c.gamma, c.gae_lambda)
+                for j, i in enumerate(group):
+                    advs[i], rets[i] = adv[:, j].reshape(-1), ret[:, j].reshape(-1)
         m = torch.cat(masks)
         return (torch.cat(xs)[m], torch.cat(cs)[m], torch.cat(acts)[m], torch.cat(advs)[m], torch.cat(rets)[m])
 
     def update(self, replay: Replay) -> dict:
-        """PPO epochs over the replayed episodes. Returns losses and the optimizer steps taken."""
+        """PPO epochs over the replayed episodes. Returns losses and the optimizer steps taken.
+
+        GAE's value pass runs on the CPU modules; the epochs on ``config.device``, whose twins' weights
+        are then copied back to the CPU modules (no twins, nothing copied on the CPU)."""
         c = self.config
         episodes = replay.episodes
         steps_before = self.optimizer_steps
-        losses = {"losses/policy": 0.0, "losses/value": 0.0, "losses/entropy": 0.0, "losses/approx_kl": 0.0}
+        names = ("losses/policy", "losses/value", "losses/entropy", "losses/approx_kl")
+        losses = dict.fromkeys(names, 0.0)
         if episodes:
             x, cx, a, adv, ret = self._flatten(episodes)
             self.value_norm.update(ret)
             ret = self.value_norm.normalize(ret)  # the critic's target scale
+            dev = self.device
+            x, cx, a, adv, ret = (t.to(dev) for t in (x, cx, a, adv, ret))
+            actor, critic = self.train_actor, self.train_critic
             with torch.no_grad():
-                old_logp, _ = self.actor.log_prob_entropy(x, a)
+                old_logp, _ = actor.log_prob_entropy(x, a)
             B = x.shape[0]
             mb = max(1, B // c.num_minibatches)
             n = 0
+            # float64 sums of the float32 losses, as Python floats would add them, kept on the device
+            # (one transfer at the end instead of a synchronization per minibatch)
+            sums = torch.zeros(len(names), dtype=torch.float64, device=dev)
             for _ in range(c.update_epochs):
-                perm = torch.randperm(B, generator=self.shuffler)
+                # drawn by the CPU generator: the same minibatches on every device
+                perm = torch.randperm(B, generator=self.shuffler).to(dev)
                 for start in range(0, B, mb):
                     idx = perm[start:start + mb]
-                    logp, ent = self.actor.log_prob_entropy(x[idx], a[idx])
+                    logp, ent = actor.log_prob_entropy(x[idx], a[idx])
                     ratio = (logp - old_logp[idx]).exp()
                     madv = adv[idx]
                     if c.norm_adv and madv.numel() > 1:
                         madv = (madv - madv.mean()) / (madv.std() + 1e-8)
                     pg_loss = torch.max(-madv * ratio, -madv * ratio.clamp(1 - c.clip_coef, 1 + c.clip_coef)).mean()
-                    v_loss = 0.5 * (self.critic(cx[idx]).squeeze(-1) - ret[idx]).pow(2).mean()
+                    v_loss = 0.5 * (critic(cx[idx]).squeeze(-1) - ret[idx]).pow(2).mean()
                     entropy = ent.mean()
                     loss = pg_loss - c.ent_coef * entropy + c.vf_coef * v_loss
                     self.optimizer.zero_grad()
                     loss.backward()
-                    nn.utils.clip_grad_norm_(self.actor.parameters(), c.max_grad_norm)
-                    nn.utils.clip_grad_norm_(self.critic.parameters(), c.max_grad_norm)
+                    nn.utils.clip_grad_norm_(actor.parameters(), c.max_grad_norm)
+                    nn.utils.clip_grad_norm_(critic.parameters(), c.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer_steps += 1
                     n += 1
                     with torch.no_grad():
-                        losses["losses/policy"] += float(pg_loss)
-                        losses["losses/value"] += float(v_loss)
-                        losses["losses/entropy"] += float(entropy)
-                        losses["losses/approx_kl"] += float(((ratio - 1) - (logp - old_logp[idx])).mean())
-            losses = {k: v / n for k, v in losses.items()}
+                        kl = ((ratio - 1) - (logp - old_logp[idx])).mean()
+                        for i, v in enumerate((pg_loss, v_loss, entropy, kl)):
+                            sums[i] += v.double()
+            losses = {k: v / n for k, v in zip(names, sums.tolist())}
+            if self.twins:  # acting and everything kept read the CPU modules
+                self.actor.load_state_dict(actor.state_dict())
+                self.critic.load_state_dict(critic.state_dict())
             self.last_return = float(np.mean([e.team_return for e in episodes]))
         self.env_steps += replay.env_steps
         self.episodes += len(episodes)
@@ -217,16 +274,25 @@ class MAPPO:
 
     # --- state -------------------------------------------------------------------------------
     def modules(self) -> list[nn.Module]:
+        """The CPU modules: what acts, is hashed, checkpointed and exported, on any update device."""
         return [self.actor, self.critic, self.value_norm]
+
+    def _kept_config(self) -> dict:
+        """The config as hashed and checkpointed: without ``device``, which says where the update ran,
+        not what was learned; a GPU session's checkpoint loads on a CPU-only machine (on the CPU)."""
+        return {k: v for k, v in asdict(self.config).items() if k != "device"}
 
     def weights_sha256(self) -> bytes:
         return weights_sha256(*self.modules())
 
     def state_dict(self) -> dict:
-        return {"algorithm": self.algorithm, "config": asdict(self.config), "spec": self.spec.to_dict(),
+        optimizer = self.optimizer.state_dict()
+        if self.twins:  # the Adam moments live beside the twins: kept on the CPU like everything else
+            optimizer = _on_cpu(optimizer)
+        return {"algorithm": self.algorithm, "config": self._kept_config(), "spec": self.spec.to_dict(),
                 "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
                 "value_norm": self.value_norm.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.get_state(),
+                "optimizer": optimizer, "sampler": self.sampler.get_state(),
                 "shuffler": self.shuffler.get_state(),
                 "counters": {"updates": self.updates, "optimizer_steps": self.optimizer_steps,
                              "env_steps": self.env_steps, "episodes": self.episodes}}
@@ -235,9 +301,23 @@ class MAPPO:
         self.actor.load_state_dict(state["actor"])
         self.critic.load_state_dict(state["critic"])
         self.value_norm.load_state_dict(state["value_norm"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.twins:
+            self.train_actor.load_state_dict(self.actor.state_dict())
+            self.train_critic.load_state_dict(self.critic.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])  # moved to its parameters' device by torch
         self.sampler.set_state(state["sampler"])
         self.shuffler.set_state(state["shuffler"])
         for k, v in state["counters"].items():
             setattr(self, k, v)
         self.version = self._version()
+
+
+def _on_cpu(obj):
+    """A copy of a nested state (dicts, lists, tuples) with every tensor moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj

@@ -1,4 +1,5 @@
-"""What the learners truly share: seeding, layer initialisation, the actor heads, GAE and the weights hash.
+"""What the learners truly share: seeding, the update device, layer initialisation, the actor heads, GAE
+and the weights hash.
 
 Policies are shared across agents (parameter sharing); an agent's input is its observation, padded
 to the widest agent, followed by a one-hot of its index, so one network serves heterogeneous ids.
@@ -6,6 +7,8 @@ to the widest agent, followed by a one-hot of its index, so one network serves h
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 import random
 from dataclasses import asdict, fields, is_dataclass
 
@@ -58,6 +61,27 @@ def weights_sha256(*modules: nn.Module) -> bytes:
     return h.digest()
 
 
+def torch_device(name: str) -> torch.device:
+    """The device a learner's update runs on (``cpu``, ``cuda``, ``cuda:N``); a clear ValueError when
+    this machine cannot give it. For CUDA, cuBLAS gets the workspace setting that deterministic
+    algorithms require (set before the first CUDA matrix product of the process)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: torch.cuda.is_available() is false on this machine (torch "
+                             f"{torch.__version__}, CUDA build {torch.version.cuda}); use device=cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                             f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif device.type != "cpu":
+        raise ValueError(f"device {name!r}: the learners run on cpu or cuda only")
+    return device
+
+
 def layer_init(layer: nn.Linear, std: float = float(np.sqrt(2)), bias: float = 0.0) -> nn.Linear:
     nn.init.orthogonal_(layer.weight, std)
     nn.init.constant_(layer.bias, bias)
@@ -77,18 +101,34 @@ def mlp(inp: int, hidden: int, out: int, out_std: float = 1.0, layers: int = 2) 
 class Actor(nn.Module):
     """Shared policy: categorical over ``n_actions`` (discrete) or a diagonal Gaussian (continuous).
 
-    Continuous actions are sampled unbounded and clipped to [low, high] when sent to the env; the
-    log-probability is of the recorded (clipped) action, recomputed by the learner before updating.
+    Continuous actions are sampled from the Gaussian and clipped to the Box ``[low, high]``; the
+    clipped action is what the env executes and what ``joint.action`` records. Its probability is
+    that of a censored Gaussian (``clipped_gaussian_log_prob``): an action at a bound carries the
+    Gaussian's whole tail beyond it, an action inside the Box its density. The bounds are kept as
+    non-persistent buffers: they come from the run's spec, not from training, so they are neither in
+    the state dict nor in the weights hash.
     """
 
     def __init__(self, in_dim: int, hidden: int, *, n_actions: int = 0, action_dim: int = 0,
-                 action_mask=None):
+                 action_mask=None, low=None, high=None):
         super().__init__()
         self.discrete = n_actions > 0
         out = n_actions if self.discrete else action_dim
         self.body = mlp(in_dim, hidden, out, out_std=0.01)
         if not self.discrete:
             self.log_std = nn.Parameter(torch.full((action_dim,), -0.5))
+            inf = torch.full((action_dim,), float("inf"))
+            low = -inf if low is None else torch.as_tensor(low, dtype=torch.float32).reshape(action_dim)
+            high = inf if high is None else torch.as_tensor(high, dtype=torch.float32).reshape(action_dim)
+            self.register_buffer("low", low, persistent=False)
+            self.register_buffer("high", high, persistent=False)
+            # start in the middle of the Box, with a spread in proportion to its width (on [-1, 1]: mean
+            # 0, std 0.61, as before), which is what normalizing actions to [-1, 1] does; a mean at a
+            # bound (0 for the usual Box(0, 1)) starts with half of every action clipped there
+            finite = torch.isfinite(low) & torch.isfinite(high)
+            with torch.no_grad():
+                self.body[-1].bias.copy_(torch.where(finite, (low + high) / 2, 0.0))
+                self.log_std.add_(torch.where(finite, ((high - low) / 2).log(), 0.0))
         self.masked = action_mask is not None
         if self.masked:  # agents with fewer actions than the widest: [N, n_actions], chosen by the one-hot id
             self.register_buffer("action_mask", torch.as_tensor(action_mask, dtype=torch.float32))
@@ -100,20 +140,49 @@ class Actor(nn.Module):
         return out
 
     def dist(self, x: torch.Tensor):
+        """The categorical, or the Gaussian before clipping."""
         if self.discrete:
             return Categorical(logits=self.logits(x))
         out = self.body(x)
         return Normal(out, self.log_std.exp().expand_as(out))
 
+    def clip(self, raw: torch.Tensor) -> torch.Tensor:
+        """A Gaussian sample (or the mean) clipped into the Box: the action the env executes."""
+        return torch.maximum(torch.minimum(raw, self.high), self.low)
+
     def log_prob_entropy(self, x: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probability of recorded actions and the entropy bonus (continuous: the unclipped
+        Gaussian's entropy, the usual PPO bonus; the censored distribution, part point masses and
+        part density, has no entropy of its own)."""
         d = self.dist(x)
         if self.discrete:
             return d.log_prob(actions.long()), d.entropy()
-        return d.log_prob(actions).sum(-1), d.entropy().sum(-1)
+        return clipped_gaussian_log_prob(d.mean, d.stddev, actions, self.low, self.high), d.entropy().sum(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The greedy action (argmax, or the Gaussian mean): what ONNX exports."""
+        """The greedy action (argmax, or the Gaussian mean; the export clips it into the Box): what ONNX exports."""
         return self.logits(x).argmax(-1) if self.discrete else self.body(x)
+
+
+def clipped_gaussian_log_prob(mean: torch.Tensor, std: torch.Tensor, actions: torch.Tensor, low: torch.Tensor,
+                              high: torch.Tensor) -> torch.Tensor:
+    """Log-probability of clipped actions ``clip(mean + std * noise, low, high)`` under the censored
+    Gaussian, summed over the action's dimensions (Fujita and Maeda 2018, "Clipped Action Policy
+    Gradient"): ``log Phi((low - mean) / std)`` where the action sits at ``low`` (every sample at or
+    below it was clipped there), ``log (1 - Phi((high - mean) / std))`` at ``high``, and the Gaussian
+    density inside. The density at a bound, which is what clipped actions used to be scored with, has
+    the wrong gradient there: it rises as the mean moves toward the bound, whereas the probability of
+    being clipped rises as the mean moves past it, so a bad action at the bound pushed the mean out of
+    the Box, further each update.
+
+    A recorded action is exactly a bound when it was clipped: the clipped action and the bounds are
+    float32 (as the event and ``run.started`` carry them), and a sample landing on a bound has
+    probability 0. Infinite bounds never match."""
+    z = (actions - mean) / std  # at a bound, this is the bound's z
+    density = -0.5 * z.pow(2) - std.log() - 0.5 * math.log(2 * math.pi)
+    logp = torch.where(actions <= low, torch.special.log_ndtr(z),
+                       torch.where(actions >= high, torch.special.log_ndtr(-z), density))
+    return logp.sum(-1)
 
 
 def mask_logits(out: torch.Tensor, x: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
