@@ -11,6 +11,10 @@ The arms use the same seed and config, for the same number of iterations, in thi
 interleaved. Uses $MARLGRC_BOOTSTRAP, else starts a local broker.
 
     ./dev python bench/bench_training.py [--iterations 6] [--repeats 3] [--algo mappo] [--env simple_spread_v3] [--continuous]
+                                         [--device cuda]
+
+``--device`` (learners with a ``device`` config field: MAPPO, IPPO) runs every arm's update there;
+acting stays on the CPU. ``bench/bench_update_device.py`` times the update alone, CPU against CUDA.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import torch
 from eventlog.checkpoint import Signer
 from learners import algorithm
 from learners.online import KafkaTransport, MemoryTransport
+from learners.networks import torch_device
 from learners.replay import Episode, Replay
 from marlgrc.training import spec_of, train_on_env
 from producers.envs import make_env
@@ -65,7 +70,12 @@ def main() -> None:
     p.add_argument("--algo", default="mappo", help="a learner of learners.algorithms()")
     p.add_argument("--env", default="simple_spread_v3")
     p.add_argument("--continuous", action="store_true", help="the env's continuous-action variant")
+    p.add_argument("--device", default="cpu", help="where the learner's update runs (cpu, cuda, cuda:N)")
     args = p.parse_args()
+    try:  # before a broker starts: a device this machine lacks is one line
+        torch_device(args.device)
+    except ValueError as exc:
+        p.error(f"--device: {exc}")
     torch.set_num_threads(1)
     boot = os.environ.get("MARLGRC_BOOTSTRAP")
     home = None
@@ -81,11 +91,14 @@ def main() -> None:
     env, env_id, ver = make_env(args.env, continuous=args.continuous)
     algo = args.algo
     a = algorithm(algo)
+    on_device = {} if args.device == "cpu" else {"device": args.device}
+    if on_device and "device" not in a.config_cls.__dataclass_fields__:
+        p.error(f"--device {args.device}: {algo}'s config has no device field; use mappo or ippo, or --device cpu")
     signer = Signer.generate()  # every chain signed, as every way to train does with the home's key
     signed = {"signer": signer, "public_key": signer.public_key}
 
     def direct_arm() -> float:
-        learner = a.learner_cls(spec_of(env, "direct", env_id, ver, 1), a.config_cls(seed=1))
+        learner = a.learner_cls(spec_of(env, "direct", env_id, ver, 1), a.config_cls(seed=1, **on_device))
         t, c = time.perf_counter(), time.process_time()
         for it in range(args.iterations):
             E = learner.config.episodes_per_update
@@ -96,14 +109,15 @@ def main() -> None:
     def kafka_arm(transport) -> float:
         t, c = time.perf_counter(), time.process_time()
         res = train_on_env(env, env_id, ver, algo, transport=transport, iterations=args.iterations, seed=1,
-                           config=a.config_cls(seed=1), **signed)
+                           config=a.config_cls(seed=1, **on_device), **signed)
         n = res.learner.env_steps
         return n / (time.perf_counter() - t), n / (time.process_time() - c)
 
     def memory_arm() -> float:
         t, c = time.perf_counter(), time.process_time()
         res = train_on_env(env, env_id, ver, algo, transport=MemoryTransport(keep=False),
-                           iterations=args.iterations, seed=1, config=a.config_cls(seed=1), **signed)
+                           iterations=args.iterations, seed=1, config=a.config_cls(seed=1, **on_device),
+                           **signed)
         n = res.learner.env_steps
         return n / (time.perf_counter() - t), n / (time.process_time() - c)
 
@@ -115,7 +129,7 @@ def main() -> None:
         # compiler stack on first use), the producer's and consumer's connections, and a broker this
         # bench just started (its JVM compiles the produce and fetch paths in the first seconds)
         train_on_env(env, env_id, ver, algo, transport=transport, iterations=args.iterations, seed=1,
-                     config=a.config_cls(seed=1), **signed)
+                     config=a.config_cls(seed=1, **on_device), **signed)
         for _ in range(args.repeats):  # arms interleaved, so load changes hit both
             kafka.append(kafka_arm(transport))
             direct.append(direct_arm())
@@ -141,7 +155,7 @@ def main() -> None:
     print(f"{algo} {env_id}{' continuous' if args.continuous else ''}, {args.iterations} iterations x "
           f"{a.config_cls().episodes_per_update} episodes: through Kafka {kafka_sps:.0f} env steps/s {target}, no events "
           f"{direct_sps:.0f} env steps/s (medians); ratio {ratio:.2f} (information); per CPU-second ratio "
-          f"{cpu_ratio:.2f}; load average (1 min) {load:.2f} on {os.cpu_count()} CPUs")
+          f"{cpu_ratio:.2f}; update on {args.device}; load average (1 min) {load:.2f} on {os.cpu_count()} CPUs")
     mem = float(np.median([m[0] for m in memory]))
     print(f"attribution: sealing + verifying + replaying events without a broker {mem:.0f} env steps/s "
           f"(ratio {mem / direct_sps:.2f} to no events); the broker round trip takes the rest (ratio {kafka_sps / mem:.2f})")

@@ -1,4 +1,4 @@
-"""Learners: MAPPO, IPPO, DQN and QMIX trained from replayed, verified topics (see docs/LEARNERS.md).
+"""Learners: MAPPO, IPPO, DQN, QMIX, MADDPG and SAC trained from replayed, verified topics (see docs/LEARNERS.md).
 
 ``ALGORITHMS`` is the registry: each entry names its config class and learner class and declares
 what it can do, so tests and the CLI are parametrized over it.
@@ -22,14 +22,18 @@ class Algorithm:
 def _registry() -> dict[str, Algorithm]:
     from .dqn import DQN, DQNConfig
     from .ippo import IPPO, IPPOConfig
+    from .maddpg import MADDPG, MADDPGConfig
     from .mappo import MAPPO, MAPPOConfig
     from .qmix import QMIX, QMIXConfig
+    from .sac import SAC, SACConfig
 
     return {
         "mappo": Algorithm("mappo", MAPPOConfig, MAPPO, True, True, True),
         "ippo": Algorithm("ippo", IPPOConfig, IPPO, True, False, True),
         "dqn": Algorithm("dqn", DQNConfig, DQN, False, False, False),
         "qmix": Algorithm("qmix", QMIXConfig, QMIX, False, True, False),
+        "maddpg": Algorithm("maddpg", MADDPGConfig, MADDPG, False, True, True),
+        "sac": Algorithm("sac", SACConfig, SAC, False, False, True, discrete_actions=False),
     }
 
 
