@@ -75,6 +75,28 @@ class QNetwork(nn.Module):
         return mask_logits(q, x, self.action_mask) if self.masked else q
 
 
+def epsilon_greedy(q_network: nn.Module, spec: RunSpec, n_own: list[int], explorer: np.random.Generator,
+                   eps: float, observations) -> dict:
+    """Epsilon-greedy over a Q-network shared by the agents (input: observation + one-hot agent id):
+    ``{agent: (action, log_prob)}``, the log-probability of the chosen action under epsilon-greedy.
+    An agent with fewer actions (``n_own``) explores among its own. DQN's and QMIX's ``act``."""
+    live = [a for a in spec.agents if a in observations]
+    x = np.zeros((len(live), spec.obs_dim + len(spec.agents)), np.float32)
+    for j, a in enumerate(live):
+        o = np.asarray(observations[a], np.float32).ravel()
+        x[j, :o.shape[0]] = o
+        x[j, spec.obs_dim + spec.agents.index(a)] = 1.0
+    greedy = q_network(torch.as_tensor(x)).argmax(-1).numpy()
+    out = {}
+    for j, a in enumerate(live):
+        n = n_own[spec.agents.index(a)]
+        explore = explorer.random() < eps
+        act = int(explorer.integers(n)) if explore else int(greedy[j])
+        p = eps / n + (1.0 - eps) * (act == greedy[j])
+        out[a] = (act + spec.action_space.start, float(np.log(p)))
+    return out
+
+
 class ReplayBuffer:
     """FIFO ring buffer of agent-transitions with seeded uniform sampling."""
 
@@ -167,22 +189,7 @@ class DQN:
     @torch.no_grad()
     def act(self, observations, state=None) -> dict:
         """Epsilon-greedy; log_prob is that of the chosen action under the epsilon-greedy policy."""
-        spec, eps, n = self.spec, self.epsilon, self.spec.n_actions
-        live = [a for a in spec.agents if a in observations]
-        x = np.zeros((len(live), self.in_dim), np.float32)
-        for j, a in enumerate(live):
-            o = np.asarray(observations[a], np.float32).ravel()
-            x[j, :o.shape[0]] = o
-            x[j, spec.obs_dim + spec.agents.index(a)] = 1.0
-        greedy = self.q_network(torch.as_tensor(x)).argmax(-1).numpy()
-        out = {}
-        for j, a in enumerate(live):
-            n = self.n_own[spec.agents.index(a)]
-            explore = self.explorer.random() < eps
-            act = int(self.explorer.integers(n)) if explore else int(greedy[j])
-            p = eps / n + (1.0 - eps) * (act == greedy[j])
-            out[a] = (act + spec.action_space.start, float(np.log(p)))
-        return out
+        return epsilon_greedy(self.q_network, self.spec, self.n_own, self.explorer, self.epsilon, observations)
 
     def greedy(self, x: torch.Tensor) -> torch.Tensor:
         return self.q_network(x).argmax(-1)

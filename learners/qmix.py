@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dqn import QNetwork
+from .dqn import QNetwork, epsilon_greedy
 from .lineage import BufferLineage
 from .networks import config_hash, seed_everything, weights_sha256
 from .replay import Episode, Replay, ReplayError, RunSpec
@@ -225,22 +225,7 @@ class QMIX:
     @torch.no_grad()
     def act(self, observations, state=None) -> dict:
         """Epsilon-greedy on each agent's own Q; log_prob is that of the chosen action under it."""
-        spec, eps = self.spec, self.epsilon
-        live = [a for a in spec.agents if a in observations]
-        x = np.zeros((len(live), self.in_dim), np.float32)
-        for j, a in enumerate(live):
-            o = np.asarray(observations[a], np.float32).ravel()
-            x[j, :o.shape[0]] = o
-            x[j, spec.obs_dim + spec.agents.index(a)] = 1.0
-        greedy = self.agent_q(torch.as_tensor(x)).argmax(-1).numpy()
-        out = {}
-        for j, a in enumerate(live):
-            n = self.n_own[spec.agents.index(a)]
-            explore = self.explorer.random() < eps
-            act = int(self.explorer.integers(n)) if explore else int(greedy[j])
-            p = eps / n + (1.0 - eps) * (act == greedy[j])
-            out[a] = (act + spec.action_space.start, float(np.log(p)))
-        return out
+        return epsilon_greedy(self.agent_q, self.spec, self.n_own, self.explorer, self.epsilon, observations)
 
     def greedy(self, x: torch.Tensor) -> torch.Tensor:
         """Each agent's argmax of its own Q (monotonic mixing makes it the joint argmax): what ONNX exports."""
