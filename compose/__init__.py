@@ -1,4 +1,4 @@
-"""marlgrc's local services: Kafka 3.9 (KRaft, single node) and PostgreSQL 15.
+"""marlgrc's local services: Kafka 3.9 (KRaft, one node or a cluster of three) and PostgreSQL 15.
 
 With Docker: ``docker compose -f compose/docker-compose.yml up -d``. Without Docker, the launcher
 in this package starts them from their own distributions: :mod:`compose.kafka` fetches Kafka's
@@ -13,6 +13,9 @@ share (home, ports, processes, state files, :class:`ServiceError`)::
     ...
     stop_kafka(default_home()); stop_postgres(default_home())
 
+    cluster = start_kafka(home, brokers=3)      # cluster.bootstrap == "127.0.0.1:<p1>,127.0.0.1:<p2>,127.0.0.1:<p3>"
+    kill_kafka(home, node=2); start_kafka(home, brokers=3)   # a crashed node, started again
+
 Every ``start_*`` is idempotent and waits until the service answers a real client request;
 services run detached and outlive the process that started them until a ``stop_*``.
 """
@@ -20,6 +23,8 @@ services run detached and outlive the process that started them until a ``stop_*
 from compose.kafka import (
     KAFKA_VERSION,
     KafkaBroker,
+    KafkaCluster,
+    KafkaNode,
     kafka_jars,
     kafka_status,
     kill_kafka,
@@ -33,6 +38,8 @@ from compose.services import ServiceError, default_cache, default_home
 __all__ = [
     "KAFKA_VERSION",
     "KafkaBroker",
+    "KafkaCluster",
+    "KafkaNode",
     "PostgresServer",
     "ServiceError",
     "default_cache",

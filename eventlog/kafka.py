@@ -9,7 +9,7 @@ from typing import Iterable, Iterator, NamedTuple
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from .topics import TopicSpec, logical, physical, topic_specs
+from .topics import TopicSpec, logical, physical, replication_for, run_partition, topic_specs
 
 
 class BrokerUnavailable(RuntimeError):
@@ -70,14 +70,20 @@ def check_broker(bootstrap: str, timeout: float = 10.0) -> None:
 
 def ensure_topics(bootstrap: str, prefix: str = "", specs: Iterable[TopicSpec] | None = None,
                   timeout: float = 30.0) -> list[str]:
-    """Create the marl.* topics with explicit configs where missing; return the ones created."""
+    """Create the marl.* topics with explicit configs where missing; return the ones created.
+
+    The replication factor follows the cluster's broker count (``topics.replication_for``): three
+    replicas with ``min.insync.replicas=2`` on three or more brokers, one per broker below that."""
     probe(bootstrap)
     admin = _admin(bootstrap)
     try:
-        existing = set(admin.list_topics(timeout=timeout).topics)
+        md = admin.list_topics(timeout=timeout)
+        existing = set(md.topics)
     except KafkaException as exc:
         raise _unavailable(bootstrap, "listing topics", exc) from None
-    new = [NewTopic(physical(prefix, s.name), num_partitions=s.partitions, replication_factor=1, config=s.config)
+    rf, min_isr = replication_for(len(md.brokers))
+    new = [NewTopic(physical(prefix, s.name), num_partitions=s.partitions, replication_factor=rf,
+                    config={**s.config, "min.insync.replicas": str(min(min_isr, rf))})
            for s in (specs or topic_specs()) if physical(prefix, s.name) not in existing]
     created = []
     for name, fut in (admin.create_topics(new, operation_timeout=timeout).items() if new else []):
@@ -105,8 +111,38 @@ def _wait_for_leaders(admin: AdminClient, names: list[str], timeout: float) -> N
             time.sleep(0.05)
 
 
+class RunPartitioner:
+    """Co-partitioning for a client: the partition of a chain on a topic is ``topics.run_partition``
+    of its key over the topic's partition count, read once per topic from the client's metadata.
+    A topic the metadata does not (yet) show gets ``None``: the client then places the message, and
+    the count is asked again next time."""
+
+    def __init__(self, client, timeout: float = 10.0):
+        self.client = client
+        self._timeout = timeout
+        self._counts: dict[str, int] = {}
+
+    def count(self, topic: str) -> int | None:
+        n = self._counts.get(topic)
+        if n is None:
+            try:
+                md = self.client.list_topics(topic, timeout=self._timeout).topics.get(topic)
+            except KafkaException:
+                return None
+            if md is None or md.error is not None or not md.partitions:
+                return None
+            n = self._counts[topic] = len(md.partitions)
+        return n
+
+    def __call__(self, topic: str, key: str) -> int | None:
+        n = self._counts.get(topic) or self.count(topic)
+        return None if n is None else run_partition(key, n)
+
+
 class EventProducer:
-    """Idempotent producer (``acks=all``), keyed by chain id, so a chain stays in one partition in order.
+    """Idempotent producer (``acks=all``), keyed by chain id, so a chain stays in one partition in order;
+    co-partitioned: every chain of a run goes to the run's partition number on every topic
+    (``RunPartitioner``, docs/HASHING.md "Partitions").
 
     Delivery reports are requested for errors only; ``flush()`` raises DeliveryError naming the first
     failures. Topic names are logical (``marl.joint.action``); ``prefix`` is prepended.
@@ -129,6 +165,7 @@ class EventProducer:
         self.bootstrap = bootstrap
         self.prefix = prefix
         self._producer = Producer(conf)
+        self._partition = RunPartitioner(self._producer)
         self._failures: list[str] = []
         self._failed_chains: dict[tuple[str, str], int] = {}  # (topic, chain id) -> events not delivered
         self._fatal: str | None = None
@@ -146,8 +183,11 @@ class EventProducer:
                 self._failures.append(f"{chain[0]} {chain[1]}: {err.str()}")
 
     def send(self, topic: str, key: str, value: bytes, partition: int | None = None) -> None:
-        """Queue one event; ``partition`` only to reproduce a recorded layout (tests, imports)."""
+        """Queue one event in its run's partition; ``partition`` only to reproduce a recorded layout
+        (tests, imports)."""
         name = self.prefix + topic
+        if partition is None:
+            partition = self._partition(name, key)
         extra = {} if partition is None else {"partition": partition}
         if self.sent and self.sent % 10000 == 0:  # before queueing: raising means this event was not queued
             self._producer.poll(0)

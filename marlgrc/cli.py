@@ -23,17 +23,21 @@ out = Console() if Console().is_terminal else Console(width=160)
 @app.command()
 def up(home: Optional[Path] = HomeOpt, port: Optional[int] = typer.Option(None, help="Kafka port (default: free)"),
        postgres: bool = typer.Option(False, "--postgres/--no-postgres", help="also start PostgreSQL 15"),
+       brokers: int = typer.Option(1, "--brokers", help="1: one broker; 3: a 3-node KRaft cluster (topics "
+                                   "then get replication factor 3, min.insync.replicas=2)"),
        prefix: Optional[str] = PrefixOpt) -> None:
-    """Start a local Kafka broker (and optionally PostgreSQL) and create the marl.* topics."""
+    """Start a local Kafka broker or a 3-broker cluster (and optionally PostgreSQL) and create the
+    marl.* topics."""
     from compose import ServiceError, start_kafka, start_postgres
     from eventlog.kafka import ensure_topics
 
     s = Settings.load(home=home, prefix=prefix)
     try:
         with console.status("starting Kafka (first run fetches its jars from Maven Central)…"):
-            broker = start_kafka(s.home, port)
+            broker = start_kafka(s.home, port, brokers=brokers)
         created = ensure_topics(broker.bootstrap, s.prefix)
-        out.print(f"kafka {broker.bootstrap} (pid {broker.pid}); topics created: {len(created)}")
+        pids = ", ".join(str(n.pid) for n in broker.nodes) if hasattr(broker, "nodes") else broker.pid
+        out.print(f"kafka {broker.bootstrap} (pid {pids}); topics created: {len(created)}")
         if postgres:
             with console.status("starting PostgreSQL…"):
                 pg = start_postgres(s.home)
@@ -61,7 +65,8 @@ def status(home: Optional[Path] = HomeOpt) -> None:
 
     s = Settings.load(home=home)
     k, p = kafka_status(s.home), postgres_status(s.home)
-    out.print(f"kafka: {f'{k.bootstrap} pid {k.pid}' if k else 'not running'}")
+    pids = (", ".join(str(n.pid) for n in k.nodes) if hasattr(k, "nodes") else k.pid) if k else None
+    out.print(f"kafka: {f'{k.bootstrap} pid {pids}' if k else 'not running'}")
     out.print(f"postgres: {f'{p.dsn} pid {p.pid}' if p else 'not running'}")
     if k is None:
         raise typer.Exit(1)

@@ -8,6 +8,12 @@ lock="$root/requirements.lock"
 key="$( (cat "$lock"; python3 --version) | sha256sum | cut -c1-16)"
 cache="${MARLGRC_CACHE:-$HOME/.cache/marlgrc}"
 venv="$cache/venv-$key"
+if [ ! -f "$venv/.complete" ] && command -v flock >/dev/null; then
+  # one creator at a time: a second `./dev ...` started meanwhile waits, then finds the venv complete
+  mkdir -p "$cache"
+  exec 9>"$cache/.venv-$key.lock"
+  flock 9
+fi
 if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
   command -v python3 >/dev/null || { echo "python3 (>= 3.11) is required: install it first" >&2; exit 1; }
   python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \

@@ -30,7 +30,7 @@ from typing import Callable
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from eventlog.checkpoint import Signer
-from eventlog.kafka import ensure_topics, partitions_of, read_records
+from eventlog.kafka import RunPartitioner, ensure_topics, partitions_of, read_records
 from eventlog.topics import TopicSpec
 
 from .processor import INPUT_TOPICS, Processor
@@ -124,6 +124,7 @@ class Worker:
         self._paused: dict[str, bool] = {}
         self.committed_batches = 0
         self.produced = 0
+        self._partition: RunPartitioner | None = None
 
     def stop(self, *_: object) -> None:
         self._stop = True
@@ -270,11 +271,15 @@ class Worker:
         self.committed_batches += 1
         self.produced += n_out
 
-    @staticmethod
-    def _produce(producer: Producer, topic: str, key: str, value: bytes | None) -> None:
+    def _produce(self, producer: Producer, topic: str, key: str, value: bytes | None) -> None:
+        """Send in the key's run partition (co-partitioned, like every marl.* writer: docs/HASHING.md)."""
+        if self._partition is None or self._partition.client is not producer:
+            self._partition = RunPartitioner(producer)
+        partition = self._partition(topic, key)
+        extra = {} if partition is None else {"partition": partition}
         while True:
             try:
-                producer.produce(topic, value, key)
+                producer.produce(topic, value, key, **extra)
                 return
             except BufferError:
                 producer.poll(0.05)

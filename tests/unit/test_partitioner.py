@@ -1,0 +1,75 @@
+"""Co-partitioning (docs/HASHING.md, "Partitions"): every chain of a run goes to one partition number
+on every topic, Kafka's murmur2 of the run id modulo the topic's partition count.
+
+Pure: the hash against Kafka's own test vectors, the placement rule and its spread over runs. The
+placement on a real broker, and librdkafka's murmur2 partitioner agreeing with it, are checked in
+tests/integration/test_cluster_faults.py."""
+from collections import Counter
+
+import pytest
+
+import schemas as schema_files
+from eventlog.topics import murmur2, run_hash, run_of, run_partition, topic_specs
+
+# org.apache.kafka.common.utils.UtilsTest#testMurmur2 (Kafka's own vectors for Utils.murmur2)
+KAFKA_VECTORS = {
+    b"21": -973932308,
+    b"foobar": -790332482,
+    b"a-little-bit-long-string": -985981536,
+    b"a-little-bit-longer-string": -1486304829,
+    b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
+    b"abc": 479470107,
+}
+
+
+@pytest.mark.parametrize("data,expected", sorted(KAFKA_VECTORS.items()))
+def test_murmur2_is_kafkas(data, expected):
+    assert murmur2(data) == expected
+
+
+def test_murmur2_covers_every_tail_length_and_the_empty_key():
+    # 0-3 trailing bytes take different branches; each must give a 32-bit signed int, deterministic
+    for n in range(0, 9):
+        h = murmur2(b"x" * n)
+        assert -(2 ** 31) <= h < 2 ** 31 and h == murmur2(b"x" * n)
+    assert len({murmur2(b"x" * n) for n in range(0, 9)}) == 9
+
+
+def test_the_run_id_is_the_chain_id_up_to_its_first_colon():
+    assert run_of("r1:actions") == "r1"
+    assert run_of("r1:obs:agent_0") == "r1"
+    assert run_of("r1:checkpoints:producer-7") == "r1"
+    assert run_of("no-colon") == "no-colon"
+    assert run_hash("r1:env") == murmur2(b"r1") & 0x7FFFFFFF
+
+
+def test_every_chain_of_a_run_lands_in_the_same_partition_of_every_topic():
+    specs = topic_specs()
+    counts = {s.partitions for s in specs}
+    assert counts == {3}  # the same count on every marl.* topic: the same partition number on each
+    streams = ["lifecycle", "env", "actions", "obs:agent_0", "obs:agent_1", "credit", "fairness",
+               "checkpoints:marlgrc-run"]
+    for run in ("r1", "mailbox_v0__ppo__1__1767225600-a1b2c3", "ünïcode", "a" * 200):
+        places = {run_partition(f"{run}:{s}", 3) for s in streams for _ in schema_files.TOPICS}
+        assert len(places) == 1
+        assert places == {(murmur2(run.encode()) & 0x7FFFFFFF) % 3}
+    # other counts: still one place per run (the same rule on a topic of n partitions)
+    for n in (1, 2, 6, 12):
+        assert len({run_partition(f"r9:{s}", n) for s in streams}) == 1
+        assert 0 <= run_partition("r9:env", n) < n
+
+
+def test_runs_spread_over_the_partitions():
+    runs = [f"run-{i}" for i in range(3000)]
+    for n in (3, 6):
+        load = Counter(run_partition(f"{r}:actions", n) for r in runs)
+        assert set(load) == set(range(n))
+        expected = len(runs) / n
+        # a fair hash: chi-square with n-1 degrees of freedom far below the 0.1% tail (16.3 for 5 dof)
+        chi2 = sum((c - expected) ** 2 / expected for c in load.values())
+        assert chi2 < 16.3, (n, load)
+
+
+def test_a_topic_without_partitions_is_refused():
+    with pytest.raises(ValueError, match="at least one partition"):
+        run_partition("r1:env", 0)
