@@ -99,6 +99,10 @@ def run_training(s: Settings, *, env: str, algo: str, seed: int = 1, iterations:
     try:
         a = algorithm(algo)
         config = a.config_cls(seed=seed, **config_overrides(a.config_cls, list(overrides)))
+        if getattr(config, "device", "cpu") != "cpu":  # a device this machine lacks: one line, before any work
+            from learners.networks import torch_device
+
+            torch_device(config.device)
         e, env_id, ver = make_env(env, continuous=continuous, **(env_args or {}))
     except (KeyError, ValueError, EnvError) as exc:
         fail(str(exc).strip("'\""))

@@ -94,3 +94,15 @@ def test_keys_garbage_other_and_pinned(tmp_path):
     assert code == 1 and "not signed" in out
     code, out = invoke("verify", "--bundle", unsigned)  # the bundle's own key: not pinned, a note
     assert code == 0 and "not signed" in out
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU: device=cuda is valid")
+def test_a_device_this_machine_lacks_is_one_line_before_any_work(tmp_path):
+    code, out = invoke("train-online", "--env", "simple_spread_v3", "--algo", "mappo", "--iterations", "1",
+                       "--set", "device=cuda", "--bootstrap", "memory", "--home", tmp_path, "--out", tmp_path / "c.json")
+    line = one_error_line(out)
+    assert code == 2 and "device 'cuda'" in line and "use device=cpu" in line
+    assert not (tmp_path / "c.json").exists()
+    code, out = invoke("train-online", "--env", "simple_spread_v3", "--algo", "mappo", "--iterations", "1",
+                       "--set", "device=tpu9", "--bootstrap", "memory", "--home", tmp_path)
+    assert code == 2 and "device 'tpu9'" in one_error_line(out)
