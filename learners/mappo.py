@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .networks import (Actor, ValueNorm, agent_dones, clipped_gaussian_log_prob, config_hash, gae, mlp,
+from .networks import (Actor, RunningNorm, ValueNorm, agent_dones, clipped_gaussian_log_prob, config_hash, gae, mlp,
                        seed_everything, torch_device, weights_sha256)
 from .replay import Episode, Replay, RunSpec
 
@@ -80,6 +80,13 @@ class MAPPOConfig:
     """critic learns normalized targets (running mean/std of the returns, MAPPO's ValueNorm)"""
     episodes_per_update: int = 20
     """episodes the producers run with the current policy between updates (online training)"""
+    anneal_lr_env_steps: int = 0
+    """learning-rate annealing: before each update the Adam rate is learning_rate * max(0, 1 - env steps
+    trained on so far / this), linear to 0 at this many env steps (set it to the run's budget); 0: constant"""
+    obs_norm: bool = False
+    """observation normalization: running mean/std (every row so far, clipped to +-10) of the actor's
+    observation and of the critic's state (or observation, IPPO) columns, never of the one-hot id; each
+    replayed batch is folded in before its update; kept as buffers (hash, checkpoints, ONNX)"""
     device: str = "cpu"
     """where the update runs (cpu, cuda, cuda:N); acting stays on the CPU; not part of config_hash or checkpoints"""
 
@@ -103,8 +110,10 @@ class MAPPO:
         self.actor_in = spec.obs_dim + self.n_agents
         box = {} if spec.discrete else {"low": spec.action_space.low, "high": spec.action_space.high}
         self.actor = Actor(self.actor_in, c.hidden, n_actions=spec.n_actions, action_dim=spec.action_dim,
-                           action_mask=spec.action_mask(), **box)
+                           action_mask=spec.action_mask(), obs_norm=spec.obs_dim if c.obs_norm else 0, **box)
         self.critic = mlp(self.critic_in_dim(), c.hidden, 1, out_std=1.0)
+        if c.obs_norm:  # the critic's input columns before the one-hot id, normalized first
+            self.critic = nn.Sequential(RunningNorm(self.critic_in_dim() - self.n_agents), *self.critic)
         self.value_norm = ValueNorm(c.value_norm)
         # what the optimizer steps: the modules themselves on the CPU, twins on another device
         self.twins = self.device != torch.device("cpu")
@@ -209,6 +218,25 @@ class MAPPO:
         m = torch.cat(masks)
         return (torch.cat(xs)[m], torch.cat(cs)[m], torch.cat(acts)[m], torch.cat(advs)[m], torch.cat(rets)[m])
 
+    @torch.no_grad()
+    def _update_obs_norm(self, episodes: list[Episode]) -> None:
+        """Fold the batch's live agent-steps into the actor's and the critic's RunningNorm (on the CPU
+        modules and, when the update runs elsewhere, their twins), before GAE's values, the old
+        log-probabilities and the epochs: all of this update sees one normalization. The batch was
+        acted with the previous statistics; PPO's clipped ratio absorbs the (small, shrinking) shift."""
+        rows, crows = [], []
+        for ep in episodes:
+            obs = torch.as_tensor(ep.obs)
+            live = torch.as_tensor(ep.alive).reshape(-1) > 0
+            rows.append(obs.reshape(-1, obs.shape[-1])[live])
+            cx = self.critic_inputs(obs, torch.as_tensor(ep.state))
+            crows.append(cx.reshape(-1, cx.shape[-1])[live])
+        self.actor.obs_norm.update(torch.cat(rows))
+        self.critic[0].update(torch.cat(crows))
+        if self.twins:
+            self.train_actor.obs_norm.load_state_dict(self.actor.obs_norm.state_dict())
+            self.train_critic[0].load_state_dict(self.critic[0].state_dict())
+
     def update(self, replay: Replay) -> dict:
         """PPO epochs over the replayed episodes. Returns losses and the optimizer steps taken.
 
@@ -219,6 +247,12 @@ class MAPPO:
         steps_before = self.optimizer_steps
         names = ("losses/policy", "losses/value", "losses/entropy", "losses/approx_kl")
         losses = dict.fromkeys(names, 0.0)
+        if c.anneal_lr_env_steps > 0:  # by the env steps trained on before this batch: the first update at full rate
+            lr = c.learning_rate * max(0.0, 1.0 - self.env_steps / c.anneal_lr_env_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        if episodes and c.obs_norm:
+            self._update_obs_norm(episodes)
         if episodes:
             x, cx, a, adv, ret = self._flatten(episodes)
             self.value_norm.update(ret)
@@ -279,8 +313,11 @@ class MAPPO:
 
     def _kept_config(self) -> dict:
         """The config as hashed and checkpointed: without ``device``, which says where the update ran,
-        not what was learned; a GPU session's checkpoint loads on a CPU-only machine (on the CPU)."""
-        return {k: v for k, v in asdict(self.config).items() if k != "device"}
+        not what was learned; a GPU session's checkpoint loads on a CPU-only machine (on the CPU). Fields
+        added after the first checkpoints (``_LATER_FIELDS``) are left out at their defaults, so a config
+        that does not use them keeps the hash it had before they existed."""
+        return {k: v for k, v in asdict(self.config).items()
+                if k != "device" and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
 
     def weights_sha256(self) -> bytes:
         return weights_sha256(*self.modules())
@@ -310,6 +347,10 @@ class MAPPO:
         for k, v in state["counters"].items():
             setattr(self, k, v)
         self.version = self._version()
+
+
+# config fields added after checkpoints existed, with the default that means "as before"
+_LATER_FIELDS = {"anneal_lr_env_steps": 0, "obs_norm": False}
 
 
 def _on_cpu(obj):

@@ -110,9 +110,12 @@ class Actor(nn.Module):
     """
 
     def __init__(self, in_dim: int, hidden: int, *, n_actions: int = 0, action_dim: int = 0,
-                 action_mask=None, low=None, high=None):
+                 action_mask=None, low=None, high=None, obs_norm: int = 0):
         super().__init__()
         self.discrete = n_actions > 0
+        # obs_norm > 0: the first obs_norm input columns (the observation, not the one-hot id) pass
+        # through a RunningNorm first; 0 (the default) adds no module, so the state dict is unchanged
+        self.obs_norm = RunningNorm(obs_norm) if obs_norm else None
         out = n_actions if self.discrete else action_dim
         self.body = mlp(in_dim, hidden, out, out_std=0.01)
         if not self.discrete:
@@ -133,8 +136,11 @@ class Actor(nn.Module):
         if self.masked:  # agents with fewer actions than the widest: [N, n_actions], chosen by the one-hot id
             self.register_buffer("action_mask", torch.as_tensor(action_mask, dtype=torch.float32))
 
+    def _in(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.obs_norm is None else self.obs_norm(x)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.body(x)
+        out = self.body(self._in(x))
         if self.masked:
             out = mask_logits(out, x, self.action_mask)
         return out
@@ -143,7 +149,7 @@ class Actor(nn.Module):
         """The categorical, or the Gaussian before clipping."""
         if self.discrete:
             return Categorical(logits=self.logits(x))
-        out = self.body(x)
+        out = self.body(self._in(x))
         return Normal(out, self.log_std.exp().expand_as(out))
 
     def clip(self, raw: torch.Tensor) -> torch.Tensor:
@@ -161,7 +167,7 @@ class Actor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The greedy action (argmax, or the Gaussian mean; the export clips it into the Box): what ONNX exports."""
-        return self.logits(x).argmax(-1) if self.discrete else self.body(x)
+        return self.logits(x).argmax(-1) if self.discrete else self.body(self._in(x))
 
 
 def clipped_gaussian_log_prob(mean: torch.Tensor, std: torch.Tensor, actions: torch.Tensor, low: torch.Tensor,
@@ -227,6 +233,42 @@ class ValueNorm(nn.Module):
         if not self.enabled:
             return x
         return (x.double() * self.var.clamp_min(1e-8).sqrt() + self.mean).to(x.dtype)
+
+
+class RunningNorm(nn.Module):
+    """Observation normalization: the first ``dim`` columns of the input become ``(x - mean) / std``
+    of every row seen so far (an exact running estimate, per column, in float64), clipped to
+    ``[-clip, clip]``; later columns (the one-hot agent id) pass through. Before any ``update`` it is
+    the identity on those columns (mean 0, var 1). The statistics are buffers: part of the weights
+    hash, checkpoints and the ONNX graph, so the exported policy normalizes as the learner does."""
+
+    def __init__(self, dim: int, clip: float = 10.0, eps: float = 1e-8):
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"RunningNorm needs at least one column to normalize, got dim={dim}")
+        self.dim, self.clip, self.eps = int(dim), float(clip), float(eps)
+        self.register_buffer("mean", torch.zeros(self.dim, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(self.dim, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, rows: torch.Tensor) -> None:
+        """Fold rows [B, >= dim] (only their first ``dim`` columns) into the running mean and variance."""
+        if rows.numel() == 0:
+            return
+        x = rows[..., :self.dim].double().reshape(-1, self.dim)
+        b_mean, b_var, b_n = x.mean(0), x.var(0, unbiased=False), float(x.shape[0])
+        n = self.count + b_n
+        delta = b_mean - self.mean
+        m2 = self.var * self.count + b_var * b_n + delta.pow(2) * self.count * b_n / n
+        self.mean.copy_(self.mean + delta * b_n / n)
+        self.var.copy_(m2 / n)
+        self.count.copy_(n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.dim
+        z = (x[..., :d] - self.mean.to(x.dtype)) / (self.var.to(x.dtype) + self.eps).sqrt()
+        return torch.cat([z.clamp(-self.clip, self.clip), x[..., d:]], -1)
 
 
 def agent_dones(alive: np.ndarray) -> np.ndarray:
