@@ -109,8 +109,13 @@ def read_manifest(bundle_dir: Path) -> dict:
         raise NotABundle(f"{bundle_dir} is not a marlgrc bundle: no manifest.json (create one with `marlgrc export`)")
     try:
         manifest = json.loads(path.read_text())
+    except OSError as exc:
+        raise BundleError(f"cannot read {path} ({exc.strerror or exc}); ask for a fresh export") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path} is not JSON ({exc}); ask for a fresh export") from None
+    except RecursionError:
+        raise BundleError(f"{path} is not a bundle manifest: its JSON nests deeper than any manifest does; "
+                          f"ask for a fresh export") from None
     if isinstance(manifest, dict) and manifest.get("format") != FORMAT:
         raise BundleError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     try:
@@ -130,10 +135,26 @@ def bundle_entries(bundle_dir: Path) -> Iterator[dict]:
         raise BundleError(f"{bundle_dir}: events.avro is missing; the bundle is incomplete, export it again")
     with path.open("rb") as fh:
         try:
-            yield from fastavro.reader(fh)
-        except (ValueError, EOFError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
-            raise BundleError(f"{path} is damaged and cannot be read as an Avro container ({exc!r}); "
-                              f"ask for a fresh export") from None
+            reader = fastavro.reader(fh)
+            if _fields(reader.writer_schema) != _ENTRY_FIELDS:
+                raise BundleError(f"{path} holds records of another schema than {FORMAT}'s marlgrc.bundle.Entry "
+                                  f"(topic, partition, offset, timestamp, key, value); ask for a fresh export")
+            yield from reader
+        except BundleError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - fastavro raises assorted errors (schema, codec, EOF) on a damaged file
+            raise BundleError(f"{path} is damaged and cannot be read as an Avro container "
+                              f"({type(exc).__name__}: {str(exc)[:200]}); ask for a fresh export") from None
+
+
+def _fields(schema) -> list[tuple[str, object]] | None:
+    """A record schema's (field name, type) pairs, in order; None for anything else."""
+    if not isinstance(schema, dict) or schema.get("type") != "record" or not isinstance(schema.get("fields"), list):
+        return None
+    return [(f.get("name"), f.get("type")) if isinstance(f, dict) else (None, None) for f in schema["fields"]]
+
+
+_ENTRY_FIELDS = _fields(ENTRY_SCHEMA)
 
 
 def entry_record(e: dict) -> Record:
@@ -157,7 +178,13 @@ def check_manifest(bundle_dir: Path, public_key, *, pinned: bool = False) -> tup
 
     manifest = read_manifest(bundle_dir)
     failures, notes = [], []
-    digest = hashlib.sha256((Path(bundle_dir) / "events.avro").read_bytes()).hexdigest()
+    events = Path(bundle_dir) / "events.avro"
+    try:
+        digest = hashlib.sha256(events.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise BundleError(f"{bundle_dir}: events.avro is missing; the bundle is incomplete, export it again") from None
+    except OSError as exc:
+        raise BundleError(f"cannot read {events} ({exc.strerror or exc}); ask for a fresh export") from None
     if digest != manifest.get("events_sha256"):
         failures.append("events.avro does not match the SHA-256 in manifest.json: the file was changed after export")
     if "signature" not in manifest:

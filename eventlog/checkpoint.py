@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -90,7 +90,7 @@ def load_public_key(path_or_pem: Path | bytes) -> Ed25519PublicKey:
     data = path_or_pem if isinstance(path_or_pem, bytes) else Path(path_or_pem).read_bytes()
     try:
         key = serialization.load_pem_public_key(data)
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise KeyFileError(f"{path_or_pem if not isinstance(path_or_pem, bytes) else 'the given bytes'} is not a "
                            f"PEM public key ({exc}); the signer's operator prints it with `marlgrc public-key`") from None
     if not isinstance(key, Ed25519PublicKey):
@@ -137,7 +137,7 @@ class Signer:
             raise KeyFileError(f"signing key {path} has mode {oct(mode)}; it must be 0600: chmod 600 {path}")
         try:
             key = serialization.load_pem_private_key(data, password=None)
-        except ValueError:
+        except (ValueError, TypeError, UnsupportedAlgorithm):  # TypeError: an encrypted key
             raise KeyFileError(f"signing key {path} is not an unencrypted PEM private key; "
                                f"move it away and a new one is created on next use") from None
         if not isinstance(key, Ed25519PrivateKey):
@@ -162,8 +162,14 @@ class Signer:
 
 
 def signature_valid(public_key: Ed25519PublicKey, statement: CheckpointStatement, signature: bytes) -> bool:
+    """Whether ``signature`` signs ``statement``. A statement that has no byte form (a seq below 0 or
+    past 2**64, read from a forged event) was never signed: False."""
     try:
-        public_key.verify(signature, statement.to_bytes())
+        message = statement.to_bytes()
+    except struct.error:
+        return False
+    try:
+        public_key.verify(signature, message)
         return True
     except InvalidSignature:
         return False
@@ -230,6 +236,11 @@ def read_signed_file(path: Path, public_key: Ed25519PublicKey, kind: str, remedy
         signature = bytes.fromhex(record["signature"])
         statement = json.loads(text)
         signed_kid, signed_sha = statement["key_id"], statement["file_sha256"]
+        if not isinstance(text, str):
+            raise TypeError(f"statement is {type(text).__name__}, not a string")
+    except RecursionError:
+        raise SignedFileError(f"{path}: its signature file {sig.name} is damaged (JSON nested past any signature "
+                              f"file's depth), so the file is not used; {remedy}") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SignedFileError(f"{path}: its signature file {sig.name} is damaged ({exc}), so the file is not used; "
                               f"{remedy}") from None

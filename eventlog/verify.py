@@ -131,6 +131,14 @@ class Report:
                            "chains": [asdict(c) for c in self.chains]}, default=enc, indent=2)
 
 
+class TrustedStateError(ValueError):
+    """A trusted-state file (``--trusted``) that cannot be read as one; the message names what failed."""
+
+
+_TRUSTED_REMEDY = ("it is written by `marlgrc verify --trusted FILE`; restore your own copy of it (a file you "
+                   "did not keep cannot be trusted), or verify without --trusted to start a new one")
+
+
 @dataclass
 class TrustedState:
     """What an auditor verified last time: per chain, (last_seq, head hash) of its last checkpoint."""
@@ -139,12 +147,33 @@ class TrustedState:
 
     @classmethod
     def load(cls, path: Path) -> "TrustedState":
+        """The state ``save`` wrote (none yet: empty). Raises ``TrustedStateError`` naming what is
+        wrong with a file that is not one."""
         path = Path(path)
         if not path.exists():
             return cls()
-        data = json.loads(path.read_text())
-        return cls({(c["topic"], c["chain_id"]): (c["last_seq"], bytes.fromhex(c["head_event_hash"]))
-                    for c in data["chains"]})
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise TrustedStateError(f"cannot read trusted state {path} ({exc.strerror or exc})") from None
+        except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, or nested past the reader's limit
+            raise TrustedStateError(f"trusted state {path} is not JSON ({type(exc).__name__}); {_TRUSTED_REMEDY}") from None
+        heads: dict[tuple[str, str], tuple[int, bytes]] = {}
+        chains = data.get("chains") if isinstance(data, dict) else None
+        if not isinstance(chains, list):
+            raise TrustedStateError(f"trusted state {path} has no list \"chains\"; {_TRUSTED_REMEDY}")
+        for i, c in enumerate(chains):
+            ok = (isinstance(c, dict) and isinstance(c.get("topic"), str) and isinstance(c.get("chain_id"), str)
+                  and type(c.get("last_seq")) is int and c["last_seq"] >= 0 and isinstance(c.get("head_event_hash"), str))
+            try:
+                head = bytes.fromhex(c["head_event_hash"]) if ok else b""
+            except ValueError:
+                head = b""
+            if len(head) != 32:
+                raise TrustedStateError(f"trusted state {path}: chains[{i}] is not a chain head (topic, chain_id, "
+                                        f"last_seq >= 0 and a 64-hex-digit head_event_hash); {_TRUSTED_REMEDY}")
+            heads[(c["topic"], c["chain_id"])] = (c["last_seq"], head)
+        return cls(heads)
 
     def save(self, path: Path) -> None:
         rows = [{"topic": t, "chain_id": c, "last_seq": s, "head_event_hash": h.hex()}

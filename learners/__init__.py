@@ -52,6 +52,7 @@ def config_overrides(config_cls: type, items: list[str]) -> dict:
     """``["update_epochs=10", ...]`` as typed values of the config's fields, validated by pydantic
     against the config dataclass's annotations (bools from 1/true/yes, tuples from comma-separated
     values); a field the config lacks or a value of the wrong type is a ``ValueError`` naming it."""
+    import math
     from dataclasses import fields
 
     from pydantic import TypeAdapter, ValidationError
@@ -68,7 +69,16 @@ def config_overrides(config_cls: type, items: list[str]) -> dict:
     try:
         config = TypeAdapter(config_cls).validate_python(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"--set {e['loc'][0]}={given.get(e['loc'][0])}: {e['msg']} (default "
-                             f"{defaults.get(e['loc'][0])!r})" for e in exc.errors())
+        def where(e: dict) -> str:
+            k = e["loc"][0] if e["loc"] else None
+            return f"--set {k}={given.get(k)}" if k in given else f"--set {' '.join(items)}"
+        problems = "; ".join(f"{where(e)}: {e['msg']} (default {defaults.get(e['loc'][0] if e['loc'] else None)!r})"
+                             for e in exc.errors())
         raise ValueError(problems) from None
-    return {k: getattr(config, k) for k in raw}
+    out = {k: getattr(config, k) for k in raw}
+    for k, v in out.items():
+        values = v if isinstance(v, tuple) else (v,)
+        if any(isinstance(x, float) and not math.isfinite(x) for x in values):
+            raise ValueError(f"--set {k}={given[k]}: not a finite number (default {defaults[k]!r}); give a number "
+                             f"such as {defaults[k]!r}")
+    return out

@@ -24,13 +24,14 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from eventlog.checkpoint import KeyFileError, SignedFileError
     from eventlog.kafka import BrokerUnavailable, DeliveryError
     from eventlog.privacy import PrivacyError
+    from eventlog.verify import TrustedStateError
     from learners.checkpoint import CheckpointError
     from learners.replay import ReplayError
     from ledger.keys import LedgerKeyError
     from ledger.store import LedgerError
 
     return (BrokerUnavailable, DeliveryError, KeyFileError, SignedFileError, BundleError, PrivacyError, LedgerError,
-            LedgerKeyError, ReplayError, CheckpointError)
+            LedgerKeyError, ReplayError, CheckpointError, TrustedStateError)
 
 
 class Commands(TyperGroup):

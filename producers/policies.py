@@ -299,13 +299,23 @@ class OnnxPolicy:
         data, statement = read_signed_file(path, public_key, ONNX_POLICY_KIND, ONNX_REMEDY)
         self.path = Path(path)
         self.statement = statement
-        ctx = statement["context"]
-        io = ctx["io"]
-        self.agents: list[str] = list(io["agents"])
-        self.obs_dim = int(io["obs_dim"])
-        self.discrete = bool(io["discrete"])
-        self.start = int(io.get("action_start", 0))
-        self.version: str = ctx["policy_version"]
+        try:  # signed, so written by an export; still read defensively: a field missing is an error, not a crash
+            ctx = statement["context"]
+            io = ctx["io"]
+            self.agents: list[str] = [str(a) for a in io["agents"]]
+            self.obs_dim = int(io["obs_dim"])
+            self.discrete = bool(io["discrete"])
+            self.start = int(io.get("action_start", 0))
+            self.version: str = str(ctx["policy_version"])
+            if self.discrete:
+                int(io["n_actions"])
+            else:
+                [int(d) for d in io["action_shape"]]
+            if not 0 <= self.obs_dim <= 1 << 20 or not self.agents or len(set(self.agents)) != len(self.agents):
+                raise ValueError(f"obs_dim {self.obs_dim} and agents {self.agents[:8]} do not describe a policy")
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise PolicyFileError(f"{path}: its signature checks out, but its signed statement does not say how to "
+                                  f"call the model ({type(exc).__name__}: {str(exc)[:200]}); {ONNX_REMEDY}") from None
         self._index = {a: i for i, a in enumerate(self.agents)}
         if env is not None:
             self._check_env(env, ctx)

@@ -67,7 +67,19 @@ class Telemetry:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A JSON number that is not a bool and not NaN or infinite (an int of any size is finite:
+    ``math.isfinite`` would overflow on one beyond a float's range)."""
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, int) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _as_float(v: int | float) -> float:
+    """``float(v)``, with an int beyond a float's range as an infinity of its sign (then clipped)."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
 
 
 def _log_scaled(x: float, hi: float) -> float:
@@ -100,7 +112,7 @@ def normalize(record: Any) -> Telemetry:
             flags.append(f"malformed:{name}")
             raw[name], bad = default, bad + 1
             continue
-        x = float(v)
+        x = _as_float(v)
         if x < 0.0 or x > hi:
             flags.append(f"clipped:{name}")
             x = min(max(x, 0.0), hi)
@@ -142,18 +154,19 @@ def normalize(record: Any) -> Telemetry:
 def load_records(path: Path) -> list[Any]:
     """Recorded telemetry: a JSON array of records, one JSON object, or JSON Lines.
 
-    Lines that are not JSON are kept as ``None`` records (they become ``malformed:record`` events)."""
+    Lines that are not JSON, or nest deeper than Python's JSON reader can follow, are kept as
+    ``None`` records (they become ``malformed:record`` events)."""
     text = Path(path).read_text(encoding="utf-8", errors="replace")
     try:
         data = json.loads(text)
         return data if isinstance(data, list) else [data]
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         out: list[Any] = []
         for line in text.splitlines():
             if line.strip():
                 try:
                     out.append(json.loads(line))
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):
                     out.append(None)
         return out
 
