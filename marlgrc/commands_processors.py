@@ -52,6 +52,12 @@ def register(app: typer.Typer) -> None:
         faust_fairness: bool = typer.Option(False, "--faust-fairness", help="also run the faust-streaming "
                                             "fairness app (marl.di.credit -> {run}:fairness:faust:*, exactly once) "
                                             "as a child worker process; its metrics on --metrics-port + 1"),
+        group: bool = typer.Option(False, "--group", help="scale out: join the consumer group of --name; every "
+                                   "process started with the same --name and --group takes a share of the "
+                                   "partition numbers (state, dead-letter chain and transactional id per partition "
+                                   "number), and a killed one's share moves to the others"),
+        session_timeout: float = typer.Option(10.0, help="with --group: seconds a silent member keeps its "
+                                              "partitions before the group moves them (broker minimum 6)"),
         home: Optional[Path] = HomeOpt, bootstrap: Optional[str] = BootOpt, prefix: Optional[str] = PrefixOpt,
     ) -> None:
         """Run the decision interpreter and fairness metrics, exactly once, until Ctrl-C."""
@@ -64,6 +70,9 @@ def register(app: typer.Typer) -> None:
 
         if default_env not in RULE_SETS:
             fail(f"--default-env {default_env!r} is not a rule set; use one of {sorted(RULE_SETS)}")
+        if group and not 6 <= session_timeout <= 300:
+            fail(f"--session-timeout {session_timeout:g} is outside the broker's default range of 6 to 300 "
+                 f"seconds (group.min/max.session.timeout.ms)")
         s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
         boot = s.resolve_bootstrap()
         try:
@@ -72,6 +81,8 @@ def register(app: typer.Typer) -> None:
             fail(str(exc))
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         console.print(f"processing {s.prefix or ''}marl.* on {boot} as {name!r}"
+                      + (" (a member of its group: partitions shared with every --group process of that name)"
+                         if group else "")
                       + (f"; metrics on http://127.0.0.1:{metrics_port}/metrics" if metrics_port else ""))
         signing_key = s.signing_key
         Signer.load_or_create(signing_key)   # the producers' key: one key for auditors to pin
@@ -79,8 +90,9 @@ def register(app: typer.Typer) -> None:
             if faust_fairness else None
         try:
             serve(WorkerConfig(boot, s.prefix, name, batch, default_env=default_env,
-                               metrics_port=metrics_port or None, signing_key=str(signing_key)))
-        except (KafkaException, OSError, RuntimeError) as exc:
+                               metrics_port=metrics_port or None, signing_key=str(signing_key), group=group,
+                               session_timeout_ms=int(session_timeout * 1000)))
+        except (KafkaException, OSError, RuntimeError) as exc:  # MixedModes, WorkerStuck, StateTooLarge
             fail(f"processor {name!r} stopped: {exc}", 1)
         finally:
             if child is not None:

@@ -121,6 +121,10 @@ class Processor:
         self._join_persisted: set[tuple[str, str, str]] = set()
         self._arrival = 0
         self.signer = signer
+        # (logical topic, chain id) -> the partition the chain must be read from, or None: a scaled-out
+        # worker owns one partition number; a record of a chain placed elsewhere is dead-lettered
+        # ("misplaced") instead of giving its run a second writer
+        self.placement: Callable[[str, str], int | None] | None = None
         # (topic, chain) -> (run id, or None for the dead-letter chain; its events not checkpointed yet)
         self._unsigned: dict[tuple[str, str], tuple[str | None, Unsigned]] = {}
         rules_for(rules_override or default_env)  # fail fast on an unknown name
@@ -271,6 +275,13 @@ class Processor:
         if name not in EXPECTED.get(topic, ()):
             return [self._dead(topic, partition, offset, raw_key, value, "wrong_schema",
                                f"a {name} event on {topic}, which carries {EXPECTED.get(topic)}")]
+        want = self.placement(topic, rec["chain_id"]) if self.placement is not None else None
+        if want is not None and want != partition:
+            return [self._dead(topic, partition, offset, raw_key, value, "misplaced",
+                               f"{name} of chain {rec['chain_id']!r} read from partition {partition} of {topic}; "
+                               f"co-partitioning puts it in partition {want} (docs/HASHING.md), and a scaled-out "
+                               f"processor scores a run in one partition number only: write it with "
+                               f"eventlog.kafka.EventProducer, which co-partitions")]
         try:
             if name == "run_started":
                 r = self._run(rec["run_id"])

@@ -31,7 +31,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from eventlog.checkpoint import Signer
 from eventlog.kafka import RunPartitioner, ensure_topics, partitions_of, read_records
-from eventlog.topics import TopicSpec
+from eventlog.topics import TopicSpec, run_partition
 
 from .processor import INPUT_TOPICS, Processor
 
@@ -48,7 +48,7 @@ class WorkerConfig:
     bootstrap: str
     prefix: str = ""
     name: str = "di"
-    """Worker identity: transactional id, consumer group, dlq chain and state keys derive from it."""
+    """Worker identity: transactional id(s), consumer group, dlq chain(s) and state keys derive from it."""
     batch: int = 2000
     """At most this many input records per transaction."""
     backlog: int = 200
@@ -61,10 +61,26 @@ class WorkerConfig:
     """Ed25519 key file (PEM, the producers' ``keys/signing.pem``): sign every chain the worker writes
     (credit, fairness, dead letters, and the checkpoint chains themselves) in each transaction; None
     leaves them unsigned."""
+    group: bool = False
+    """Scale out: subscribe as a member of the consumer group ``group_id`` instead of reading every
+    partition alone. Every marl.* topic is co-partitioned by run, so a *partition number* holds whole
+    runs: it is the unit of work, with its own state keys (``{name}:p{n}:…``), dead-letter chain
+    (``dlq:{name}:p{n}``) and transactional id (``transactional_id_for(n)``). Any number of processes
+    with the same name share the partitions; a rebalance moves a partition number with its state, and
+    the new owner's ``init_transactions`` fences the old one and aborts its open transaction."""
+    session_timeout_ms: int = 10000
+    """Group mode: how long a silent (killed) member keeps its partitions before the group moves them."""
 
     @property
     def transactional_id(self) -> str:
         return f"marlgrc-{self.prefix}{self.name}"
+
+    def transactional_id_for(self, part: int | None) -> str:
+        return self.transactional_id if part is None else f"{self.transactional_id}-p{part}"
+
+    def tag(self, part: int | None) -> str:
+        """The unit's name: state key prefix and the processor's consumer name (``dlq:{tag}``)."""
+        return self.name if part is None else f"{self.name}:p{part}"
 
     @property
     def group_id(self) -> str:
@@ -103,84 +119,163 @@ class StateTooLarge(RuntimeError):
     """A run's rolling state cannot fit one state message; retrying would never succeed."""
 
 
+class MixedModes(RuntimeError):
+    """A worker name's committed state was written in the other mode (single vs group)."""
+
+
+class _Unit:
+    """What one transactional writer owns: all partitions (single mode, ``part`` None) or one partition
+    number of every input topic (group mode): a processor, its input offsets, its producer."""
+
+    def __init__(self, worker: "Worker", part: int | None, processor: Processor):
+        self.part = part
+        self.processor = processor
+        self.offsets: dict[tuple[str, int], int] = {}  # (logical topic, partition) -> next offset
+        self.producer: Producer | None = None
+        self.paused: dict[str, bool] = {}
+        self.key_prefix = f"{worker.config.tag(part)}:"
+
+
 class Worker:
-    """One processor instance; one writer for its output chains (a second one with the same name
-    fences the first)."""
+    """One processor instance. Single mode: the one writer of its output chains (a second one with
+    the same name fences the first). Group mode (``config.group``): one member of the group
+    ``config.group_id``; it owns the partition numbers the group assigns it, one writer per
+    partition number."""
 
     def __init__(self, config: WorkerConfig, processor: Processor | None = None, metrics: Metrics | None = None):
         self.config = config
+        if processor is not None and config.group:
+            raise ValueError("a group worker builds one processor per partition number; pass no processor")
         # flow control acts between batches, so one batch can bring up to ``batch`` records on top of
         # ``backlog``: the join limits must hold that much, or a state is evicted before its action
         # arrives (and the action then waits for ever)
-        limit = max(1000, 2 * (config.backlog + config.batch))
-        signer = Signer.load(Path(config.signing_key)) if config.signing_key and processor is None else None
-        self.processor = processor or Processor(consumer=config.name, producer_id=f"marlgrc-{config.name}",
-                                                default_env=config.default_env, track_joins=True,
-                                                max_pending=limit, max_states=limit, signer=signer)
-        self.processor.track_joins = True
+        self._limit = max(1000, 2 * (config.backlog + config.batch))
+        self._signer = Signer.load(Path(config.signing_key)) if config.signing_key and processor is None else None
+        self.units: dict[int | None, _Unit] = {}
+        if not config.group:
+            p = processor or self._new_processor(None)
+            p.track_joins = True
+            self.units[None] = _Unit(self, None, p)
         self.metrics = metrics or Metrics(config.metrics_port)
-        self.offsets: dict[tuple[str, int], int] = {}  # (logical topic, partition) -> next offset
         self._stop = False
-        self._paused: dict[str, bool] = {}
         self.committed_batches = 0
         self.produced = 0
+        self.rebalances = 0
         self._partition: RunPartitioner | None = None
+        self._partitions: dict[str, int] = {}  # logical input topic -> partition count (group mode)
+        self._consumer: Consumer | None = None
+        self._tps: list[TopicPartition] = []
+
+    def _new_processor(self, part: int | None) -> Processor:
+        c = self.config
+        p = Processor(consumer=c.tag(part), producer_id=f"marlgrc-{c.name}", default_env=c.default_env,
+                      track_joins=True, max_pending=self._limit, max_states=self._limit, signer=self._signer)
+        if part is not None:  # a run read from another partition number would have two writers
+            p.placement = self._placement
+        return p
+
+    def _placement(self, topic: str, chain_id: str) -> int | None:
+        n = self._partitions.get(topic)
+        return None if n is None else run_partition(chain_id, n)
+
+    # single mode's view (tests, benchmarks)
+    @property
+    def processor(self) -> Processor:
+        return self.units[None].processor
+
+    @property
+    def offsets(self) -> dict[tuple[str, int], int]:
+        return self.units[None].offsets
 
     def stop(self, *_: object) -> None:
         self._stop = True
 
     # -- state ------------------------------------------------------------------------------
 
-    def _key(self, what: str) -> str:
-        return f"{self.config.name}:{what}"
+    def _key(self, what: str, unit: _Unit | None = None) -> str:
+        return (unit or self.units[None]).key_prefix + what
 
-    def restore(self) -> None:
-        """Rebuild the processor state and input offsets from the committed state topic."""
+    def restore(self, units: list[_Unit] | None = None) -> None:
+        """Rebuild the processor state and input offsets of ``units`` (default: all) from the
+        committed state topic."""
         c = self.config
+        units = list(self.units.values()) if units is None else units
         ensure_state_topic(c.bootstrap, c.prefix)
         latest: dict[str, bytes | None] = {}
+        name = f"{c.name}:"
         for r in read_records(c.bootstrap, [STATE_TOPIC], prefix=c.prefix):
-            if r.key.startswith(self._key("")):
+            if r.key.startswith(name):
                 latest[r.key] = r.value
+        if c.group and f"{c.name}:offsets" in latest:
+            raise MixedModes(f"worker name {c.name!r} has single-worker state on {STATE_TOPIC}; a group of that "
+                             f"name would process its runs again and fork their chains: run the group under a "
+                             f"new --name, or keep this name single")
+        if not c.group and any(k.startswith(name + "p") and k.endswith(":offsets") and
+                               k[len(name) + 1:-len(":offsets")].isdigit() for k in latest):
+            raise MixedModes(f"worker name {c.name!r} has group state on {STATE_TOPIC} (written by a scaled-out "
+                             f"group); run it as a group (--group), or a single worker under a new --name")
+        for u in units:
+            self._restore_unit(u, latest)
+
+    def _restore_unit(self, u: _Unit, latest: dict[str, bytes | None]) -> None:
         joins = []
         for k, v in latest.items():
-            what = k[len(self._key("")):]
-            if v is None:
-                continue  # a deleted join entry
+            if not k.startswith(u.key_prefix) or v is None:
+                continue  # another unit's, or a deleted join entry
+            what = k[len(u.key_prefix):]
             if what.startswith("join:"):
                 run_id, kind, h = what[5:].rsplit(":", 2)
                 joins.append((run_id, kind, h, v))
             elif what == "offsets":
-                self.offsets = {(t, int(p)): o for t, p, o in json.loads(v)}
+                u.offsets = {(t, int(p)): o for t, p, o in json.loads(v)}
             elif what == "dlq":
-                self.processor.restore_dlq(v)
+                u.processor.restore_dlq(v)
             elif what.startswith("run:"):
-                self.processor.restore(what[4:], v)
-        self.processor.restore_joins(joins)
-        log.info("restored %d runs, %d waiting records and %d offsets", len(self.processor.runs), len(joins),
-                 len(self.offsets))
+                u.processor.restore(what[4:], v)
+        u.processor.restore_joins(joins)
+        log.info("%s: restored %d runs, %d waiting records and %d offsets", u.key_prefix[:-1],
+                 len(u.processor.runs), len(joins), len(u.offsets))
+
+    def _new_producer(self, part: int | None) -> Producer:
+        c = self.config
+        producer = Producer({
+            "bootstrap.servers": c.bootstrap, "transactional.id": c.transactional_id_for(part),
+            "enable.idempotence": True, "acks": "all", "linger.ms": 5, "batch.num.messages": 10000,
+            "queue.buffering.max.messages": 1_000_000, "transaction.timeout.ms": 60000,
+        })
+        producer.init_transactions(60)  # fences a previous owner and aborts its open transaction
+        return producer
 
     # -- loop -------------------------------------------------------------------------------
 
     def run(self, *, until: Callable[["Worker"], bool] | None = None) -> None:
         c = self.config
-        self.restore()
-        producer = Producer({
-            "bootstrap.servers": c.bootstrap, "transactional.id": c.transactional_id, "enable.idempotence": True,
-            "acks": "all", "linger.ms": 5, "batch.num.messages": 10000, "queue.buffering.max.messages": 1_000_000,
-            "transaction.timeout.ms": 60000,
-        })
-        producer.init_transactions(60)  # fences a previous instance and aborts its open transaction
-        consumer = Consumer({
+        consumer = self._consumer = Consumer({
             "bootstrap.servers": c.bootstrap, "group.id": c.group_id, "enable.auto.commit": False,
             "isolation.level": "read_committed", "auto.offset.reset": "earliest",
             "fetch.max.bytes": 52428800, "queued.min.messages": 100000,
+            # range: the same partition numbers of every input topic to one member (co-partitioning)
+            "partition.assignment.strategy": "range", "session.timeout.ms": c.session_timeout_ms,
+            "heartbeat.interval.ms": max(100, min(1000, c.session_timeout_ms // 5)),
         })
-        tps = partitions_of(c.bootstrap, INPUT_TOPICS, c.prefix)
         plen = len(c.prefix)
-        consumer.assign([TopicPartition(tp.topic, tp.partition,
-                                        self.offsets.get((tp.topic[plen:], tp.partition), OFFSET_BEGINNING))
-                         for tp in tps])
+        if c.group:
+            ensure_state_topic(c.bootstrap, c.prefix)
+            self._tps = []
+            self._partitions = {}
+            for tp in partitions_of(c.bootstrap, INPUT_TOPICS, c.prefix):
+                t = tp.topic[plen:]
+                self._partitions[t] = self._partitions.get(t, 0) + 1
+            consumer.subscribe([c.prefix + t for t in INPUT_TOPICS], on_assign=self._on_assign,
+                               on_revoke=self._on_revoke, on_lost=self._on_lost)
+        else:
+            u = self.units[None]
+            self.restore([u])
+            u.producer = self._new_producer(None)
+            self._tps = partitions_of(c.bootstrap, INPUT_TOPICS, c.prefix)
+            consumer.assign([TopicPartition(tp.topic, tp.partition,
+                                            u.offsets.get((tp.topic[plen:], tp.partition), OFFSET_BEGINNING))
+                             for tp in self._tps])
         m = self.metrics
         last_lag = 0.0
         try:
@@ -188,32 +283,86 @@ class Worker:
                 msgs = consumer.consume(c.batch, c.poll_timeout)
                 now = time.monotonic()
                 if now - last_lag > 5:
-                    self._update_lag(consumer, tps)
+                    self._update_lag(consumer)
                     last_lag = now
                 msgs = [x for x in msgs if x.error() is None or self._check(x)]
-                if msgs:
-                    self._transaction(producer, consumer, msgs)
-                self._flow_control(consumer, tps)
+                by_unit: dict[int | None, list] = {}
+                for x in msgs:
+                    part = x.partition() if c.group else None
+                    if part in self.units:  # a record of a partition revoked meanwhile is not ours
+                        by_unit.setdefault(part, []).append(x)
+                for part, batch in sorted(by_unit.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
+                    self._transaction(self.units[part], consumer, batch)
+                for u in list(self.units.values()):
+                    self._flow_control(consumer, u)
         finally:
             consumer.close()
-            producer.flush(10)
+            for u in self.units.values():
+                if u.producer is not None:
+                    u.producer.flush(10)
+            m.lag.clear()
 
-    def _flow_control(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
+    # -- group membership (called from inside consumer.consume; no transaction is open then) ----
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        c = self.config
+        plen = len(c.prefix)
+        parts = sorted({tp.partition for tp in partitions})
+        for gone in [p for p in self.units if p not in parts]:
+            del self.units[gone]
+        new = [p for p in parts if p not in self.units]
+        self.rebalances += 1
+        fresh = []
+        for p in new:
+            u = _Unit(self, p, self._new_processor(p))
+            u.producer = self._new_producer(p)  # fences the previous owner first: its open transaction aborts
+            fresh.append(u)
+        if fresh:
+            self.restore(fresh)
+        for u in fresh:
+            self.units[u.part] = u
+        for tp in partitions:
+            u = self.units[tp.partition]
+            tp.offset = u.offsets.get((tp.topic[plen:], tp.partition), OFFSET_BEGINNING)
+        self._tps = [TopicPartition(tp.topic, tp.partition) for tp in partitions]
+        consumer.assign(partitions)
+        log.info("%s: assigned partition numbers %s (new %s)", c.group_id, parts, new)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Eager rebalancing revokes everything before each new assignment; ``_on_assign`` drops the
+        units whose partition number does not come back. A unit that comes back is kept: nobody else
+        processed it in between (every member revokes before the group assigns again), and if another
+        member did take it in a generation this one missed, that member's ``init_transactions`` fenced
+        this unit's producer, so its next commit fails and ``serve`` restores from the committed state."""
+        log.info("%s: partitions revoked %s", self.config.group_id, sorted({tp.partition for tp in partitions}))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Thrown out of the group (missed heartbeats): the partitions may be someone else's already."""
+        log.warning("%s: partitions lost %s; dropping their state", self.config.group_id,
+                    sorted({tp.partition for tp in partitions}))
+        self.units.clear()
+
+    # -- one transaction per unit ---------------------------------------------------------------
+
+    def _unit_tps(self, u: _Unit) -> list[TopicPartition]:
+        return self._tps if u.part is None else [tp for tp in self._tps if tp.partition == u.part]
+
+    def _flow_control(self, consumer: Consumer, u: _Unit) -> None:
         """Joint actions wait for their states and states for their actions: pause whichever input
         runs ahead (the broker keeps the rest), so the state committed per transaction stays small.
         When both are behind, the head action's state is missing: resume both and let the
         processor dead-letter it."""
-        pending, states = self.processor.backlog()
+        pending, states = u.processor.backlog()
         limit = self.config.backlog
         pause = {"marl.joint.action": pending > limit and states <= limit,
                  "marl.env.state": states > limit and pending <= limit}
         plen = len(self.config.prefix)
         for topic, want in pause.items():
-            if want == self._paused.get(topic, False):
+            if want == u.paused.get(topic, False):
                 continue
-            these = [tp for tp in tps if tp.topic[plen:] == topic]
+            these = [tp for tp in self._unit_tps(u) if tp.topic[plen:] == topic]
             (consumer.pause if want else consumer.resume)(these)
-            self._paused[topic] = want
+            u.paused[topic] = want
 
     @staticmethod
     def _check(msg) -> bool:
@@ -221,8 +370,9 @@ class Worker:
             return False
         raise KafkaException(msg.error())
 
-    def _transaction(self, producer: Producer, consumer: Consumer, msgs: list) -> None:
-        c, p, m = self.config, self.processor, self.metrics
+    def _transaction(self, u: _Unit, consumer: Consumer, msgs: list) -> None:
+        c, p, m = self.config, u.processor, self.metrics
+        producer = u.producer
         plen, prefix = len(c.prefix), c.prefix
         producer.begin_transaction()
         t0 = time.perf_counter()
@@ -230,7 +380,7 @@ class Worker:
         for msg in msgs:
             topic = msg.topic()[plen:]
             outs = p.feed(topic, msg.partition(), msg.offset(), msg.key(), msg.value())
-            self.offsets[(topic, msg.partition())] = msg.offset() + 1
+            u.offsets[(topic, msg.partition())] = msg.offset() + 1
             m.events_in.labels(topic).inc()
             for ev in outs:
                 self._produce(producer, prefix + ev.topic, ev.chain_id, ev.value)
@@ -244,10 +394,10 @@ class Worker:
             n_out += 1
         state_topic = prefix + STATE_TOPIC
         for (run_id, kind, h), entry in p.take_join_changes().items():
-            self._produce(producer, state_topic, self._key(f"join:{run_id}:{kind}:{h}"), entry)
+            self._produce(producer, state_topic, self._key(f"join:{run_id}:{kind}:{h}", u), entry)
         for run_id in p.take_dirty():
             if run_id == "":
-                self._produce(producer, state_topic, self._key("dlq"), p.snapshot_dlq())
+                self._produce(producer, state_topic, self._key("dlq", u), p.snapshot_dlq())
             else:
                 snap = p.snapshot(run_id)
                 if len(snap) > MAX_STATE_VALUE:
@@ -255,14 +405,14 @@ class Worker:
                                         f"{MAX_STATE_VALUE}-byte state message limit (window of {p.window} credits "
                                         f"x {len(snap) // max(p.window, 1)} bytes); run this worker with a smaller "
                                         f"window or fewer agents per run")
-                self._produce(producer, state_topic, self._key(f"run:{run_id}"), snap)
-        self._produce(producer, state_topic, self._key("offsets"),
-                      json.dumps([[t, pt, o] for (t, pt), o in sorted(self.offsets.items())]).encode())
+                self._produce(producer, state_topic, self._key(f"run:{run_id}", u), snap)
+        self._produce(producer, state_topic, self._key("offsets", u),
+                      json.dumps([[t, pt, o] for (t, pt), o in sorted(u.offsets.items())]).encode())
         elapsed = time.perf_counter() - t0
         m.latency.observe(elapsed / len(msgs))
         t1 = time.perf_counter()
         producer.send_offsets_to_transaction(
-            [TopicPartition(prefix + t, pt, o) for (t, pt), o in self.offsets.items()],
+            [TopicPartition(prefix + t, pt, o) for (t, pt), o in u.offsets.items()],
             consumer.consumer_group_metadata(), 30)
         producer.commit_transaction(60)
         m.commit.observe(time.perf_counter() - t1)
@@ -284,16 +434,19 @@ class Worker:
             except BufferError:
                 producer.poll(0.05)
 
-    def _update_lag(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
+    def _update_lag(self, consumer: Consumer) -> None:
         plen = len(self.config.prefix)
         try:
-            for tp in tps:
+            for tp in self._tps:
                 # cached: the high watermark that came with the last fetch, no broker round trip
                 # (an uncached call costs one per partition and stalled the loop for seconds)
                 _, hi = consumer.get_watermark_offsets(tp, cached=True)
                 if hi < 0:
                     continue
-                pos = self.offsets.get((tp.topic[plen:], tp.partition), 0)
+                u = self.units.get(None if not self.config.group else tp.partition)
+                if u is None:
+                    continue
+                pos = u.offsets.get((tp.topic[plen:], tp.partition), 0)
                 self.metrics.lag.labels(tp.topic[plen:], str(tp.partition)).set(max(0, hi - pos))
         except KafkaException as exc:  # lag is advisory; the loop goes on
             log.warning("could not read watermarks for lag: %s", exc)
