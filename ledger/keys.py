@@ -57,15 +57,38 @@ class KeyFile:
 
     @classmethod
     def create(cls, path: Path) -> "KeyFile":
-        """Write a fresh random key with mode 0600; refuses to overwrite an existing file."""
+        """Write a fresh random key with mode 0600; refuses to overwrite an existing file.
+
+        The key appears at ``path`` whole or not at all: it is written and synced to a temporary file
+        beside it, then hard-linked into place (which, like O_EXCL, fails if ``path`` exists). A
+        process killed halfway (the first ``ledger sync`` creates the key) leaves no empty or partial
+        key file that every later sync would refuse."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            raise LedgerKeyError(f"ledger key file {path} already exists; refusing to overwrite a key")
+        text = secrets.token_hex(KEY_LEN) + "\n"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise LedgerKeyError(f"ledger key file {path} already exists; refusing to overwrite a key") from None
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(KEY_LEN) + "\n")
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise LedgerKeyError(f"ledger key file {path} already exists; refusing to overwrite a key") from None
+            except OSError:  # a file system without hard links: write in place, as exclusively
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                except FileExistsError:
+                    raise LedgerKeyError(f"ledger key file {path} already exists; refusing to overwrite a key"
+                                         ) from None
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(text)
+        finally:
+            tmp.unlink(missing_ok=True)
         return cls(path)
 
 
