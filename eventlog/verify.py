@@ -279,20 +279,24 @@ class Verifier:
         for r, kind, seq, detail in refused:
             self._break_at(self._chains[(r.topic, r.key)], kind, r, seq, detail)
 
+    def _chain_of(self, r: Record) -> _Chain:
+        """The chain a record was read from, started if this is its first record."""
+        return self._chains.get((r.topic, r.key)) or self._new_chain(r.topic, r.key)
+
     def _install_checkpoints(self, st: _Chain) -> None:
         cps = sorted(self._pending_cps.pop((st.topic, st.chain_id), []), key=lambda x: x[0].first_seq)
         prev: CheckpointStatement | None = None
         good = []
         for stmt, r in cps:
             if prev is not None and (stmt.first_seq != prev.last_seq + 1 or stmt.prev_head_hash != prev.head_event_hash):
-                cst = self._chains[(r.topic, r.key)]
+                cst = self._chain_of(r)  # the checkpoint's own chain (maybe not read yet)
                 self._break_at(cst, BreakKind.INCONSISTENT, r, -1,
                                f"checkpoint {stmt.first_seq}..{stmt.last_seq} of {stmt.topic} {stmt.chain_id} does "
                                f"not extend the previous one ({prev.first_seq}..{prev.last_seq})")
                 break
             trusted = self.trusted.heads.get((st.topic, st.chain_id))
             if trusted is not None and stmt.last_seq == trusted[0] and stmt.head_event_hash != trusted[1]:
-                cst = self._chains[(r.topic, r.key)]
+                cst = self._chain_of(r)  # the checkpoint's own chain (maybe not read yet)
                 self._break_at(cst, BreakKind.INCONSISTENT, r, -1,
                                f"checkpoint head at seq {trusted[0]} is {stmt.head_event_hash.hex()[:16]}…, the "
                                f"trusted state says {trusted[1].hex()[:16]}…: history was rewritten or forked")

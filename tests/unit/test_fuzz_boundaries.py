@@ -107,17 +107,68 @@ def mutated(draw, valid: bytes, max_ops: int = 3) -> bytes:
 @st.composite
 def event_values(draw) -> bytes:
     """Bytes as a topic may carry them: random, a valid marker and fingerprint before random bytes,
-    a mutated valid event, or one mutated and then re-sealed (its event_hash right again)."""
-    kind = draw(st.sampled_from(["random", "prefixed", "mutated", "resealed"]))
+    a mutated valid event, one mutated and then re-sealed (its event_hash right again), or one with
+    fields at the edges of their types, re-encoded and re-sealed."""
+    kind = draw(st.sampled_from(["random", "prefixed", "mutated", "resealed", "fields"]))
     if kind == "random":
         return draw(st.binary(max_size=200))
     if kind == "prefixed":
         return MAGIC + draw(st.sampled_from(FINGERPRINTS)) + draw(st.binary(max_size=200))
+    if kind == "fields":
+        return draw(field_mutated_events())
     valid = draw(st.sampled_from(VALUES))
     if kind == "mutated":
         return draw(mutated(valid))
     body = draw(mutated(valid[:-32]))
     return seal(body + bytes(32))
+
+
+def _extreme(draw, v):
+    """A value of ``v``'s type (as fastavro reads it) at an edge: NaN, infinities, the largest longs,
+    empty or long strings and lists, or one element of a list or dict changed so."""
+    if isinstance(v, bool):
+        return not v
+    if isinstance(v, int):
+        return draw(st.sampled_from([-(1 << 63), (1 << 63) - 1, -1, 0, 1 << 31, v + 1]))
+    if isinstance(v, float):
+        return draw(st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -0.0, 5e-324]))
+    if isinstance(v, str):
+        return draw(st.one_of(st.sampled_from(["", "x" * 300, "\u00e9\U0001f600", "a:b:c"]), st.text(max_size=20)))
+    if isinstance(v, bytes):
+        return draw(st.one_of(st.binary(min_size=len(v), max_size=len(v)), st.binary(max_size=40)))
+    if isinstance(v, list):
+        op = draw(st.sampled_from(["empty", "grow", "one"] if v else ["empty"]))
+        if op == "empty":
+            return []
+        if op == "grow":
+            return v * draw(st.integers(2, 50))
+        i = draw(st.integers(0, len(v) - 1))
+        return v[:i] + [_extreme(draw, v[i])] + v[i + 1:]
+    if isinstance(v, dict) and v:
+        k = draw(st.sampled_from(sorted(v)))
+        return {**v, k: _extreme(draw, v[k])}
+    return v
+
+
+@st.composite
+def field_mutated_events(draw, value: bytes | None = None) -> bytes:
+    """A valid event (``value``, else one of the stream's) with 1..2 fields set to an edge of their
+    type, re-encoded under its schema and re-sealed: well-formed, correctly hashed events that say
+    odd things."""
+    from hypothesis import assume
+
+    from eventlog.codec import EncodeError
+
+    value = draw(st.sampled_from(VALUES)) if value is None else value
+    name, rec = CODEC.decode(value)
+    for _ in range(draw(st.integers(1, 2))):
+        k = draw(st.sampled_from(sorted(rec)))
+        rec = {**rec, k: _extreme(draw, rec[k])}
+    try:
+        encoded = CODEC.encode(name, rec)
+    except EncodeError:
+        assume(False)
+    return seal(encoded[:-32] + bytes(32))
 
 
 JSON_LEAVES = st.one_of(st.none(), st.booleans(), st.integers(), st.sampled_from([10 ** 400, -(10 ** 400), 2 ** 64]),
@@ -221,6 +272,34 @@ def test_processor_dead_letters_what_it_cannot_use_with_its_reason(value, topic,
     p.finish()  # what waits for a join is dead-lettered, never a crash
 
 
+RUN_TOPICS = ("marl.run.lifecycle", "marl.env.state", "marl.joint.action")
+
+
+@FUZZ
+@given(data=st.data())
+def test_processor_over_a_run_with_odd_but_sealed_events(data):
+    """A whole run through the decision interpreter with 1..3 of its events replaced by the same
+    event with fields at the edges of their types (re-sealed): what it cannot score is a dead letter
+    with its reason; nothing raises, at feed or at finish."""
+    from stream_processors.processor import Processor
+
+    recs = [r for r in STREAM if r.topic in RUN_TOPICS]
+    for _ in range(data.draw(st.integers(1, 3))):
+        i = data.draw(st.integers(0, len(recs) - 1))
+        recs[i] = recs[i]._replace(value=data.draw(field_mutated_events(recs[i].value)))
+    p = Processor(max_pending=None, max_states=None)
+    out = []
+    for r in recs:
+        out += p.feed(r.topic, r.partition, r.offset, r.key, r.value)
+    out += p.finish()
+    for ev in out:
+        _, rec = CODEC.decode(ev.value)
+        if ev.event_type == "dead.letter":
+            assert rec["error_kind"] and rec["reason"], rec
+    if recs == [r for r in STREAM if r.topic in RUN_TOPICS]:
+        assert not any(ev.event_type == "dead.letter" for ev in out)
+
+
 @FUZZ
 @given(data=st.data())
 def test_ledger_batch_check_finds_instead_of_crashing(data):
@@ -273,6 +352,35 @@ def test_verifier_reports_every_damage_and_never_crashes(damaged):
         assert not report.ok, "a damaged signed stream verified"
 
 
+@pytest.mark.parametrize("first_seq", [-1, -(1 << 63)])
+def test_a_checkpoint_whose_range_cannot_have_been_signed_is_a_bad_signature(first_seq):
+    """A sealed checkpoint event with a seq below 0 (Avro longs are signed; the signed statement
+    packs seqs as u64) was never signed: a bad_signature break, not a struct.error."""
+    from eventlog.verify import BreakKind
+
+    i = next(i for i, r in enumerate(STREAM) if r.topic == CHECKPOINT_TOPIC)
+    name, rec = CODEC.decode(STREAM[i].value)
+    forged = CODEC.encode(name, {**rec, "first_seq": first_seq})
+    recs = list(STREAM)
+    recs[i] = recs[i]._replace(value=seal(forged[:-32] + bytes(32)))
+    report = verify_records(recs, SIGNER.public_key)
+    assert not report.ok
+    assert BreakKind.BAD_SIGNATURE in {b.kind for b in report.breaks}, [b.describe() for b in report.breaks]
+
+
+def test_a_checkpoint_copied_under_another_key_is_a_break_not_a_key_error():
+    """Found by the fuzzer: a second statement for the checkpoint chain, on a record under a key no
+    record was read under yet, made ``_install_checkpoints`` look up a chain that did not exist."""
+    from eventlog.checkpoint import CheckpointStatement
+
+    cps = [r for r in STREAM if r.topic == CHECKPOINT_TOPIC]
+    own = next(r for r in reversed(cps)
+               if CheckpointStatement.from_record(CODEC.decode(r.value)[1]).topic == CHECKPOINT_TOPIC)
+    report = verify_records(list(STREAM) + [own._replace(key="fz:elsewhere", offset=999)], SIGNER.public_key)
+    assert not report.ok
+    assert any(b.chain_id == "fz:elsewhere" for b in report.breaks), [b.describe() for b in report.breaks]
+
+
 # --------------------------------------------------------------------------- trusted state, bundles, manifests
 
 
@@ -307,7 +415,7 @@ def sealed_bundle(tmp_path_factory):
 def test_damaged_bundle_is_a_break_or_a_bundle_error(sealed_bundle, data):
     from eventlog.audit import verify_bundle
 
-    part = data.draw(st.sampled_from(["events", "manifest", "remove"]))
+    part = data.draw(st.sampled_from(["events", "manifest", "public_key", "remove"]))
     with tempfile.TemporaryDirectory() as d:
         b = Path(d) / "b"
         shutil.copytree(sealed_bundle, b)
@@ -317,6 +425,9 @@ def test_damaged_bundle_is_a_break_or_a_bundle_error(sealed_bundle, data):
         elif part == "manifest":
             manifest = json.loads((b / "manifest.json").read_text())
             (b / "manifest.json").write_text(data.draw(json_text(manifest)))
+        elif part == "public_key":
+            pem = (b / "public_key.pem").read_bytes()
+            (b / "public_key.pem").write_bytes(data.draw(st.one_of(mutated(pem), st.binary(max_size=100))))
         else:
             (b / data.draw(st.sampled_from(["events.avro", "manifest.json", "public_key.pem"]))).unlink()
         changed = any((b / f).exists() != (sealed_bundle / f).exists() or (
@@ -340,6 +451,15 @@ def test_damaged_bundle_is_a_break_or_a_bundle_error(sealed_bundle, data):
             assert all(isinstance(r.value, bytes) for r in read_bundle(b))
         except BundleError as exc:
             assert "events.avro" in str(exc)
+        # a learner reads a bundle too, trusting the bundle's own key unless given one
+        from learners.replay import ReplayError, read_bundle_run
+
+        try:
+            replay = read_bundle_run(b)
+        except (BundleError, ReplayError, KeyFileError) as exc:
+            assert str(exc)
+        else:
+            assert replay.spec.run_id == "fz"
 
 
 # --------------------------------------------------------------------------- telemetry JSON
@@ -434,6 +554,23 @@ def test_signing_key_file_is_a_key_or_a_key_file_error(data):
             assert str(path) in str(exc)
 
 
+@FUZZ
+@given(data=st.data())
+def test_ledger_key_file_is_a_key_or_a_ledger_key_error(data):
+    from ledger.keys import KeyFile, LedgerKeyError
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "ledger.key"
+        path.write_bytes(data.draw(st.one_of(st.binary(max_size=80), mutated(b"ab" * 32 + b"\n"))))
+        os.chmod(path, 0o600)
+        try:
+            key = KeyFile(path).ledger_key()
+        except LedgerKeyError as exc:
+            assert str(path) in str(exc)
+        else:
+            assert len(key) == 32
+
+
 def _tiny_learner(name: str = "mappo"):
     from learners import algorithm
     from learners.replay import RunSpec, SpaceSpec
@@ -494,6 +631,11 @@ def test_onnx_policy_file_loads_or_is_refused_with_a_reason(exported, data):
         pol = _policy_or_refusal(path)
         if part in ("model", "signature") and pol is not None:
             assert path.read_bytes() == model  # an unsigned change is never accepted
+        if pol is not None:  # a model that loads may still fail to run: an Exception, which HybridPolicy falls from
+            try:
+                pol.act({a: np.zeros(3, np.float32) for a in pol.agents})
+            except Exception:  # noqa: BLE001 - any Exception; a crash of the process or a hang fails the test
+                pass
 
 
 # --------------------------------------------------------------------------- learner checkpoints
