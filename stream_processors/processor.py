@@ -312,11 +312,11 @@ class Processor:
         except (InvalidDecision, KeyError, TypeError, ValueError) as exc:
             return [self._dead(topic, partition, offset, raw_key, value, "invalid", f"{name}: {exc}")]
 
-    def backlog(self) -> tuple[int, int]:
-        """(most joint actions waiting in one run, most states waiting in one run): the worker pauses
-        the topic that runs ahead, so that snapshots stay small."""
-        return (max((len(r.pending) for r in self.runs.values()), default=0),
-                max((len(r.states) for r in self.runs.values()), default=0))
+    def backlog(self, runs: Iterable[str] | None = None) -> tuple[int, int]:
+        """(most joint actions waiting in one run, most states waiting in one run), over ``runs``
+        (default: all): the worker pauses the topic that runs ahead, so that snapshots stay small."""
+        rs = self.runs.values() if runs is None else [self.runs[r] for r in runs if r in self.runs]
+        return (max((len(r.pending) for r in rs), default=0), max((len(r.states) for r in rs), default=0))
 
     def finish(self) -> list[Event]:
         """End of a batch: joint actions still waiting can never join; dead-letter them (or score

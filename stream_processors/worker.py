@@ -31,7 +31,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from eventlog.checkpoint import Signer
 from eventlog.kafka import RunPartitioner, ensure_topics, partitions_of, read_records
-from eventlog.topics import TopicSpec, run_partition
+from eventlog.topics import TopicSpec, run_of, run_partition
 
 from .processor import INPUT_TOPICS, Processor
 
@@ -132,8 +132,25 @@ class _Unit:
         self.processor = processor
         self.offsets: dict[tuple[str, int], int] = {}  # (logical topic, partition) -> next offset
         self.producer: Producer | None = None
-        self.paused: dict[str, bool] = {}
+        self.paused: dict[tuple[str, int], bool] = {}  # (logical topic, partition number) -> paused
         self.key_prefix = f"{worker.config.tag(part)}:"
+        # single mode: run id -> the partition numbers its records came from (one when co-partitioned)
+        self.run_parts: dict[str, set[int]] = {}
+        self._key_runs: dict[bytes, str] = {}
+
+    def saw(self, key: bytes | None, partition: int) -> None:
+        if not key:
+            return
+        run = self._key_runs.get(key)
+        if run is None:
+            run = run_of(key.decode("utf-8", "replace"))
+            if len(self._key_runs) < 100_000:
+                self._key_runs[key] = run
+        parts = self.run_parts.get(run)
+        if parts is None:
+            self.run_parts[run] = {partition}
+        elif partition not in parts:
+            parts.add(partition)
 
 
 class Worker:
@@ -161,7 +178,7 @@ class Worker:
         self.committed_batches = 0
         self.produced = 0
         self.rebalances = 0
-        self._partition: RunPartitioner | None = None
+        self._partitioners: dict[int, RunPartitioner] = {}  # id(producer) -> its run partitioner
         self._partitions: dict[str, int] = {}  # logical input topic -> partition count (group mode)
         self._consumer: Consumer | None = None
         self._tps: list[TopicPartition] = []
@@ -273,6 +290,9 @@ class Worker:
             self.restore([u])
             u.producer = self._new_producer(None)
             self._tps = partitions_of(c.bootstrap, INPUT_TOPICS, c.prefix)
+            for tp in self._tps:
+                t = tp.topic[plen:]
+                self._partitions[t] = self._partitions.get(t, 0) + 1
             consumer.assign([TopicPartition(tp.topic, tp.partition,
                                             u.offsets.get((tp.topic[plen:], tp.partition), OFFSET_BEGINNING))
                              for tp in self._tps])
@@ -309,7 +329,7 @@ class Worker:
         plen = len(c.prefix)
         parts = sorted({tp.partition for tp in partitions})
         for gone in [p for p in self.units if p not in parts]:
-            del self.units[gone]
+            self._drop(gone)
         new = [p for p in parts if p not in self.units]
         self.rebalances += 1
         fresh = []
@@ -321,6 +341,8 @@ class Worker:
             self.restore(fresh)
         for u in fresh:
             self.units[u.part] = u
+        for u in self.units.values():
+            u.paused = {}  # assign() starts every partition unpaused; flow control pauses again if needed
         for tp in partitions:
             u = self.units[tp.partition]
             tp.offset = u.offsets.get((tp.topic[plen:], tp.partition), OFFSET_BEGINNING)
@@ -340,7 +362,14 @@ class Worker:
         """Thrown out of the group (missed heartbeats): the partitions may be someone else's already."""
         log.warning("%s: partitions lost %s; dropping their state", self.config.group_id,
                     sorted({tp.partition for tp in partitions}))
-        self.units.clear()
+        for part in list(self.units):
+            self._drop(part)
+
+    def _drop(self, part: int | None) -> None:
+        """Forget a unit (no transaction of it is open: callbacks run between batches)."""
+        u = self.units.pop(part)
+        if u.producer is not None:
+            self._partitioners.pop(id(u.producer), None)
 
     # -- one transaction per unit ---------------------------------------------------------------
 
@@ -351,18 +380,31 @@ class Worker:
         """Joint actions wait for their states and states for their actions: pause whichever input
         runs ahead (the broker keeps the rest), so the state committed per transaction stays small.
         When both are behind, the head action's state is missing: resume both and let the
-        processor dead-letter it."""
-        pending, states = u.processor.backlog()
+        processor dead-letter it. Decided per partition number over the runs it holds (co-partitioned:
+        a run's actions and states are in one partition number), so that one run's states running
+        ahead in one partition and another's actions in another do not cancel each other's pause
+        (a single worker deciding over all runs at once resumed both, and states were evicted)."""
+        p = u.processor
         limit = self.config.backlog
-        pause = {"marl.joint.action": pending > limit and states <= limit,
-                 "marl.env.state": states > limit and pending <= limit}
         plen = len(self.config.prefix)
-        for topic, want in pause.items():
-            if want == u.paused.get(topic, False):
-                continue
-            these = [tp for tp in self._unit_tps(u) if tp.topic[plen:] == topic]
-            (consumer.pause if want else consumer.resume)(these)
-            u.paused[topic] = want
+        by_part: dict[int, list[TopicPartition]] = {}
+        for tp in self._unit_tps(u):
+            by_part.setdefault(tp.partition, []).append(tp)
+        runs: dict[int, list[str]] = {}
+        if len(by_part) > 1:  # a single worker: a run counts in each partition number it was read from
+            for run_id, parts in u.run_parts.items():
+                for part in parts:
+                    runs.setdefault(part, []).append(run_id)
+        for part, tps in by_part.items():
+            pending, states = p.backlog(runs.get(part, ()) if len(by_part) > 1 else None)
+            pause = {"marl.joint.action": pending > limit and states <= limit,
+                     "marl.env.state": states > limit and pending <= limit}
+            for topic, want in pause.items():
+                if want == u.paused.get((topic, part), False):
+                    continue
+                these = [tp for tp in tps if tp.topic[plen:] == topic]
+                (consumer.pause if want else consumer.resume)(these)
+                u.paused[(topic, part)] = want
 
     @staticmethod
     def _check(msg) -> bool:
@@ -380,6 +422,8 @@ class Worker:
         for msg in msgs:
             topic = msg.topic()[plen:]
             outs = p.feed(topic, msg.partition(), msg.offset(), msg.key(), msg.value())
+            if u.part is None:
+                u.saw(msg.key(), msg.partition())
             u.offsets[(topic, msg.partition())] = msg.offset() + 1
             m.events_in.labels(topic).inc()
             for ev in outs:
@@ -423,9 +467,10 @@ class Worker:
 
     def _produce(self, producer: Producer, topic: str, key: str, value: bytes | None) -> None:
         """Send in the key's run partition (co-partitioned, like every marl.* writer: docs/HASHING.md)."""
-        if self._partition is None or self._partition.client is not producer:
-            self._partition = RunPartitioner(producer)
-        partition = self._partition(topic, key)
+        runs = self._partitioners.get(id(producer))
+        if runs is None or runs.client is not producer:  # one per unit's producer: metadata read once
+            runs = self._partitioners[id(producer)] = RunPartitioner(producer)
+        partition = runs(topic, key)
         extra = {} if partition is None else {"partition": partition}
         while True:
             try:
