@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InternalError, InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -90,7 +90,7 @@ def load_public_key(path_or_pem: Path | bytes) -> Ed25519PublicKey:
     data = path_or_pem if isinstance(path_or_pem, bytes) else Path(path_or_pem).read_bytes()
     try:
         key = serialization.load_pem_public_key(data)
-    except (ValueError, UnsupportedAlgorithm) as exc:
+    except (ValueError, UnsupportedAlgorithm, InternalError) as exc:  # InternalError: OpenSSL refused the key bytes
         raise KeyFileError(f"{path_or_pem if not isinstance(path_or_pem, bytes) else 'the given bytes'} is not a "
                            f"PEM public key ({exc}); the signer's operator prints it with `marlgrc public-key`") from None
     if not isinstance(key, Ed25519PublicKey):
@@ -137,7 +137,8 @@ class Signer:
             raise KeyFileError(f"signing key {path} has mode {oct(mode)}; it must be 0600: chmod 600 {path}")
         try:
             key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError, UnsupportedAlgorithm):  # TypeError: an encrypted key
+        except (ValueError, TypeError, UnsupportedAlgorithm, InternalError):  # TypeError: an encrypted key;
+            # InternalError: OpenSSL refused the key bytes (e.g. an X25519 key of the wrong length)
             raise KeyFileError(f"signing key {path} is not an unencrypted PEM private key; "
                                f"move it away and a new one is created on next use") from None
         if not isinstance(key, Ed25519PrivateKey):

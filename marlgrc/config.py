@@ -32,10 +32,23 @@ def parse_env_args(pairs: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+class SettingsError(ValueError):
+    """A setting from the environment or an option that cannot be used; the message names it."""
+
+
+def _expanded(path: str | Path, where: str) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded; a SettingsError when there is no such home."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # ~user of a user this machine does not have, or no $HOME for ~
+        raise SettingsError(f"{where} {str(path)!r}: cannot expand its '~' (no such user or no home directory "
+                            f"here); give an absolute path") from None
+
+
 def default_home() -> Path:
     """``$MARLGRC_HOME``, else ``~/.local/state/marlgrc``."""
     env = os.environ.get("MARLGRC_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".local" / "state" / "marlgrc"
+    return _expanded(env, "$MARLGRC_HOME") if env else _expanded("~", "the home directory") / ".local" / "state" / "marlgrc"
 
 
 @dataclass(frozen=True)
@@ -73,7 +86,7 @@ class Settings:
     @classmethod
     def load(cls, *, home: Path | None = None, bootstrap: str | None = None, prefix: str | None = None) -> "Settings":
         return cls(
-            home=Path(home).expanduser() if home else default_home(),
+            home=_expanded(home, "--home") if home else default_home(),
             bootstrap=bootstrap or os.environ.get("MARLGRC_BOOTSTRAP") or None,
             prefix=prefix if prefix is not None else os.environ.get("MARLGRC_TOPIC_PREFIX", ""),
         )

@@ -30,8 +30,10 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from ledger.keys import LedgerKeyError
     from ledger.store import LedgerError
 
+    from .config import SettingsError
+
     return (BrokerUnavailable, DeliveryError, KeyFileError, SignedFileError, BundleError, PrivacyError, LedgerError,
-            LedgerKeyError, ReplayError, CheckpointError, TrustedStateError)
+            LedgerKeyError, ReplayError, CheckpointError, TrustedStateError, SettingsError)
 
 
 class Commands(TyperGroup):

@@ -37,11 +37,10 @@ from eventlog.log import EventLog, MemorySink
 from eventlog.verify import CHECKPOINT_TOPIC, TrustedState, TrustedStateError, verify_records
 from tests.synthetic import synthetic_run
 
-pytestmark = pytest.mark.timeout(max(120, 3 * int(os.environ.get("MARLGRC_FUZZ_EXAMPLES", "60"))))
-
 # MARLGRC_FUZZ_EXAMPLES=N runs N examples per property; MARLGRC_FUZZ_RANDOM=1 draws new ones each run
 # (a longer hunt by hand); CI runs the fixed, derandomized set.
-_EXAMPLES = int(os.environ.get("MARLGRC_FUZZ_EXAMPLES", "60"))
+_EXAMPLES = int(os.environ.get("MARLGRC_FUZZ_EXAMPLES", "100"))
+pytestmark = pytest.mark.timeout(max(120, 3 * _EXAMPLES))  # a hang fails the test, it never blocks the suite
 FUZZ = settings(max_examples=_EXAMPLES, deadline=timedelta(seconds=10),
                 derandomize=not os.environ.get("MARLGRC_FUZZ_RANDOM"), database=None,
                 print_blob=False,
@@ -54,10 +53,10 @@ SIGNER = Signer.from_seed(b"fuzz-signer")
 DEEP = 50_000  # nesting depth past Python's recursion limit
 
 
-def _stream() -> list[Record]:
+def _stream(episodes: int = 1, steps: int = 6, checkpoint_every: int = 8) -> list[Record]:
     sink = MemorySink()
-    log = EventLog(sink, run_id="fz", producer_id="p", signer=SIGNER, checkpoint_every=8)
-    synthetic_run(log, episodes=1, steps=6, agents=2, obs_dim=3)
+    log = EventLog(sink, run_id="fz", producer_id="p", signer=SIGNER, checkpoint_every=checkpoint_every)
+    synthetic_run(log, episodes=episodes, steps=steps, agents=2, obs_dim=3)
     log.close()
     offsets: dict[str, int] = {}
     out = []
@@ -68,6 +67,7 @@ def _stream() -> list[Record]:
 
 
 STREAM = _stream()
+LONG_STREAM = _stream(episodes=2, steps=9, checkpoint_every=3)  # several checkpoints per chain
 VALUES = [r.value for r in STREAM]
 FINGERPRINTS = sorted({bytes(v[2:PREFIX_LEN]) for v in VALUES} | {CODEC.fingerprint(n) for n in CODEC.names})
 BIG_VARINTS = [b"\xff" * 9 + b"\x01", b"\xfe\xff\xff\xff\x0f", b"\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01",
@@ -315,18 +315,19 @@ def test_ledger_batch_check_finds_instead_of_crashing(data):
 
 
 @st.composite
-def damaged_streams(draw) -> tuple[list[Record], bool]:
-    """The signed stream after 1..3 of: a value mutated (or mutated and re-sealed), a record's key
-    changed, a record dropped, duplicated or moved, random bytes on the checkpoint topic. Returns
-    (records, whether anything changed)."""
-    recs = list(STREAM)
+def damaged_streams(draw, base: list[Record] | None = None) -> tuple[list[Record], bool]:
+    """The signed stream (``base``, else ``STREAM``) after 1..3 of: a value mutated (or mutated and
+    re-sealed), a record's key changed, a record dropped, duplicated or moved, random bytes on the
+    checkpoint topic. Returns (records, whether anything changed)."""
+    base = STREAM if base is None else base
+    recs = list(base)
     for _ in range(draw(st.integers(1, 3))):
         op = draw(st.sampled_from(["value", "key", "drop", "duplicate", "move", "junk_checkpoint"]))
         i = draw(st.integers(0, len(recs) - 1))
         if op == "value":
             recs[i] = recs[i]._replace(value=draw(event_values()))
         elif op == "key":
-            recs[i] = recs[i]._replace(key=draw(st.sampled_from([r.key for r in STREAM] + ["", "x:y"])))
+            recs[i] = recs[i]._replace(key=draw(st.sampled_from(sorted({r.key for r in base}) + ["", "x:y"])))
         elif op == "drop" and len(recs) > 1:
             del recs[i]
         elif op == "duplicate":
@@ -336,20 +337,30 @@ def damaged_streams(draw) -> tuple[list[Record], bool]:
         elif op == "junk_checkpoint":
             recs.insert(i, Record(CHECKPOINT_TOPIC, 0, 10_000 + i, draw(st.text(max_size=10)),
                                   draw(event_values()), 0))
-    return recs, recs != STREAM
+    return recs, recs != base
 
 
 @FUZZ
-@given(damaged=damaged_streams())
-def test_verifier_reports_every_damage_and_never_crashes(damaged):
-    recs, changed = damaged
+@given(data=st.data())
+def test_verifier_reports_every_damage_and_never_crashes(data):
+    """Through both ways of feeding: records as Kafka interleaves them (``feed``), and chain after
+    chain as a bundle stores them (``feed_runs``)."""
+    from eventlog.verify import Verifier
+
+    base = data.draw(st.sampled_from([STREAM, LONG_STREAM]))
+    recs, changed = data.draw(damaged_streams(base))
+    same_per_chain = sorted((r.topic, r.key, r.value) for r in recs) == sorted((r.topic, r.key, r.value) for r in base)
     report = verify_records(recs, SIGNER.public_key)
-    json.loads(report.to_json())
-    for b in report.breaks:
-        assert b.describe()
-    same_per_chain = sorted((r.topic, r.key, r.value) for r in recs) == sorted((r.topic, r.key, r.value) for r in STREAM)
-    if changed and not same_per_chain:
-        assert not report.ok, "a damaged signed stream verified"
+    v = Verifier(SIGNER.public_key)
+    v.add_checkpoints([r for r in recs if r.topic == CHECKPOINT_TOPIC])
+    v.feed_runs(sorted((r for r in recs if r.topic != CHECKPOINT_TOPIC), key=lambda r: (r.topic, r.key)))
+    by_chain = v.finish()
+    for rep in (report, by_chain):
+        json.loads(rep.to_json())
+        for b in rep.breaks:
+            assert b.describe()
+        if changed and not same_per_chain:
+            assert not rep.ok, "a damaged signed stream verified"
 
 
 @pytest.mark.parametrize("first_seq", [-1, -(1 << 63)])
@@ -521,6 +532,10 @@ def test_telemetry_file_loads_as_records(text):
     assert isinstance(recs, list)
     for r in recs:
         assert np.isfinite(normalize(r).vector).all()
+    from producers.telemetry import ingest_telemetry
+
+    summary = ingest_telemetry(recs, EventLog(MemorySink(), run_id="tl", producer_id="p"), source="t.json")
+    assert summary.events == len(recs) + 2
 
 
 # --------------------------------------------------------------------------- keys and signed files
@@ -569,6 +584,21 @@ def test_ledger_key_file_is_a_key_or_a_ledger_key_error(data):
             assert str(path) in str(exc)
         else:
             assert len(key) == 32
+
+
+# found by the fuzzer: a mutated Ed25519 PEM that names X25519 with bytes OpenSSL refuses (InternalError)
+X25519_BAD = (b"-----BEGIN PRIVATE KEY-----MC4CAQAwBQYDK2VvBCIEIE++678CCCEFGGILPQRSSVVYY000011fg444kloqtvvy"
+              b"-----END PRIVATE KEY-----")
+
+
+def test_a_key_openssl_refuses_is_a_key_file_error(tmp_path):
+    path = tmp_path / "signing.pem"
+    path.write_bytes(X25519_BAD)
+    os.chmod(path, 0o600)
+    with pytest.raises(KeyFileError, match="not an unencrypted PEM private key"):
+        Signer.load(path)
+    with pytest.raises(KeyFileError, match="not a PEM public key"):
+        load_public_key(X25519_BAD.replace(b"PRIVATE", b"PUBLIC"))
 
 
 def _tiny_learner(name: str = "mappo"):
@@ -765,15 +795,32 @@ def test_set_overrides_are_typed_or_a_value_error_naming_the_field(name, items):
         cls(**out)
 
 
+def test_a_home_under_an_unknown_user_is_a_settings_error(monkeypatch):
+    from marlgrc.config import Settings, SettingsError
+
+    monkeypatch.setenv("MARLGRC_HOME", "~no-such-user-here/state")  # found by the fuzzer (as ~0)
+    with pytest.raises(SettingsError, match=r"\$MARLGRC_HOME '~no-such-user-here/state': cannot expand"):
+        Settings.load()
+    with pytest.raises(SettingsError, match="--home"):
+        Settings.load(home=Path("~no-such-user-here"))
+
+
+_HOMES = st.one_of(st.text(max_size=30), st.sampled_from(["~", "~/x", "~0", "~no-such-user-here/x", "~root", "."]))
+
+
 @FUZZ
-@given(home=st.text(max_size=30), boot=st.text(max_size=20), prefix=st.text(max_size=10))
-def test_settings_from_the_environment(home, boot, prefix, monkeypatch):
-    from marlgrc.config import Settings
+@given(home=_HOMES, option=st.one_of(st.none(), _HOMES), boot=st.text(max_size=20), prefix=st.text(max_size=10))
+def test_settings_from_the_environment_and_options(home, option, boot, prefix, monkeypatch):
+    from marlgrc.config import Settings, SettingsError
 
     for k, v in (("MARLGRC_HOME", home), ("MARLGRC_BOOTSTRAP", boot), ("MARLGRC_TOPIC_PREFIX", prefix)):
         if "\x00" in v:
             monkeypatch.delenv(k, raising=False)  # the environment cannot hold a NUL
         else:
             monkeypatch.setenv(k, v)
-    s = Settings.load()
-    assert isinstance(s.home, Path) and s.signing_key.name == "signing.pem"
+    try:
+        s = Settings.load(home=Path(option) if option else None)
+    except SettingsError as exc:
+        assert ("--home" in str(exc) if option else "$MARLGRC_HOME" in str(exc)) and "absolute path" in str(exc)
+    else:
+        assert isinstance(s.home, Path) and s.signing_key.name == "signing.pem"
