@@ -341,13 +341,16 @@ class Worker:
             self.restore(fresh)
         for u in fresh:
             self.units[u.part] = u
-        for u in self.units.values():
-            u.paused = {}  # assign() starts every partition unpaused; flow control pauses again if needed
         for tp in partitions:
             u = self.units[tp.partition]
             tp.offset = u.offsets.get((tp.topic[plen:], tp.partition), OFFSET_BEGINNING)
         self._tps = [TopicPartition(tp.topic, tp.partition) for tp in partitions]
         consumer.assign(partitions)
+        # librdkafka keeps a partition paused across unassign/assign: a partition this consumer paused
+        # before (under this unit or an earlier one) would stay paused while flow control thinks not
+        consumer.resume(partitions)
+        for u in self.units.values():
+            u.paused = {}
         log.info("%s: assigned partition numbers %s (new %s)", c.group_id, parts, new)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
