@@ -333,3 +333,64 @@ def wait_until_ready(pid: int, probe: Callable[[float], str | None], deadline: f
         if time.monotonic() >= deadline:
             raise ServiceError(late(err))
         time.sleep(interval)
+
+
+# --------------------------------------------------------------------------------------------
+# Signals: an interrupted launcher stops what it started
+# --------------------------------------------------------------------------------------------
+
+STOP_SIGNALS: tuple[int, ...] = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+"""The signals that ask a process to stop: Ctrl-C, ``kill``, a closed terminal."""
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def raise_on_stop_signals() -> dict[int, Any]:
+    """Make SIGTERM and SIGHUP raise KeyboardInterrupt, as SIGINT does; returns the handlers replaced
+    (for :func:`restore_handlers`).
+
+    Python's default for SIGTERM and SIGHUP ends the process at once: no ``finally``, no ``atexit``.
+    A process that starts services (``marlgrc up``, a test session) killed that way leaves its
+    detached broker or database running. As a KeyboardInterrupt, the signal unwinds the stack, and
+    every ``start_*`` already stops the process it was waiting for. Only the main thread can set
+    handlers; elsewhere, and for a signal someone else handles or ignores (``nohup``), nothing changes.
+    """
+    if not _main_thread():
+        return {}
+    old: dict[int, Any] = {}
+    for sig in STOP_SIGNALS:
+        if sig != signal.SIGINT and signal.getsignal(sig) is signal.SIG_DFL:
+            old[sig] = signal.signal(sig, _interrupt)
+    return old
+
+
+def restore_handlers(old: dict[int, Any]) -> None:
+    """Put back handlers replaced by :func:`raise_on_stop_signals` (or :func:`signals_held`)."""
+    if not _main_thread():
+        return
+    for sig, handler in old.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[list[int]]:
+    """Inside, SIGINT, SIGTERM and SIGHUP are noted (the yielded list), not acted on: a second Ctrl-C
+    or ``kill`` cannot cut short the stopping of services and leave one behind. Stopping is bounded
+    (SIGKILL after a timeout), so the wait is too. Main thread only; elsewhere a no-op."""
+    got: list[int] = []
+    if not _main_thread():
+        yield got
+        return
+    old = {sig: signal.signal(sig, lambda s, _f: got.append(s)) for sig in STOP_SIGNALS}
+    try:
+        yield got
+    finally:
+        restore_handlers(old)

@@ -27,34 +27,64 @@ def up(home: Optional[Path] = HomeOpt, port: Optional[int] = typer.Option(None, 
                                    "then get replication factor 3, min.insync.replicas=2)"),
        prefix: Optional[str] = PrefixOpt) -> None:
     """Start a local Kafka broker or a 3-broker cluster (and optionally PostgreSQL) and create the
-    marl.* topics."""
-    from compose import ServiceError, start_kafka, start_postgres
+    marl.* topics. The services keep running after `up` until `down`; an `up` interrupted (Ctrl-C,
+    SIGTERM, SIGHUP) before it finished stops those it had started, and exits 130."""
+    from compose import ServiceError, kafka_status, postgres_status, start_kafka, start_postgres
+    from compose.services import raise_on_stop_signals, restore_handlers
     from eventlog.kafka import ensure_topics
 
     s = Settings.load(home=home, prefix=prefix)
+    starting: list[str] = []   # the services this `up` starts (not running before it): stopped if interrupted
+    already: list[str] = []    # those that ran before it: left running
+    handlers = raise_on_stop_signals()   # SIGTERM/SIGHUP unwind like Ctrl-C instead of ending the process at once
     try:
+        (starting if kafka_status(s.home) is None else already).append("kafka")
         with console.status("starting Kafka (first run fetches its jars from Maven Central)…"):
             broker = start_kafka(s.home, port, brokers=brokers)
         created = ensure_topics(broker.bootstrap, s.prefix)
         pids = ", ".join(str(n.pid) for n in broker.nodes) if hasattr(broker, "nodes") else broker.pid
         out.print(f"kafka {broker.bootstrap} (pid {pids}); topics created: {len(created)}")
         if postgres:
+            (starting if postgres_status(s.home) is None else already).append("postgres")
             with console.status("starting PostgreSQL…"):
                 pg = start_postgres(s.home)
             out.print(f"postgres {pg.dsn} (pid {pg.pid})")
     except ServiceError as exc:
         fail(str(exc))
+    except KeyboardInterrupt as exc:
+        _stop_started(s.home, starting)
+        typer.echo(f"interrupted ({exc or 'SIGINT'}): stopped what this `up` had started "
+                   f"({', '.join(starting) or 'nothing'})"
+                   + (f"; left running what ran before it ({', '.join(already)})" if already else ""),
+                   err=True)
+        raise typer.Exit(130) from None
+    finally:
+        restore_handlers(handlers)
+
+
+def _stop_started(home: Path, services: list[str]) -> None:
+    """Stop ``services`` (kafka, postgres) of ``home``, last started first, with signals held (a second
+    Ctrl-C cannot cut the stop short). A ``start_*`` interrupted while it waited has already stopped
+    its process; this catches the rest (a service that answered before the interrupt)."""
+    from compose import stop_kafka, stop_postgres
+    from compose.services import signals_held
+
+    with signals_held():
+        for name in reversed(services):
+            (stop_postgres if name == "postgres" else stop_kafka)(home)
 
 
 @app.command()
 def down(home: Optional[Path] = HomeOpt,
          purge: bool = typer.Option(False, "--purge", help="also delete the broker's and database's data")) -> None:
-    """Stop the local services started by `up`."""
+    """Stop the local services started by `up` (Ctrl-C and SIGTERM wait until they are stopped)."""
     from compose import stop_kafka, stop_postgres
+    from compose.services import signals_held
 
     s = Settings.load(home=home)
-    k = stop_kafka(s.home, remove_data=purge)
-    p = stop_postgres(s.home, remove_data=purge)
+    with signals_held():
+        k = stop_kafka(s.home, remove_data=purge)
+        p = stop_postgres(s.home, remove_data=purge)
     out.print(f"kafka {'stopped' if k else 'was not running'}; postgres {'stopped' if p else 'was not running'}")
 
 

@@ -2,11 +2,21 @@
 
 Set MARLGRC_BOOTSTRAP / MARLGRC_PG_DSN to use running services instead. Under CI (CI=true) a
 service that cannot start fails the tests that need it; elsewhere they are skipped with the reason.
+
+An interrupted session stops the services it started. SIGINT (Ctrl-C) already ends a pytest session
+in order, running the fixtures' teardown; SIGTERM and SIGHUP would end the process at once and leave
+the broker and PostgreSQL running, so for the session they raise KeyboardInterrupt too
+(``compose.services.raise_on_stop_signals``). The services are stopped with those signals held, so
+a second signal cannot cut the stop short; and an ``atexit`` hook stops whatever a session's teardown
+did not reach (an interrupted teardown, an internal error). Only SIGKILL leaves them behind.
+(tests/integration/test_interrupt_cleanup.py checks this on a real inner pytest.)
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -14,7 +24,49 @@ from pathlib import Path
 
 import pytest
 
+from compose.services import raise_on_stop_signals, restore_handlers, signals_held
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+_replaced_handlers: dict = {}
+_homes: set[Path] = set()   # service homes of this session whose teardown has not finished
+
+
+def pytest_configure(config) -> None:
+    _replaced_handlers.update(raise_on_stop_signals())
+
+
+def pytest_unconfigure(config) -> None:
+    restore_handlers(_replaced_handlers)
+    _replaced_handlers.clear()
+
+
+def _stop_services(home: Path, *, kafka: bool = True, postgres: bool = True) -> None:
+    """Stop this home's services (idempotent), SIGINT/SIGTERM/SIGHUP held meanwhile. Kafka is killed
+    outright: its data is deleted next, so a controlled shutdown (seconds) would buy nothing."""
+    from compose import kill_kafka, stop_kafka, stop_postgres
+
+    with signals_held() as got:
+        try:
+            if kafka:
+                kill_kafka(home)
+                stop_kafka(home, remove_data=True)
+        finally:
+            if postgres:
+                stop_postgres(home, remove_data=True)
+    if got:
+        print(f"marlgrc tests: {len(got)} signal(s) held while the services of {home} were stopped", file=sys.stderr)
+
+
+@atexit.register
+def _stop_left_behind() -> None:
+    """The fallback: services of a home whose teardown did not finish."""
+    for home in list(_homes):
+        try:
+            _stop_services(home)
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+            _homes.discard(home)
 
 
 def _unavailable(what: str, exc: BaseException) -> None:
@@ -41,8 +93,15 @@ class KafkaService:
 def services_home():
     home = Path(tempfile.mkdtemp(prefix="marlgrc-test-"))
     os.chmod(home, 0o755)  # the postgres OS user must traverse it
-    yield home
-    shutil.rmtree(home, ignore_errors=True)
+    _homes.add(home)
+    try:
+        yield home
+    finally:
+        try:
+            _stop_services(home)   # no-op after the fixtures below stopped theirs
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+            _homes.discard(home)
 
 
 @pytest.fixture(scope="session")
@@ -51,16 +110,16 @@ def kafka(services_home) -> KafkaService:
     if given:
         yield KafkaService(given, None)
         return
-    from compose import start_kafka, stop_kafka
+    from compose import start_kafka
 
-    try:
-        broker = start_kafka(services_home)
-    except Exception as exc:  # noqa: BLE001 - reported as failure (CI) or skip
-        _unavailable("Kafka", exc)
-    try:
+    try:  # a KeyboardInterrupt (SIGINT/SIGTERM) mid-start: start_kafka stops its broker, and so does this
+        try:
+            broker = start_kafka(services_home)
+        except Exception as exc:  # noqa: BLE001 - reported as failure (CI) or skip
+            _unavailable("Kafka", exc)
         yield KafkaService(broker.bootstrap, services_home)
     finally:
-        stop_kafka(services_home, remove_data=True)
+        _stop_services(services_home, postgres=False)
 
 
 @pytest.fixture(scope="session")
@@ -70,16 +129,16 @@ def postgres(services_home):
     if given:
         yield type("GivenPostgres", (), {"dsn": given})()
         return
-    from compose import start_postgres, stop_postgres
+    from compose import start_postgres
 
     try:
-        server = start_postgres(services_home)
-    except Exception as exc:  # noqa: BLE001
-        _unavailable("PostgreSQL", exc)
-    try:
+        try:
+            server = start_postgres(services_home)
+        except Exception as exc:  # noqa: BLE001
+            _unavailable("PostgreSQL", exc)
         yield server
     finally:
-        stop_postgres(services_home, remove_data=True)
+        _stop_services(services_home, kafka=False)
 
 
 @pytest.fixture
