@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -108,48 +107,91 @@ def test_sleeps(kafka, postgres):
     time.sleep(300)
 """
 
+NO_TEARDOWN = """
+import pytest
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_an_interrupted_pytest_stops_its_broker_and_postgres(sig):
-    base = Path(tempfile.mkdtemp(prefix="marlgrc-inner-"))
-    os.chmod(base, 0o755)   # its services home is made inside; the postgres OS user must traverse both
-    ready = base / "ready"
-    test_file = base / "test_inner.py"
-    test_file.write_text(textwrap.dedent(INNER_TEST.format(ready=str(ready))))
-    log = base / "pytest.log"
-    homes: list[Path] = []
-    try:
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session):
+    raise SystemExit(3)   # ahead of pytest's own hook, which tears the session's fixtures down
+"""
+
+
+class InnerSession:
+    """A real pytest in a directory of its own (its TMPDIR, where the project's fixtures make their
+    services home), running one test that holds Kafka and PostgreSQL and sleeps."""
+
+    def __init__(self, name: str, sig: int, *, teardown: bool = True):
+        self.name, self.sig, self.teardown = name, sig, teardown
+        self.base = Path(tempfile.mkdtemp(prefix="marlgrc-inner-"))
+        os.chmod(self.base, 0o755)   # its services home is made inside; the postgres OS user must traverse both
+        self.ready, self.log = self.base / "ready", self.base / "pytest.log"
+        (self.base / "test_inner.py").write_text(INNER_TEST.format(ready=str(self.ready)))
+        if not teardown:
+            (self.base / "conftest.py").write_text(NO_TEARDOWN)
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
                 [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider", "-q",
-                 "--rootdir", str(base), str(test_file)],
-                cwd=ROOT, env=_env(TMPDIR=str(base), MARLGRC_HOME=str(base / "marlgrc-home"), CI="true"),
+                 "--rootdir", str(self.base), str(self.base / "test_inner.py")],
+                cwd=ROOT, env=_env(TMPDIR=str(self.base), MARLGRC_HOME=str(self.base / "marlgrc-home"), CI="true"),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def homes(self) -> list[Path]:
+        return list(self.base.glob("marlgrc-test-*"))
+
+    def interrupt(self) -> None:
+        """Once its services answer: note their processes and ports, then send the signal."""
+        _wait_for(f"{self.name}: the inner test's Kafka and PostgreSQL", self.ready.exists, 150, self.proc, self.log)
+        homes = self.homes()
+        assert len(homes) == 1, homes
+        self.home = homes[0]
+        kafka = _state(self.home / "kafka" / "state.json")
+        pg = _state(self.home / "postgres" / "state.json")
+        assert kafka is not None and pg is not None
+        self.pids, self.ports = _processes(kafka, pg)
+        assert pid_alive(int(kafka["pid"])) and pid_alive(int(pg["pid"]))   # (a child may come and go)
+        assert not any(port_free(p) for p in self.ports)
+        os.kill(self.proc.pid, self.sig)
+
+    def check(self) -> None:
         try:
-            _wait_for("the inner test's Kafka and PostgreSQL", ready.exists, 120, proc, log)
-            homes = list(base.glob("marlgrc-test-*"))
-            assert len(homes) == 1, homes
-            kafka = _state(homes[0] / "kafka" / "state.json")
-            pg = _state(homes[0] / "postgres" / "state.json")
-            assert kafka is not None and pg is not None
-            pids, ports = _processes(kafka, pg)
-            assert all(pid_alive(p) for p in pids) and not any(port_free(p) for p in ports)
-            os.kill(proc.pid, sig)
-            rc = proc.wait(60)
+            rc = self.proc.wait(60)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        output = log.read_text()
-        assert rc == 2, output[-4000:]          # pytest's "interrupted", after its teardown ran
-        assert "KeyboardInterrupt" in output, output[-4000:]
-        _assert_gone(pids, ports, f"the inner pytest's services after {signal.Signals(sig).name}")
-        assert not homes[0].exists()            # the session's teardown ran to its end
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        output = self.log.read_text()
+        # 2: pytest's "interrupted", after its teardown; 3: the SystemExit that skipped the teardown
+        assert rc == (2 if self.teardown else 3), f"{self.name}:\n{output[-4000:]}"
+        assert "KeyboardInterrupt" in output, f"{self.name}:\n{output[-4000:]}"
+        _assert_gone(self.pids, self.ports, f"{self.name}: the inner pytest's services")
+        assert not self.home.exists(), self.name   # the teardown (or the atexit fallback) ran to its end
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        for home in self.homes():
+            _stop_all(home)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def test_an_interrupted_pytest_stops_its_broker_and_postgres():
+    """Three inner sessions at once (they wait mostly on their services' start-up): SIGTERM, SIGINT,
+    and SIGTERM to a session whose teardown is skipped (a hook raises SystemExit first), where the
+    conftest's atexit fallback must stop the services."""
+    sessions: list[InnerSession] = []
+    try:
+        sessions.append(InnerSession("SIGTERM", signal.SIGTERM))
+        sessions.append(InnerSession("SIGINT", signal.SIGINT))
+        sessions.append(InnerSession("SIGTERM, no teardown", signal.SIGTERM, teardown=False))
+        for session in sessions:
+            session.interrupt()
+        for session in sessions:
+            session.check()
     finally:
-        for home in homes:
-            if home.exists():
-                _stop_all(home)
-        shutil.rmtree(base, ignore_errors=True)
+        for session in sessions:
+            session.cleanup()
 
 
 def _up(home: Path, *args: str, log: Path) -> subprocess.Popen:
