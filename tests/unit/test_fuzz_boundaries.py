@@ -724,6 +724,7 @@ def test_a_signed_pickle_that_runs_code_is_refused(checkpoint, tmp_path):
             load_checkpoint(base, SIGNER.public_key)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 @SLOW
 @given(data=st.data())
 def test_learner_checkpoint_loads_or_is_a_checkpoint_error(checkpoint, data):
