@@ -11,11 +11,16 @@ A crash or SIGKILL aborts the open transaction (the restarted worker's ``init_tr
 fences and aborts it); the restarted worker restores state and offsets from the state topic,
 read_committed, and redoes the batch: no hole, no fork, no duplicate (DESIGN.md "hash contract").
 
-Why not faust's ``exactly_once`` (docs/PROCESSORS.md): faust-streaming 0.15.3 puts each output
-into the transaction of its *destination* partition (``TransactionManager.send``) but commits
-offsets in the transaction of their *source* partition (``TransactionManager.commit``), and
-commits between an agent's sends; a join of two topics keyed differently (``{run}:actions`` and
-``{run}:env``) therefore cannot be atomic there.
+Scaling out (``WorkerConfig.group``, ``marlgrc process --group``): the marl.* topics are co-partitioned
+by run, so a partition number holds whole runs; group members share the partition numbers (range
+assignor: the same numbers of every input topic), each number a unit with its own transactional id
+``marlgrc-{name}-p{n}``, state keys ``{name}:p{n}:…`` and dead-letter chain ``dlq:{name}:p{n}``; a new
+owner's ``init_transactions`` fences the previous one and aborts its open transaction, then restores.
+
+Why not faust's ``exactly_once`` (docs/PROCESSORS.md, with a reproduction): even on co-partitioned
+topics, faust-streaming 0.15.3's public publish-on-commit route publishes a record's several sends in
+no fixed order (its attachments share one heap key), across input topics per source partition rather
+than in processing order, and ``table[k] = v`` outside the commit; a hash chain needs all three.
 """
 from __future__ import annotations
 
