@@ -724,6 +724,19 @@ def test_a_signed_pickle_that_runs_code_is_refused(checkpoint, tmp_path):
             load_checkpoint(base, SIGNER.public_key)
 
 
+@pytest.mark.parametrize("pt", [b"G", b"", b"PK\x03\x04", b"\x80\x02}q\x00."])
+def test_signed_pt_bytes_torch_cannot_read_are_a_checkpoint_error(checkpoint, tmp_path, pt):
+    """b"G" was found by the fuzzer: torch.load raised struct.error."""
+    from learners.checkpoint import CheckpointError, load_checkpoint
+
+    base = tmp_path / "ck"
+    shutil.copy(checkpoint.with_suffix(".json"), base.with_suffix(".json"))
+    base.with_suffix(".pt").write_bytes(pt)
+    _resign(base)
+    with pytest.raises(CheckpointError, match=r"ck.pt is not a learner state torch can load safely|holds a dict"):
+        load_checkpoint(base, SIGNER.public_key)
+
+
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 @SLOW
 @given(data=st.data())
