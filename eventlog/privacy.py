@@ -132,7 +132,10 @@ def _keystore_key(path: Path) -> bytes:
         mode = key_file.stat().st_mode & 0o777
         if mode & 0o077:
             raise PrivacyError(f"key store key {key_file} has mode {oct(mode)}; it must be 0600: chmod 600 {key_file}")
-        key = bytes.fromhex(key_file.read_text().strip())
+        try:
+            key = bytes.fromhex(key_file.read_bytes().decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            key = b""  # not hex: the length check below says what the file must hold
         if len(key) != KEY_LEN:
             raise PrivacyError(f"key store key {key_file} is not {KEY_LEN * 2} hex digits")
         return key

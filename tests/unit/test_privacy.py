@@ -43,6 +43,14 @@ def test_open_permissions_refused(tmp_path):
         LocalKeyStore(tmp_path / "k.db")
 
 
+@pytest.mark.parametrize("content", [b"zz" * 32, b"\xff\xfe not text", b"", b"ab" * 16])
+def test_a_damaged_key_store_key_file_is_a_privacy_error(tmp_path, content):
+    LocalKeyStore(tmp_path / "k.db").close()
+    (tmp_path / "k.db.key").write_bytes(content)
+    with pytest.raises(PrivacyError, match="is not 64 hex digits"):
+        LocalKeyStore(tmp_path / "k.db")
+
+
 def test_pseudonym_is_keyed_per_subject(store):
     k1 = store.subject_key("user", "u1")
     assert store.subject_key("user", "u1") == k1          # found again through the blind index
