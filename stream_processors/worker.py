@@ -124,6 +124,10 @@ class StateTooLarge(RuntimeError):
     """A run's rolling state cannot fit one state message; retrying would never succeed."""
 
 
+class StateCorrupt(RuntimeError):
+    """An entry of the worker's committed state cannot be read back: the worker refuses to resume."""
+
+
 class MixedModes(RuntimeError):
     """A worker name's committed state was written in the other mode (single vs group)."""
 
@@ -241,20 +245,29 @@ class Worker:
 
     def _restore_unit(self, u: _Unit, latest: dict[str, bytes | None]) -> None:
         joins = []
-        for k, v in latest.items():
-            if not k.startswith(u.key_prefix) or v is None:
-                continue  # another unit's, or a deleted join entry
-            what = k[len(u.key_prefix):]
-            if what.startswith("join:"):
-                run_id, kind, h = what[5:].rsplit(":", 2)
-                joins.append((run_id, kind, h, v))
-            elif what == "offsets":
-                u.offsets = {(t, int(p)): o for t, p, o in json.loads(v)}
-            elif what == "dlq":
-                u.processor.restore_dlq(v)
-            elif what.startswith("run:"):
-                u.processor.restore(what[4:], v)
-        u.processor.restore_joins(joins)
+        k = ""
+        try:
+            for k, v in latest.items():
+                if not k.startswith(u.key_prefix) or v is None:
+                    continue  # another unit's, or a deleted join entry
+                what = k[len(u.key_prefix):]
+                if what.startswith("join:"):
+                    run_id, kind, h = what[5:].rsplit(":", 2)
+                    joins.append((run_id, kind, h, v))
+                elif what == "offsets":
+                    u.offsets = {(t, int(p)): int(o) for t, p, o in json.loads(v)}
+                elif what == "dlq":
+                    u.processor.restore_dlq(v)
+                elif what.startswith("run:"):
+                    u.processor.restore(what[4:], v)
+            k = f"{u.key_prefix}join:*"
+            u.processor.restore_joins(joins)
+        except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as exc:
+            raise StateCorrupt(
+                f"{STATE_TOPIC} entry {k!r} of worker {self.config.name!r} cannot be read back "
+                f"({type(exc).__name__}: {exc}); the worker does not resume from a state it cannot read (it "
+                f"would fork its runs' chains). Restore {STATE_TOPIC} from a backup, or reprocess the runs "
+                f"into a fresh prefix (`marlgrc reprocess`)") from None
         log.info("%s: restored %d runs, %d waiting records and %d offsets", u.key_prefix[:-1],
                  len(u.processor.runs), len(joins), len(u.offsets))
 
