@@ -35,7 +35,11 @@ class TopicSpec:
     def config(self) -> dict[str, str]:
         # Audit topics are never compacted: compaction would remove links from a hash chain.
         if self.compacted:
-            return {"cleanup.policy": "compact", "min.insync.replicas": "1"}
+            # a reader restores by reading the whole topic: roll a segment every hour or 64 MiB and clean
+            # at 10% dirty, so what it reads stays near the live keys (Kafka's defaults, 7 days / 1 GiB /
+            # 50%, let a busy worker's state topic grow to a gigabyte between cleanings)
+            return {"cleanup.policy": "compact", "min.insync.replicas": "1", "segment.ms": "3600000",
+                    "segment.bytes": str(64 * 1024 * 1024), "min.cleanable.dirty.ratio": "0.1"}
         return {
             "cleanup.policy": "delete",
             "retention.ms": str(RETENTION_DAYS[self.classification] * MICROS_PER_DAY // 1000),

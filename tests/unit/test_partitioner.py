@@ -1,4 +1,4 @@
-"""Co-partitioning (docs/HASHING.md, "Partitions"): every chain of a run goes to one partition number
+"""Topic placement and configs (docs/HASHING.md, "Partitions"): every chain of a run goes to one partition number
 on every topic, Kafka's murmur2 of the run id modulo the topic's partition count.
 
 Pure: the hash against Kafka's own test vectors, the placement rule and its spread over runs. The
@@ -73,3 +73,14 @@ def test_runs_spread_over_the_partitions():
 def test_a_topic_without_partitions_is_refused():
     with pytest.raises(ValueError, match="at least one partition"):
         run_partition("r1:env", 0)
+
+
+def test_a_compacted_state_topic_is_cleaned_often_and_audit_topics_never():
+    from eventlog.topics import TopicSpec
+
+    state = TopicSpec("marl.processor.state", 1, "internal", compacted=True).config
+    assert state["cleanup.policy"] == "compact"
+    assert int(state["segment.ms"]) <= 3_600_000 and int(state["segment.bytes"]) <= 64 * 1024 * 1024
+    assert float(state["min.cleanable.dirty.ratio"]) <= 0.1
+    for spec in topic_specs():  # a hash chain is never compacted
+        assert spec.config["cleanup.policy"] == "delete" and "segment.ms" not in spec.config
