@@ -114,25 +114,39 @@ def _wait_for_leaders(admin: AdminClient, names: list[str], timeout: float) -> N
 class RunPartitioner:
     """Co-partitioning for a client: the partition of a chain on a topic is ``topics.run_partition``
     of its key over the topic's partition count, read once per topic from the client's metadata.
-    A topic the metadata does not (yet) show gets ``None``: the client then places the message, and
-    the count is asked again next time."""
 
-    def __init__(self, client, timeout: float = 10.0):
+    A topic the metadata does not show yet (just created, and the broker answering has not learned of
+    it: a cluster's nodes learn of a new topic one after another) is asked again for up to ``timeout``
+    seconds, so an event is never placed by the client's own partitioner instead. A topic still
+    unknown after that gets ``None`` (the client then fails its delivery: topics are never created by
+    a write) and is not asked again for ``retry_after`` seconds."""
+
+    def __init__(self, client, timeout: float = 10.0, retry_after: float = 30.0):
         self.client = client
         self._timeout = timeout
+        self._retry_after = retry_after
         self._counts: dict[str, int] = {}
+        self._missing: dict[str, float] = {}  # topic -> monotonic time before which it is not asked again
 
     def count(self, topic: str) -> int | None:
         n = self._counts.get(topic)
-        if n is None:
+        if n is not None:
+            return n
+        if time.monotonic() < self._missing.get(topic, 0.0):
+            return None
+        deadline = time.monotonic() + self._timeout
+        while True:
             try:
-                md = self.client.list_topics(topic, timeout=self._timeout).topics.get(topic)
+                md = self.client.list_topics(topic, timeout=max(0.1, deadline - time.monotonic())).topics.get(topic)
             except KafkaException:
+                md = None
+            if md is not None and md.error is None and md.partitions:
+                n = self._counts[topic] = len(md.partitions)
+                return n
+            if time.monotonic() >= deadline:
+                self._missing[topic] = time.monotonic() + self._retry_after
                 return None
-            if md is None or md.error is not None or not md.partitions:
-                return None
-            n = self._counts[topic] = len(md.partitions)
-        return n
+            time.sleep(0.1)
 
     def __call__(self, topic: str, key: str) -> int | None:
         n = self._counts.get(topic) or self.count(topic)

@@ -133,6 +133,8 @@ def test_one_broker_of_three_killed_mid_run_loses_nothing(cluster):
 
     # topics learn the broker count from the metadata: three replicas, two in sync for acks=all
     ensure_topics(c.bootstrap, prefix)
+    # the node this admin asks may learn of the new topics a moment after the one that created them
+    _wait("every new partition in the metadata", lambda: len(_partitions(admin, prefix)) == 10 * 3, 30)
     parts = _partitions(admin, prefix)
     assert len(parts) == 10 * 3 and all(len(pm.replicas) == 3 for pm in parts.values())
     min_isr: dict[str, str] = {}

@@ -84,3 +84,41 @@ def test_a_compacted_state_topic_is_cleaned_often_and_audit_topics_never():
     assert float(state["min.cleanable.dirty.ratio"]) <= 0.1
     for spec in topic_specs():  # a hash chain is never compacted
         assert spec.config["cleanup.policy"] == "delete" and "segment.ms" not in spec.config
+
+
+class _Metadata:
+    """What confluent-kafka's list_topics returns, for RunPartitioner's lookups (a unit test of the
+    placement rule around metadata that lags; the real broker is in test_cluster_faults.py)."""
+
+    def __init__(self, visible_after: int, partitions: int):
+        self.asked, self.visible_after, self.partitions = 0, visible_after, partitions
+
+    def list_topics(self, topic, timeout):
+        from types import SimpleNamespace
+
+        self.asked += 1
+        if self.asked < self.visible_after:
+            return SimpleNamespace(topics={})
+        tm = SimpleNamespace(error=None, partitions={p: object() for p in range(self.partitions)})
+        return SimpleNamespace(topics={topic: tm})
+
+
+def test_a_topic_the_metadata_does_not_show_yet_is_asked_again_never_placed_by_the_client():
+    from eventlog.kafka import RunPartitioner
+
+    md = _Metadata(visible_after=3, partitions=6)
+    place = RunPartitioner(md, timeout=5.0)
+    assert place("t.marl.env.state", "r7:env") == run_partition("r7", 6)
+    assert md.asked == 3
+    assert place("t.marl.env.state", "r8:env") == run_partition("r8", 6) and md.asked == 3  # cached
+
+
+def test_a_topic_that_never_appears_gets_none_and_is_not_asked_at_every_send():
+    from eventlog.kafka import RunPartitioner
+
+    md = _Metadata(visible_after=10**9, partitions=3)
+    place = RunPartitioner(md, timeout=0.3, retry_after=60)
+    assert place("t.missing", "r1:env") is None
+    asked = md.asked
+    assert asked >= 2  # asked again within the timeout
+    assert place("t.missing", "r1:env") is None and md.asked == asked
