@@ -59,6 +59,16 @@ class RunState:
     states: dict = field(default_factory=dict)          # state hash hex -> [state, flags], insertion order
     fairness: fair.Windows = field(default_factory=fair.Windows)   # over the run's credits
     checkpoints: CheckpointChain = field(default_factory=CheckpointChain)  # {run}:checkpoints:{producer}
+    last_action_seq: int = -1             # highest seq of the run's joint-action chain read so far
+    finished_action_seq: int | None = None  # the joint-action chain's head seq named by run.finished
+
+    @property
+    def complete(self) -> bool:
+        """run.finished read, every joint action it names read and scored (or dead-lettered), and
+        nothing waiting: no joint action, and no env.state (an env.state read ahead of its joint action
+        may belong to steps written after run.finished)."""
+        return (self.finished_action_seq is not None and self.last_action_seq >= self.finished_action_seq
+                and not self.pending and not self.states)
 
     def to_json(self) -> dict:
         return {
@@ -70,6 +80,7 @@ class RunState:
             # the head alone, as the revision before self-checkpoints kept it (a rollback still continues the chain)
             "checkpoint_head": [self.checkpoints.head.seq, self.checkpoints.head.event_hash.hex()],
             "checkpoint_chain": self.checkpoints.to_json(),
+            "last_action_seq": self.last_action_seq, "finished_action_seq": self.finished_action_seq,
         }
 
     @classmethod
@@ -81,7 +92,8 @@ class RunState:
             deque(d.get("pending", ())), dict(d.get("states", {})), fair.Windows.from_json(d),
             # states saved before the checkpoint chain signed itself, or before anything was signed
             CheckpointChain.from_json(d.get("checkpoint_chain"), legacy_head=ChainHead(
-                d["checkpoint_head"][0], bytes.fromhex(d["checkpoint_head"][1])) if "checkpoint_head" in d else None))
+                d["checkpoint_head"][0], bytes.fromhex(d["checkpoint_head"][1])) if "checkpoint_head" in d else None),
+            int(d.get("last_action_seq", -1)), d.get("finished_action_seq"))
 
 
 class Processor:
@@ -111,6 +123,11 @@ class Processor:
         self.codec = codec or default_codec()
         self.clock = clock
         self.runs: dict[str, RunState] = {}
+        # runs complete and released from memory (``release_complete``): their ids only. ``reload``
+        # gives a released run's last committed state back (the worker reads its state topic), for a
+        # record of it that comes after all (a run that goes on after its run.finished)
+        self.finished: set[str] = set()
+        self.reload: Callable[[str], bytes | None] | None = None
         self.dlq_head = ChainHead()
         self.dlq_checkpoints = CheckpointChain()   # dlq:{consumer}:checkpoints:{producer_id}
         self.dirty: set[str] = set()
@@ -136,6 +153,7 @@ class Processor:
 
     def restore(self, run_id: str, data: bytes) -> None:
         self.runs[run_id] = RunState.from_json(json.loads(data))
+        self.finished.discard(run_id)
         self._writers = {k: w for k, w in self._writers.items() if not k[1].startswith(f"{run_id}:")}
         self._unsigned = {k: v for k, v in self._unsigned.items() if v[0] != run_id}
 
@@ -238,6 +256,24 @@ class Processor:
         d, self.dirty = self.dirty, set()
         return d
 
+    def release_complete(self) -> list[str]:
+        """Release the runs that are complete (run.finished read, every joint action it names read,
+        none waiting) and whose events are all signed: their state leaves memory (a long-running worker
+        would otherwise keep every run it ever scored: about 100 kB each, mostly the fairness window)
+        and only the id stays. Call it right after a commit (or a restore): the run's state as last
+        committed is its state. A record of a released run read later (a run that goes on after its
+        run.finished) brings the state back through ``reload`` and is scored from it, as if the run had
+        stayed; without ``reload``, or if it finds nothing, the record is dead-lettered
+        (``after_finish``), never scored from an empty state (that would fork the run's chains). A run
+        with an env.state still waiting for its joint action stays (``RunState.complete``)."""
+        unsigned = {v[0] for v in self._unsigned.values()}
+        done = [run_id for run_id, r in self.runs.items() if r.complete and run_id not in unsigned]
+        for run_id in done:
+            self.runs.pop(run_id)
+            self._writers = {k: w for k, w in self._writers.items() if not k[1].startswith(f"{run_id}:")}
+            self.finished.add(run_id)
+        return done
+
     @property
     def dlq_chain(self) -> str:
         return f"dlq:{self.consumer}"
@@ -282,6 +318,15 @@ class Processor:
                                f"co-partitioning puts it in partition {want} (docs/HASHING.md), and a scaled-out "
                                f"processor scores a run in one partition number only: write it with "
                                f"eventlog.kafka.EventProducer, which co-partitions")]
+        if rec["run_id"] in self.finished:
+            data = self.reload(rec["run_id"]) if self.reload is not None else None
+            if data is None:
+                return [self._dead(topic, partition, offset, raw_key, value, "after_finish",
+                                   f"{name} of run {rec['run_id']!r} read after the run was complete (its run.finished "
+                                   f"and every joint action it names were scored) and its state released, which "
+                                   f"cannot be read back: not scored from an empty state")]
+            self.restore(rec["run_id"], data)
+            self.runs[rec["run_id"]].finished_action_seq = None  # it went on: only a new run.finished ends it
         try:
             if name == "run_started":
                 r = self._run(rec["run_id"])
@@ -299,16 +344,26 @@ class Processor:
                     self._join_del(r.run_id, "s", old)
                 return self._drain(r)
             if name == "joint_action":
+                r = self.runs.get(rec["run_id"])
+                if r is not None:  # read, scored or not (an invalid one is dead-lettered below)
+                    r.last_action_seq = max(r.last_action_seq, rec["seq"])
                 decision_from_records(rec, None)  # validate now, so a bad action never blocks the run
                 if not rec["source_event_hashes"]:
                     raise InvalidDecision("joint.action names no source events (it must name its env.state)")
                 r = self._run(rec["run_id"])
+                r.last_action_seq = max(r.last_action_seq, rec["seq"])
                 where, k = [topic, partition, offset], raw_key.decode("utf-8", "replace")
                 r.pending.append(self._pending_entry(rec, value, where, k, self._arrival))
                 self._join_put(r.run_id, "a", r.pending[-1]["hash"], {"n": self._arrival, "where": where, "key": k}, value)
                 self._arrival += 1
                 return self._drain(r)
-            return []  # run.finished, episode.summary: nothing to derive
+            if name == "run_finished":  # nothing to derive; it says how many joint actions the run wrote
+                head = next((h for h in rec["chain_heads"] if h["topic"] == "marl.joint.action"
+                             and h["chain_id"] == f"{rec['run_id']}:actions"), None)
+                if head is not None:
+                    r = self._run(rec["run_id"])
+                    r.finished_action_seq = int(head["seq"])
+            return []  # episode.summary: nothing to derive
         except (InvalidDecision, KeyError, TypeError, ValueError) as exc:
             return [self._dead(topic, partition, offset, raw_key, value, "invalid", f"{name}: {exc}")]
 

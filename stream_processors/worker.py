@@ -146,6 +146,7 @@ class _Unit:
         # single mode: run id -> the partition numbers its records came from (one when co-partitioned)
         self.run_parts: dict[str, set[int]] = {}
         self._key_runs: dict[bytes, str] = {}
+        processor.reload = lambda run_id: worker.committed_state(self, f"run:{run_id}")
 
     def saw(self, key: bytes | None, partition: int) -> None:
         if not key:
@@ -160,6 +161,14 @@ class _Unit:
             self.run_parts[run] = {partition}
         elif partition not in parts:
             parts.add(partition)
+
+    def forget(self, runs: list[str]) -> None:
+        """Runs the processor released (complete): nothing more to pause for."""
+        if runs:
+            gone = set(runs)
+            for run in gone:
+                self.run_parts.pop(run, None)
+            self._key_runs = {k: r for k, r in self._key_runs.items() if r not in gone}
 
 
 class Worker:
@@ -243,6 +252,16 @@ class Worker:
         for u in units:
             self._restore_unit(u, latest)
 
+    def committed_state(self, u: _Unit, what: str) -> bytes | None:
+        """The last committed value of the unit's state entry ``what`` (e.g. ``run:R``), read from the
+        state topic: for a run released from memory that has a record after all (rare; the topic
+        stays small: it is compacted often, see ``TopicSpec.config``)."""
+        key, value = u.key_prefix + what, None
+        for r in read_records(self.config.bootstrap, [STATE_TOPIC], prefix=self.config.prefix):
+            if r.key == key:
+                value = r.value
+        return value
+
     def _restore_unit(self, u: _Unit, latest: dict[str, bytes | None]) -> None:
         joins = []
         k = ""
@@ -262,6 +281,7 @@ class Worker:
                     u.processor.restore(what[4:], v)
             k = f"{u.key_prefix}join:*"
             u.processor.restore_joins(joins)
+            u.forget(u.processor.release_complete())  # complete runs stay out of memory after a restart
         except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as exc:
             raise StateCorrupt(
                 f"{STATE_TOPIC} entry {k!r} of worker {self.config.name!r} cannot be read back "
@@ -481,6 +501,7 @@ class Worker:
             consumer.consumer_group_metadata(), 30)
         producer.commit_transaction(60)
         m.commit.observe(time.perf_counter() - t1)
+        u.forget(p.release_complete())  # complete runs leave memory; their markers go with the next batch
         now_ms = time.time() * 1000
         m.age.observe(max(0.0, (now_ms - msgs[-1].timestamp()[1]) / 1000))
         self.committed_batches += 1
