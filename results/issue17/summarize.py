@@ -15,7 +15,10 @@ def summarize(kind: str) -> dict:
     groups: dict = {}
     for p in sorted((here / kind).glob("*_s*.json")):
         m = re.fullmatch(r"(.+)_s(\d+)", p.stem)
-        d = json.loads(p.read_text())
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError:  # being rewritten by a running `--out`
+            continue
         if "policies" not in d:  # still running (no evaluation yet)
             continue
         last = d["curve"][-1]
