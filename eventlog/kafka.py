@@ -270,17 +270,22 @@ def partitions_of(bootstrap: str, topics: Iterable[str], prefix: str = "", timeo
     if client is None:
         probe(bootstrap)
         client = _admin(bootstrap)
-    try:
-        md = client.list_topics(timeout=timeout)
-    except KafkaException as exc:
-        raise _unavailable(bootstrap, "reading metadata", exc) from None
-    out = []
-    for t in topics:
-        name = physical(prefix, t)
-        if name not in md.topics:
-            raise KeyError(f"topic {name} does not exist on {bootstrap}; create topics with `marlgrc up`")
-        out.extend(TopicPartition(name, p) for p in sorted(md.topics[name].partitions))
-    return out
+    names = [physical(prefix, t) for t in topics]
+    deadline = time.monotonic() + min(timeout, 10.0)
+    while True:
+        try:
+            md = client.list_topics(timeout=timeout)
+        except KafkaException as exc:
+            raise _unavailable(bootstrap, "reading metadata", exc) from None
+        missing = [n for n in names if n not in md.topics or not md.topics[n].partitions]
+        # one broker's metadata is the truth; in a cluster, the node asked may learn of a topic just
+        # created by another a moment later: ask again (each ask may reach another node)
+        if not missing or len(md.brokers) <= 1 or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    if missing:
+        raise KeyError(f"topic {missing[0]} does not exist on {bootstrap}; create topics with `marlgrc up`")
+    return [TopicPartition(n, p) for n in names for p in sorted(md.topics[n].partitions)]
 
 
 # errors of a partition that has no leader yet (a topic just created, a broker just restarted)
