@@ -15,10 +15,14 @@ from .metrics import TappedSink, metrics_port_option
 from .progress import ProgressOpt, progress_bar
 
 
+ALGO_HELP = ("mappo | ippo | dqn | qmix | maddpg | sac (learners.algorithms(); sac: continuous actions only; "
+             "qmix, dqn: discrete only)")
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def train(run: Optional[str] = typer.Option(None, "--run", help="run id to train from"),
-              algo: str = typer.Option("mappo", "--algo", help="mappo | ippo | dqn"),
+              algo: str = typer.Option("mappo", "--algo", help=ALGO_HELP),
               allow_unverified: bool = typer.Option(False, "--allow-unverified",
                                                     help="train even if a chain fails verification (lineage says so)"),
               seed: int = typer.Option(1, "--seed"),
@@ -114,7 +118,7 @@ def register(app: typer.Typer) -> None:
                                 "market_v0 | retail_v0 | banking_v0 | module:factory"),
         env_arg: list[str] = typer.Option([], "--env-arg", help="env factory argument name=value (repeatable), "
                                           "e.g. fair_reward=false"),
-        algo: str = typer.Option("mappo", "--algo", help="mappo | ippo | dqn"),
+        algo: str = typer.Option("mappo", "--algo", help=ALGO_HELP),
         minutes: Optional[float] = typer.Option(None, "--minutes", min=0, help="train for this long (wall clock)"),
         iterations: Optional[int] = typer.Option(None, "--iterations", min=1,
                                                  help="act/read-back/update rounds (default: 10, or as many as "

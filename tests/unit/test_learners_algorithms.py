@@ -161,3 +161,11 @@ def test_onnx_policy_equals_torch_on_1000_random_observations(name, cont, replay
         assert np.allclose(got, expected, atol=1e-5)
     one = pol.act({"agent_1": obs[0]})  # batch of 1 through the Policy protocol
     assert set(one) == {"agent_1"}
+
+
+def test_the_cli_names_every_registered_algorithm():
+    from learners import algorithms
+    from marlgrc.commands_learners import ALGO_HELP
+
+    named = {w.strip(" (;") for w in ALGO_HELP.split("(")[0].split("|")}
+    assert named == set(algorithms()), ALGO_HELP
