@@ -199,6 +199,18 @@ def mask_logits(out: torch.Tensor, x: torch.Tensor, action_mask: torch.Tensor) -
     return out - (1.0 - allowed) * 1e9
 
 
+def merge_moments(stats: nn.Module, b_mean: torch.Tensor, b_var: torch.Tensor, b_n: float) -> None:
+    """Fold a batch's mean, (population) variance and size into ``stats``' ``mean``, ``var`` and
+    ``count`` buffers in place: the exact running estimate over every value seen (Chan et al.'s
+    parallel update)."""
+    n = stats.count + b_n
+    delta = b_mean - stats.mean
+    m2 = stats.var * stats.count + b_var * b_n + delta.pow(2) * stats.count * b_n / n
+    stats.mean.copy_(stats.mean + delta * b_n / n)
+    stats.var.copy_(m2 / n)
+    stats.count.copy_(n)
+
+
 class ValueNorm(nn.Module):
     """Running mean and variance of the value targets (MAPPO's ValueNorm, here an exact running
     estimate over every target seen). The critic predicts normalized values; GAE works on
@@ -216,13 +228,7 @@ class ValueNorm(nn.Module):
         if not self.enabled or x.numel() == 0:
             return
         x = x.double().reshape(-1)
-        b_mean, b_var, b_n = x.mean(), x.var(unbiased=False), float(x.numel())
-        n = self.count + b_n
-        delta = b_mean - self.mean
-        m2 = self.var * self.count + b_var * b_n + delta.pow(2) * self.count * b_n / n
-        self.mean.copy_(self.mean + delta * b_n / n)
-        self.var.copy_(m2 / n)
-        self.count.copy_(n)
+        merge_moments(self, x.mean(), x.var(unbiased=False), float(x.numel()))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -257,13 +263,7 @@ class RunningNorm(nn.Module):
         if rows.numel() == 0:
             return
         x = rows[..., :self.dim].double().reshape(-1, self.dim)
-        b_mean, b_var, b_n = x.mean(0), x.var(0, unbiased=False), float(x.shape[0])
-        n = self.count + b_n
-        delta = b_mean - self.mean
-        m2 = self.var * self.count + b_var * b_n + delta.pow(2) * self.count * b_n / n
-        self.mean.copy_(self.mean + delta * b_n / n)
-        self.var.copy_(m2 / n)
-        self.count.copy_(n)
+        merge_moments(self, x.mean(0), x.var(0, unbiased=False), float(x.shape[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.dim
