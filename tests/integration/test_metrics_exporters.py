@@ -127,8 +127,10 @@ def test_harness_processor_and_ledger_sync_exporters_move_during_a_run(kafka, to
     h2 = wait_for("harness steps to grow and an episode to end", lambda: (s := scrape(ports["harness"])) and
                   total(s, "marlgrc_harness_steps_total") > total(h1, "marlgrc_harness_steps_total") and
                   total(s, "marlgrc_harness_episodes_total") >= 1 and s, procs)
-    assert total(h2, "marlgrc_harness_events_total", topic="marl.joint.action") > \
-        total(h1, "marlgrc_harness_events_total", topic="marl.joint.action")
+    # events are counted as the sink sends them, a moment after the step: wait for the count to grow
+    h2 = wait_for("harness joint.action events to grow", lambda: (s := scrape(ports["harness"])) and
+                  total(s, "marlgrc_harness_events_total", topic="marl.joint.action") >
+                  total(h1, "marlgrc_harness_events_total", topic="marl.joint.action") and s, procs)
     assert total(h2, "marlgrc_harness_events_total", topic="marl.agent.observation") > 0
     assert has(h2, "marlgrc_harness_last_return")
 
