@@ -141,6 +141,7 @@ class _Unit:
         self.processor = processor
         self.offsets: dict[tuple[str, int], int] = {}  # (logical topic, partition) -> next offset
         self.producer: Producer | None = None
+        self.placer: RunPartitioner | None = None  # the producer's co-partitioning (metadata read once)
         self.paused: dict[tuple[str, int], bool] = {}  # (logical topic, partition number) -> paused
         self.key_prefix = f"{worker.config.tag(part)}:"
         # single mode: run id -> the partition numbers its records came from (one when co-partitioned)
@@ -196,7 +197,6 @@ class Worker:
         self.committed_batches = 0
         self.produced = 0
         self.rebalances = 0
-        self._partitioners: dict[int, RunPartitioner] = {}  # id(producer) -> its run partitioner
         self._partitions: dict[str, int] = {}  # logical input topic -> partition count (group mode)
         self._consumer: Consumer | None = None
         self._tps: list[TopicPartition] = []
@@ -314,23 +314,21 @@ class Worker:
             "heartbeat.interval.ms": max(100, min(1000, c.session_timeout_ms // 5)),
         })
         plen = len(c.prefix)
+        tps = partitions_of(c.bootstrap, INPUT_TOPICS, c.prefix)
+        self._partitions = {}
+        for tp in tps:
+            self._partitions[tp.topic[plen:]] = self._partitions.get(tp.topic[plen:], 0) + 1
         if c.group:
             ensure_state_topic(c.bootstrap, c.prefix)
             self._tps = []
-            self._partitions = {}
-            for tp in partitions_of(c.bootstrap, INPUT_TOPICS, c.prefix):
-                t = tp.topic[plen:]
-                self._partitions[t] = self._partitions.get(t, 0) + 1
             consumer.subscribe([c.prefix + t for t in INPUT_TOPICS], on_assign=self._on_assign,
                                on_revoke=self._on_revoke, on_lost=self._on_lost)
         else:
             u = self.units[None]
             self.restore([u])
             u.producer = self._new_producer(None)
-            self._tps = partitions_of(c.bootstrap, INPUT_TOPICS, c.prefix)
-            for tp in self._tps:
-                t = tp.topic[plen:]
-                self._partitions[t] = self._partitions.get(t, 0) + 1
+            u.placer = RunPartitioner(u.producer)
+            self._tps = tps
             consumer.assign([TopicPartition(tp.topic, tp.partition,
                                             u.offsets.get((tp.topic[plen:], tp.partition), OFFSET_BEGINNING))
                              for tp in self._tps])
@@ -374,6 +372,7 @@ class Worker:
         for p in new:
             u = _Unit(self, p, self._new_processor(p))
             u.producer = self._new_producer(p)  # fences the previous owner first: its open transaction aborts
+            u.placer = RunPartitioner(u.producer)
             fresh.append(u)
         if fresh:
             self.restore(fresh)
@@ -408,9 +407,7 @@ class Worker:
 
     def _drop(self, part: int | None) -> None:
         """Forget a unit (no transaction of it is open: callbacks run between batches)."""
-        u = self.units.pop(part)
-        if u.producer is not None:
-            self._partitioners.pop(id(u.producer), None)
+        self.units.pop(part)
 
     # -- one transaction per unit ---------------------------------------------------------------
 
@@ -468,21 +465,21 @@ class Worker:
             u.offsets[(topic, msg.partition())] = msg.offset() + 1
             m.events_in.labels(topic).inc()
             for ev in outs:
-                self._produce(producer, prefix + ev.topic, ev.chain_id, ev.value)
+                self._produce(u, prefix + ev.topic, ev.chain_id, ev.value)
                 m.events_out.labels(ev.topic).inc()
                 if ev.topic == "marl.dlq":
                     m.dead.labels(p.codec.decode(ev.value)[1]["error_kind"]).inc()
             n_out += len(outs)
         for ev in p.checkpoint():  # signed with the events they cover, in this transaction
-            self._produce(producer, prefix + ev.topic, ev.chain_id, ev.value)
+            self._produce(u, prefix + ev.topic, ev.chain_id, ev.value)
             m.events_out.labels(ev.topic).inc()
             n_out += 1
         state_topic = prefix + STATE_TOPIC
         for (run_id, kind, h), entry in p.take_join_changes().items():
-            self._produce(producer, state_topic, self._key(f"join:{run_id}:{kind}:{h}", u), entry)
+            self._produce(u, state_topic, self._key(f"join:{run_id}:{kind}:{h}", u), entry)
         for run_id in p.take_dirty():
             if run_id == "":
-                self._produce(producer, state_topic, self._key("dlq", u), p.snapshot_dlq())
+                self._produce(u, state_topic, self._key("dlq", u), p.snapshot_dlq())
             else:
                 snap = p.snapshot(run_id)
                 if len(snap) > MAX_STATE_VALUE:
@@ -490,8 +487,8 @@ class Worker:
                                         f"{MAX_STATE_VALUE}-byte state message limit (window of {p.window} credits "
                                         f"x {len(snap) // max(p.window, 1)} bytes); run this worker with a smaller "
                                         f"window or fewer agents per run")
-                self._produce(producer, state_topic, self._key(f"run:{run_id}", u), snap)
-        self._produce(producer, state_topic, self._key("offsets", u),
+                self._produce(u, state_topic, self._key(f"run:{run_id}", u), snap)
+        self._produce(u, state_topic, self._key("offsets", u),
                       json.dumps([[t, pt, o] for (t, pt), o in sorted(u.offsets.items())]).encode())
         elapsed = time.perf_counter() - t0
         m.latency.observe(elapsed / len(msgs))
@@ -501,18 +498,17 @@ class Worker:
             consumer.consumer_group_metadata(), 30)
         producer.commit_transaction(60)
         m.commit.observe(time.perf_counter() - t1)
-        u.forget(p.release_complete())  # complete runs leave memory; their markers go with the next batch
+        u.forget(p.release_complete())  # complete runs leave memory: their state went out with this commit
         now_ms = time.time() * 1000
         m.age.observe(max(0.0, (now_ms - msgs[-1].timestamp()[1]) / 1000))
         self.committed_batches += 1
         self.produced += n_out
 
-    def _produce(self, producer: Producer, topic: str, key: str, value: bytes | None) -> None:
+    @staticmethod
+    def _produce(u: _Unit, topic: str, key: str, value: bytes | None) -> None:
         """Send in the key's run partition (co-partitioned, like every marl.* writer: docs/HASHING.md)."""
-        runs = self._partitioners.get(id(producer))
-        if runs is None or runs.client is not producer:  # one per unit's producer: metadata read once
-            runs = self._partitioners[id(producer)] = RunPartitioner(producer)
-        partition = runs(topic, key)
+        producer = u.producer
+        partition = u.placer(topic, key)
         extra = {} if partition is None else {"partition": partition}
         while True:
             try:
