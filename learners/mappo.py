@@ -87,6 +87,12 @@ class MAPPOConfig:
     """observation normalization: running mean/std (every row so far, clipped to +-10) of the actor's
     observation and of the critic's state (or observation, IPPO) columns, never of the one-hot id; each
     replayed batch is folded in before its update; kept as buffers (hash, checkpoints, ONNX)"""
+    time_horizon: int = 0
+    """the critic also sees the fraction of the episode's steps left, max(0, 1 - t / time_horizon), as its
+    last input column (Pardo et al. 2018, "Time Limits in Reinforcement Learning"): set it to the env's
+    step limit (simple_spread's max_cycles, 25) where episodes end at a fixed step the observation does
+    not show; the end is then part of the state and treating it as terminal is exact. The actor is
+    unchanged (acting and the ONNX export need no clock); 0: no time column"""
     device: str = "cpu"
     """where the update runs (cpu, cuda, cuda:N); acting stays on the CPU; not part of config_hash or checkpoints"""
 
@@ -111,7 +117,7 @@ class MAPPO:
         box = {} if spec.discrete else {"low": spec.action_space.low, "high": spec.action_space.high}
         self.actor = Actor(self.actor_in, c.hidden, n_actions=spec.n_actions, action_dim=spec.action_dim,
                            action_mask=spec.action_mask(), obs_norm=spec.obs_dim if c.obs_norm else 0, **box)
-        self.critic = mlp(self.critic_in_dim(), c.hidden, 1, out_std=1.0)
+        self.critic = mlp(self.critic_in_dim() + (1 if c.time_horizon > 0 else 0), c.hidden, 1, out_std=1.0)
         if c.obs_norm:  # the critic's input columns before the one-hot id, normalized first
             self.critic = nn.Sequential(RunningNorm(self.critic_in_dim() - self.n_agents), *self.critic)
         self.value_norm = ValueNorm(c.value_norm)
@@ -146,6 +152,17 @@ class MAPPO:
         s = state.unsqueeze(-2).expand(*state.shape[:-1], self.n_agents, state.shape[-1])
         eye = torch.eye(self.n_agents).expand(*s.shape[:-1], self.n_agents)
         return torch.cat([s, eye], -1)
+
+    def critic_features(self, obs: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """One episode's critic rows [T, N, ...]: ``critic_inputs``, then, with ``time_horizon``, the
+        fraction of the steps left at each step t (the episode's first recorded step is t = 0)."""
+        cx = self.critic_inputs(obs, state)
+        H = self.config.time_horizon
+        if H <= 0:
+            return cx
+        t = torch.arange(cx.shape[0], dtype=cx.dtype)
+        left = (1.0 - t / H).clamp_min(0.0).reshape(-1, *([1] * (cx.dim() - 1))).expand(*cx.shape[:-1], 1)
+        return torch.cat([cx, left], -1)
 
     # --- acting: the Policy protocol ---------------------------------------------------------
     def _version(self) -> str:
@@ -194,7 +211,7 @@ class MAPPO:
             for ep in episodes:
                 obs = torch.as_tensor(ep.obs)
                 x = self.actor_inputs(obs)
-                cx = self.critic_inputs(obs, torch.as_tensor(ep.state))
+                cx = self.critic_features(obs, torch.as_tensor(ep.state))
                 values = self.value_norm.denormalize(self.critic(cx).squeeze(-1))  # [T, N]
                 rewards = torch.as_tensor(ep.rewards) * c.reward_scale
                 # the episode's end (or an agent's early exit) is its end: no final observation is recorded
@@ -229,7 +246,7 @@ class MAPPO:
             obs = torch.as_tensor(ep.obs)
             live = torch.as_tensor(ep.alive).reshape(-1) > 0
             rows.append(obs.reshape(-1, obs.shape[-1])[live])
-            cx = self.critic_inputs(obs, torch.as_tensor(ep.state))
+            cx = self.critic_features(obs, torch.as_tensor(ep.state))
             crows.append(cx.reshape(-1, cx.shape[-1])[live])
         self.actor.obs_norm.update(torch.cat(rows))
         self.critic[0].update(torch.cat(crows))
@@ -350,7 +367,7 @@ class MAPPO:
 
 
 # config fields added after checkpoints existed, with the default that means "as before"
-_LATER_FIELDS = {"anneal_lr_env_steps": 0, "obs_norm": False}
+_LATER_FIELDS = {"anneal_lr_env_steps": 0, "obs_norm": False, "time_horizon": 0}
 
 
 def _on_cpu(obj):

@@ -1,6 +1,7 @@
 """MAPPO's literature options (Yu et al. 2021; Andrychowicz et al. 2021): learning-rate annealing
-(``MAPPOConfig.anneal_lr_env_steps``) and observation normalization (``MAPPOConfig.obs_norm``,
-``networks.RunningNorm``). Both default to the behaviour before they existed: no new modules, the
+(``MAPPOConfig.anneal_lr_env_steps``), observation normalization (``MAPPOConfig.obs_norm``,
+``networks.RunningNorm``) and the critic's time column (``MAPPOConfig.time_horizon``; Pardo et al.
+2018). Each defaults to the behaviour before they existed: no new modules, the
 same config hash, a constant rate. Enabled, they stay deterministic (same replay + seed + config ->
 the same weights), survive a checkpoint round trip and the ONNX export, and run the twin path."""
 from __future__ import annotations
@@ -76,9 +77,11 @@ def test_defaults_add_no_module_keep_the_config_hash_and_a_constant_rate(replay)
     keys = [*learner.actor.state_dict(), *learner.critic.state_dict()]
     assert not any("obs_norm" in k or k in ("0.mean", "0.var", "0.count") for k in keys)
     before = {k: v for k, v in asdict(learner.config).items()
-              if k not in ("device", "anneal_lr_env_steps", "obs_norm")}
+              if k not in ("device", "anneal_lr_env_steps", "obs_norm", "time_horizon")}
     assert learner.config_hash == config_hash(before)  # the hash a config had before the new fields
     assert MAPPO(replay.spec, MAPPOConfig(hidden=16, obs_norm=True)).config_hash != learner.config_hash
+    assert MAPPO(replay.spec, MAPPOConfig(hidden=16, time_horizon=25)).config_hash != learner.config_hash
+    assert learner.critic[0].in_features == learner.critic_in_dim()  # no time column
     for _ in range(3):
         learner.update(replay)
         assert learner.optimizer.param_groups[0]["lr"] == learner.config.learning_rate
@@ -169,3 +172,43 @@ def test_obs_norm_survives_a_checkpoint_round_trip_and_is_in_the_onnx_graph(repl
         unnormalized = learner.actor.body(torch.as_tensor(x)).argmax(-1).numpy()
     assert np.array_equal(pol.actions(x), expected)
     assert not np.array_equal(expected, unnormalized)  # the graph did normalize
+
+
+# --- the critic's time column ------------------------------------------------------------------------
+@pytest.mark.parametrize("cls,cfg", [(MAPPO, MAPPOConfig), (IPPO, IPPOConfig)], ids=["mappo", "ippo"])
+def test_time_column_is_the_fraction_of_steps_left_after_the_critic_inputs(cls, cfg, replay):
+    learner = cls(replay.spec, cfg(hidden=16, time_horizon=4))
+    assert learner.critic[0].in_features == learner.critic_in_dim() + 1
+    ep = replay.episodes[0]
+    obs, state = torch.as_tensor(ep.obs), torch.as_tensor(ep.state)
+    cx = learner.critic_features(obs, state)
+    T, N = obs.shape[:2]
+    assert cx.shape == (T, N, learner.critic_in_dim() + 1)
+    assert torch.equal(cx[..., :-1], learner.critic_inputs(obs, state))  # the inputs as they were
+    left = torch.tensor([max(0.0, 1 - t / 4) for t in range(T)], dtype=torch.float32)
+    assert torch.equal(cx[..., -1], left[:, None].expand(T, N))  # the same for every agent at a step
+    assert torch.equal(cls(replay.spec, cfg(hidden=16)).critic_features(obs, state),
+                       learner.critic_inputs(obs, state))  # time_horizon 0: unchanged
+
+
+def test_time_column_is_deterministic_survives_a_checkpoint_and_leaves_the_actor_alone(replay, tmp_path):
+    def train(**kw):
+        learner = MAPPO(replay.spec, MAPPOConfig(seed=4, hidden=16, **kw))
+        for _ in range(2):
+            learner.update(replay)
+        return learner
+
+    a, b = train(time_horizon=25), train(time_horizon=25)
+    assert a.weights_sha256() == b.weights_sha256()
+    assert a.weights_sha256() != train().weights_sha256()
+    again = MAPPO(replay.spec, MAPPOConfig(seed=4, hidden=16, time_horizon=25))
+    again.load_state_dict(a.state_dict())
+    assert again.weights_sha256() == a.weights_sha256()
+    # the actor's inputs (and so acting and the ONNX export) do not change with the time column
+    assert a.actor.body[0].in_features == MAPPO(replay.spec, MAPPOConfig(hidden=16)).actor.body[0].in_features
+    signer = Signer.generate()
+    pol = OnnxPolicy(export_onnx(a, tmp_path / "p.onnx", signer), signer.public_key)
+    x = np.concatenate([np.asarray(replay.episodes[0].obs, np.float32).reshape(-1, replay.spec.obs_dim),
+                        np.tile(np.eye(len(replay.spec.agents), dtype=np.float32), (len(replay.episodes[0].obs), 1))], 1)
+    with torch.no_grad():
+        assert np.array_equal(pol.actions(x), greedy_module(a)(torch.as_tensor(x)).numpy())
