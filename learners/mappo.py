@@ -254,8 +254,12 @@ class MAPPO:
             self.train_actor.obs_norm.load_state_dict(self.actor.obs_norm.state_dict())
             self.train_critic[0].load_state_dict(self.critic[0].state_dict())
 
-    def update(self, replay: Replay) -> dict:
+    def update(self, replay: Replay, behaviour: nn.Module | None = None) -> dict:
         """PPO epochs over the replayed episodes. Returns losses and the optimizer steps taken.
+
+        ``behaviour``: the actor (a CPU module) that collected the episodes, where it is not this
+        learner's own (a learner one round ahead of its producers); PPO's old log-probabilities are
+        then its, not the current actor's. None: the current actor, as it is before the epochs.
 
         GAE's value pass runs on the CPU modules; the epochs on ``config.device``, whose twins' weights
         are then copied back to the CPU modules (no twins, nothing copied on the CPU)."""
@@ -278,7 +282,8 @@ class MAPPO:
             x, cx, a, adv, ret = (t.to(dev) for t in (x, cx, a, adv, ret))
             actor, critic = self.train_actor, self.train_critic
             with torch.no_grad():
-                old_logp, _ = actor.log_prob_entropy(x, a)
+                old_logp = actor.log_prob_entropy(x, a)[0] if behaviour is None else \
+                    behaviour.log_prob_entropy(x.cpu(), a.cpu())[0].to(dev)
             B = x.shape[0]
             mb = max(1, B // c.num_minibatches)
             n = 0
