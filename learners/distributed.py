@@ -29,7 +29,19 @@ iteration ``r``. Each producer samples actions with a generator of its own, seed
 Credit shares from the decision interpreter are not waited for (a round cannot know when a worker's
 credits are complete): the learner trains on the env's rewards.
 
-Every update is a function of the producers' batches in producer order, so ``retrain`` computes each
+Lag (``lag=L``, default 0: the synchronous rounds above). Round ``r`` is collected with policy
+``max(0, r - L)`` (the learner after that many updates): the learner publishes policy 0 for rounds
+``0..L``, and after its update on round ``r`` publishes policy ``r + 1`` for round ``r + 1 + L``. So
+with ``L = 1`` the producers collect round ``r + 1`` with policy ``r`` while the learner updates on
+round ``r``: the update is off the producers' time, and every round but the first ``L + 1`` is
+collected by a policy ``L`` updates behind the one it trains. PPO's ratio must then compare with the
+policy that acted, not the learner's current one: the learner keeps the actors of the policies still
+collecting (``BehaviourActors``) and gives each round's update the actor that collected it
+(``MAPPO.update(replay, behaviour=...)``; off-policy learners need none). When the time budget runs
+out, the rounds already published are still trained on. ``run.started``'s config records ``lag``
+(absent at 0, so a synchronous session's config and hash are what they were).
+
+Every update is a function of the producers' batches in producer order (and the lag), so ``retrain`` computes each
 update's weights again from the topics alone, bit for bit (``reproduce`` compares them with the
 ``weights_sha256`` each ``policy.update`` recorded).
 
@@ -39,6 +51,7 @@ atomically written ``round-{r}.ready``; only the training data travels through K
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -123,6 +136,52 @@ def reseed_acting(policy: Any, seed: int) -> None:
         return
     raise TypeError(f"{type(policy).__name__} has no action sampler (.sampler or .explorer) to reseed; every "
                     f"producer would act with the same random numbers")
+
+
+# --- rounds in flight (lag) --------------------------------------------------------------------------------
+def acting_policy(round_: int, lag: int) -> int:
+    """The policy that collects round ``round_`` (the learner after that many updates): ``round_`` itself
+    with synchronous rounds (``lag`` 0), else ``max(0, round_ - lag)``."""
+    if lag < 0:
+        raise ValueError(f"lag must be >= 0, got {lag}")
+    return max(0, round_ - lag)
+
+
+class BehaviourActors:
+    """The actors of the policies still collecting rounds (``lag`` > 0, on-policy learners), so that each
+    round's update scores PPO's old log-probabilities with the policy that acted in it.
+
+    ``keep(p, learner)`` after the learner's ``p``-th update (0: before any), with the learner's actor as
+    published; ``behaviour(r, updates)``: the actor that collected round ``r``, or None where it is the
+    learner's own (``updates`` updates so far) or the learner is off-policy; older actors are dropped."""
+
+    def __init__(self, lag: int, learner: Any):
+        acting_policy(0, lag)  # checks lag
+        self.lag = lag
+        self.on_policy = bool(getattr(learner, "on_policy", False)) and lag > 0
+        self._actors: dict[int, torch.nn.Module] = {}
+
+    def keep(self, policy: int, learner: Any) -> None:
+        if self.on_policy:
+            self._actors[policy] = copy.deepcopy(learner.actor)
+
+    def behaviour(self, round_: int, updates: int) -> torch.nn.Module | None:
+        p = acting_policy(round_, self.lag)
+        for old in [q for q in self._actors if q < p]:
+            del self._actors[old]
+        if not self.on_policy or p == updates:
+            return None
+        if p not in self._actors:
+            raise ValueError(f"round {round_} was collected by policy {p}, whose actor was not kept")
+        return self._actors[p]
+
+    def held(self) -> list[int]:
+        """The policies whose actors are kept (for tests)."""
+        return sorted(self._actors)
+
+
+def _update(learner: Any, replay: Replay, behaviour: torch.nn.Module | None) -> dict:
+    return learner.update(replay) if behaviour is None else learner.update(replay, behaviour=behaviour)
 
 
 # --- round bookkeeping (pure) ----------------------------------------------------------------------
@@ -363,12 +422,16 @@ def produce_rounds(group_run: str, producer: int, producers: int, *, collect: Co
 
 
 # --- the learner's side ----------------------------------------------------------------------------------
-def group_config(algo: str, config: Any, runs: Sequence[str], episodes_per_round: int, seed: int) -> dict:
-    """The learner run's config (its ``run.started``): enough to retrain it from the topics."""
+def group_config(algo: str, config: Any, runs: Sequence[str], episodes_per_round: int, seed: int,
+                 lag: int = 0) -> dict:
+    """The learner run's config (its ``run.started``): enough to retrain it from the topics. ``lag`` is
+    recorded where it is not 0 (a synchronous session's config is what it was before lags existed)."""
     from dataclasses import asdict
 
+    acting_policy(0, lag)  # checks lag
     return {"algorithm": algo, "learner_config": asdict(config), "producer_runs": list(runs),
-            "episodes_per_round": episodes_per_round, "seed": seed, "round_topics": list(ROUND_TOPICS)}
+            "episodes_per_round": episodes_per_round, "seed": seed, "round_topics": list(ROUND_TOPICS),
+            **({"lag": int(lag)} if lag else {})}
 
 
 class RecordSource:
@@ -460,7 +523,7 @@ def train_distributed(spec: RunSpec, algo: str, *, runs: Sequence[str], source: 
                       config: Any = None, learner: Any = None, run_started: dict | None = None,
                       time_budget_s: float | None = None, on_update: Callable[[dict], None] | None = None,
                       alive: Callable[[], None] | None = None, round_timeout_s: float = 120.0,
-                      keep_replays: bool = False) -> OnlineResult:
+                      keep_replays: bool = False, lag: int = 0) -> OnlineResult:
     """The learner of ``runs`` (producer runs, in producer order) on run ``spec.run_id``: publish policy
     0, then per round wait for every producer's signed batch (``RoundBook`` over ``source``), read and
     verify each with its own ``RunReader`` as soon as it is complete, update on the union, write
@@ -470,7 +533,10 @@ def train_distributed(spec: RunSpec, algo: str, *, runs: Sequence[str], source: 
     ``signing_key`` signs the published checkpoints, ``signer`` the learner's chains; ``run_started``
     (a run.started payload) is written on ``{G}:lifecycle`` first and ``run.finished`` at the end.
     ``alive()`` raises when a producer died; ``round_timeout_s``: how long a round may go without a
-    record before it fails. Returns the learning curve as ``train_online`` does."""
+    record before it fails. ``lag``: round ``r`` is collected with policy ``max(0, r - lag)`` (see the
+    module's doc; ``run_started`` should record it: ``group_config(..., lag=lag)``); with the time budget
+    spent, the rounds already published are still trained on. Returns the learning curve as
+    ``train_online`` does."""
     a = algorithm(algo)
     if learner is None:
         learner = a.learner_cls(spec, config or a.config_cls(seed=seed))
@@ -482,21 +548,29 @@ def train_distributed(spec: RunSpec, algo: str, *, runs: Sequence[str], source: 
     started = log.append(f"{group}:lifecycle", "run.started", run_started) if run_started is not None else None
     returns: list[float] = []
     rounds, status, reason = 0, "completed", ""
+    behaviours = BehaviourActors(lag, learner)
+    board.keep = max(board.keep, lag + 2)  # a round's policy stays until every producer has loaded it
+    end = iterations  # rounds to train on
     t0 = time.monotonic()
     try:
-        board.publish(0, learner, signing_key)
+        for q in range(min(lag, iterations - 1) + 1):  # policy 0 collects rounds 0..lag
+            board.publish(q, learner, signing_key)
+        behaviours.keep(0, learner)
         for r in range(iterations):
             replays = _wait_round(r, book, readers, source, learner, alive, round_timeout_s)
             union = union_replay(spec, replays)
             parent = learner.version
-            out = learner.update(union)
+            out = _update(learner, union, behaviours.behaviour(r, r))
             ev = emit_policy_update(log, learner, out, union, parent_version=parent)
             rounds = r + 1
-            last = rounds >= iterations or (time_budget_s is not None and time.monotonic() - t0 > time_budget_s)
-            if last:
-                board.stop(rounds, "done")
-            else:
-                board.publish(rounds, learner, signing_key)  # the producers start while the learner signs
+            if time_budget_s is not None and time.monotonic() - t0 > time_budget_s:
+                end = min(end, rounds + lag)  # the rounds already published are trained on
+            last = rounds >= end
+            if rounds + lag >= end:
+                board.stop(end, "done")
+            else:  # policy `rounds` collects round `rounds + lag`
+                board.publish(rounds + lag, learner, signing_key)  # the producers start while the learner signs
+                behaviours.keep(rounds, learner)
             if signer is not None:
                 log.checkpoint()
             sink_flush = getattr(sink, "flush", None)
@@ -576,6 +650,7 @@ class GroupRun:
     config: Any
     runs: list[str]
     updates: list[dict]   # the policy.update records of {G}:policy:{algo}, in seq order
+    lag: int = 0          # round r was collected by policy max(0, r - lag)
 
 
 def read_group_run(records: Iterable[Record], group_run: str) -> GroupRun:
@@ -606,16 +681,19 @@ def read_group_run(records: Iterable[Record], group_run: str) -> GroupRun:
     chain = policy_chain(group_run, a.name)
     updates = sorted((u for u in updates if u["chain_id"] == chain), key=lambda u: u["seq"])
     return GroupRun(RunSpec.from_run_started(group_run, started), a.name, a.config_cls(**lc), cfg["producer_runs"],
-                    updates)
+                    updates, int(cfg.get("lag", 0)))
 
 
 def retrain(records: Iterable[Record], group: GroupRun, *, public_key=None,
             rounds: int | None = None) -> tuple[Any, list[bytes]]:
     """Train ``group``'s learner again from the producers' records (any order of partitions; whole
-    topics are fine): the same batches, rounds and order as online. Returns the learner and the
-    weights hash after each round."""
+    topics are fine): the same batches, rounds and order as online, each round's update given the
+    actor of the policy that collected it (``group.lag``). Returns the learner and the weights hash
+    after each round."""
     a = algorithm(group.algo)
     learner = a.learner_cls(group.spec, group.config)
+    behaviours = BehaviourActors(group.lag, learner)
+    behaviours.keep(0, learner)
     book = RoundBook(group.runs)
     book.add(records)
     readers = [RunReader(run, public_key=public_key) for run in group.runs]
@@ -629,7 +707,8 @@ def retrain(records: Iterable[Record], group: GroupRun, *, public_key=None,
             rp = reader.add(book.take(k, r))
             _check_spec(learner, rp, group.runs[k])
             replays.append(rp)
-        learner.update(union_replay(group.spec, replays))
+        _update(learner, union_replay(group.spec, replays), behaviours.behaviour(r, r))
+        behaviours.keep(r + 1, learner)
         hashes.append(learner.weights_sha256())
     return learner, hashes
 
@@ -643,7 +722,7 @@ def reproduce(records: Sequence[Record], group_run: str, *, public_key=None) -> 
     return [(u["policy_version"], bytes(u["weights_sha256"]) == h) for u, h in zip(group.updates, hashes)]
 
 
-__all__ = ["ROUND_TOPICS", "DistributedError", "GroupRun", "GroupSource", "PolicyBoard", "RecordSource", "RoundBook",
-           "acting_seed", "batch_producer_id", "collect_batch", "group_config", "load_policy", "produce_rounds",
+__all__ = ["ROUND_TOPICS", "BehaviourActors", "DistributedError", "GroupRun", "GroupSource", "PolicyBoard",
+           "RecordSource", "RoundBook", "acting_policy", "acting_seed", "batch_producer_id", "collect_batch", "group_config", "load_policy", "produce_rounds",
            "producer_run_id", "read_group_run", "reproduce", "reseed_acting", "retrain", "round_checkpoint_chain",
            "round_seed", "split_episodes", "train_distributed", "union_replay"]

@@ -136,6 +136,10 @@ def register(app: typer.Typer) -> None:
         producers: int = typer.Option(1, "--producers", min=1,
                                       help="producer processes feeding one learner through a Kafka consumer group, "
                                            "each writing run RUN.pK (seed 002); 1: one process"),
+        lag: int = typer.Option(0, "--lag", min=0, help="with --producers N: round r is collected with the policy "
+                                "of update r - LAG, so with 1 the producers collect the next round while the "
+                                "learner updates (PPO scores each round with the policy that acted); 0: "
+                                "synchronous rounds"),
         checkpoint: Optional[Path] = typer.Option(None, "--checkpoint",
                                                   help="signed checkpoint path (default HOME/checkpoints/RUN/policy)"),
         home: Optional[Path] = HomeOpt,
@@ -168,12 +172,14 @@ def register(app: typer.Typer) -> None:
             if producers > 1:
                 fail("--curriculum runs in one process: drop --producers (or --curriculum)")
             staged = CurriculumConfig(curriculum_window, curriculum_window)
+        if lag and producers < 2:
+            fail("--lag overlaps producer processes with the learner: give --producers N (N >= 2)")
         if producers > 1:  # no evaluation: the learning curve and the checkpoint (marlgrc.scaleout)
             from .scaleout import run_scaleout
 
             res = run_scaleout(s, env=env, algo=algo, producers=producers, seed=seed, iterations=iterations,
                                minutes=minutes, continuous=continuous, env_args=env_args, overrides=overrides,
-                               out=out, checkpoint=checkpoint, threads=threads, say=typer.echo)
+                               out=out, checkpoint=checkpoint, threads=threads, lag=lag, say=typer.echo)
             typer.echo(res.run_id)
             return
         res = run_training(s, env=env, algo=algo, seed=seed, iterations=iterations, minutes=minutes,

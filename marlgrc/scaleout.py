@@ -110,10 +110,13 @@ def train_scaleout(env_name: str, *, producers: int, bootstrap: str, prefix: str
                    iterations: int, seed: int = 1, config: Any = None, env_args: dict | None = None,
                    continuous: bool = False, max_steps: int | None = None, run_id: str | None = None,
                    time_budget_s: float | None = None, on_update: Callable[[dict], None] | None = None,
-                   board_dir: Path | None = None, threads: int = 1, round_timeout_s: float = 120.0) -> OnlineResult:
+                   board_dir: Path | None = None, threads: int = 1, round_timeout_s: float = 120.0,
+                   lag: int = 0) -> OnlineResult:
     """Train ``algo`` on ``env_name`` with ``producers`` producer processes and this process as the
     learner, every event through Kafka at ``bootstrap`` and signed with the key file ``signing_key``.
-    ``board_dir``: the policy directory (default: a temporary one, removed at the end). Returns the
+    ``board_dir``: the policy directory (default: a temporary one, removed at the end). ``lag``: round
+    ``r`` is collected with policy ``max(0, r - lag)``, so with 1 the producers collect the next round
+    while the learner updates (``learners.distributed``; recorded in run.started's config). Returns the
     learner's result (its ``run_id`` is the learner run ``G``; producer ``k`` wrote ``G.p{k}``)."""
     a = algorithm(algo)
     config = config or a.config_cls(seed=seed)
@@ -127,7 +130,7 @@ def train_scaleout(env_name: str, *, producers: int, bootstrap: str, prefix: str
     E = config.episodes_per_update
     signer = Signer.load(Path(signing_key))
     key = load_signing_key(Path(signing_key))
-    cfg = {**group_config(algo, config, runs, E, seed), "env": env_name, "env_args": env_args,
+    cfg = {**group_config(algo, config, runs, E, seed, lag), "env": env_name, "env_args": env_args,
            "continuous": continuous, "max_steps": max_steps}
     config_json, config_hash = config_digest(cfg)
     run_started = {"env_id": env_id, "env_version": ver, "seed": int(seed), "config_hash": config_hash,
@@ -174,7 +177,7 @@ def train_scaleout(env_name: str, *, producers: int, bootstrap: str, prefix: str
                                  board=board, signing_key=key, signer=signer, public_key=signer.public_key,
                                  iterations=iterations, seed=seed, config=config, run_started=run_started,
                                  time_budget_s=time_budget_s, on_update=on_update, alive=alive,
-                                 round_timeout_s=round_timeout_s)
+                                 round_timeout_s=round_timeout_s, lag=lag)
     finally:
         board.stop(-1, "learner ended")  # a no-op after a clean stop; else the producers end at their next wait
         for p in procs:
@@ -192,7 +195,7 @@ def train_scaleout(env_name: str, *, producers: int, bootstrap: str, prefix: str
 def run_scaleout(s: Any, *, env: str, algo: str, producers: int, seed: int = 1, iterations: int | None = None,
                  minutes: float | None = None, continuous: bool = False, env_args: dict | None = None,
                  max_steps: int | None = None, overrides: list[str] = (), out: Path | None = None,
-                 checkpoint: Path | None = None, threads: int = 1,
+                 checkpoint: Path | None = None, threads: int = 1, lag: int = 0,
                  say: Callable[[str], None] = print) -> OnlineResult:
     """What `marlgrc train-online --producers N` runs: settings, the home's signing key, topics, the
     session (``train_scaleout``), the learning curve in ``out`` and a signed checkpoint at the end."""
@@ -231,7 +234,7 @@ def run_scaleout(s: Any, *, env: str, algo: str, producers: int, seed: int = 1, 
     except BrokerUnavailable as exc:
         fail(str(exc))
     rows: list[dict] = []
-    head = {"env": env, "algo": algo, "seed": seed, "transport": "kafka", "producers": producers}
+    head = {"env": env, "algo": algo, "seed": seed, "transport": "kafka", "producers": producers, "lag": lag}
 
     def on_update(row: dict) -> None:
         rows.append(row)
@@ -248,7 +251,7 @@ def run_scaleout(s: Any, *, env: str, algo: str, producers: int, seed: int = 1, 
                              signing_key=s.signing_key, iterations=iterations or (10**9 if minutes else 10),
                              seed=seed, config=config, env_args=env_args, continuous=continuous, max_steps=max_steps,
                              time_budget_s=None if minutes is None else minutes * 60, on_update=on_update,
-                             threads=threads)
+                             threads=threads, lag=lag)
     except (EnvError, BrokerUnavailable, DeliveryError, HarnessError, ReplayError, DistributedError,
             ScaleoutError) as exc:
         fail(str(exc))

@@ -1,8 +1,10 @@
 """learners.distributed without a broker: round bookkeeping over any arrival order, the split of a
 round's episodes and seeds, and the learner's loop with producers running as threads of this process
-(the same sealed bytes Kafka would carry, in memory), reproduced bit for bit by ``retrain``."""
+(the same sealed bytes Kafka would carry, in memory), reproduced bit for bit by ``retrain``; with a lag,
+each round's update scored with the actor that collected it."""
 from __future__ import annotations
 
+import copy
 import random
 import threading
 import time
@@ -16,14 +18,16 @@ from eventlog.kafka import Record
 from eventlog.log import MemorySink
 from eventlog.verify import Verifier
 from learners.checkpoint import load_signing_key
-from learners.distributed import (PolicyBoard, RecordSource, RoundBook, acting_seed, collect_batch, group_config,
-                                  produce_rounds, producer_run_id, read_group_run, reproduce, retrain, round_seed,
-                                  split_episodes, train_distributed)
+from learners.distributed import (BehaviourActors, PolicyBoard, RecordSource, RoundBook, acting_policy, acting_seed,
+                                  collect_batch, group_config, produce_rounds, producer_run_id, read_group_run,
+                                  reproduce, retrain, round_seed, split_episodes, train_distributed)
+from learners.dqn import DQN
 from learners.mappo import MAPPO, MAPPOConfig
+from learners.networks import weights_sha256
 from learners.replay import RunSpec, records_from_memory
 from producers.harness import config_digest, env_spaces, run_episodes
 from producers.policies import RandomPolicy
-from tests.unit.test_learners_support import MatchTarget
+from tests.unit.test_learners_support import MatchTarget, harness_run, replay_of
 
 CODEC = default_codec()
 
@@ -132,7 +136,7 @@ class MemorySource(RecordSource):
         return out
 
 
-def _session(tmp_path, group, producers=3, rounds=3, episodes=5):
+def _session(tmp_path, group, producers=3, rounds=3, episodes=5, lag=0, learner=None, time_budget_s=None):
     """A learner and ``producers`` producer threads over one in-memory sink; returns (result, sink, public key)."""
     torch.set_num_threads(1)
     signer = Signer.generate()
@@ -143,7 +147,7 @@ def _session(tmp_path, group, producers=3, rounds=3, episodes=5):
                                             "config_hash": "", **env_spaces(env)})
     config = MAPPOConfig(seed=1, episodes_per_update=episodes)
     runs = [producer_run_id(group, k) for k in range(producers)]
-    text, digest = config_digest(group_config("mappo", config, runs, episodes, 1))
+    text, digest = config_digest(group_config("mappo", config, runs, episodes, 1, lag))
     started = {"env_id": "match_target_v0", "env_version": "0", "seed": 1, "config_hash": digest, "config_json": text,
                **env_spaces(env), "episodes_planned": rounds * episodes}
     sink, board = MemorySink(), PolicyBoard(tmp_path / "policies")
@@ -167,7 +171,9 @@ def _session(tmp_path, group, producers=3, rounds=3, episodes=5):
     try:
         res = train_distributed(spec, "mappo", runs=runs, source=MemorySource(sink), sink=sink, board=board,
                                 signing_key=key, signer=signer, public_key=signer.public_key, iterations=rounds,
-                                seed=1, config=config, run_started=started, alive=alive, round_timeout_s=30)
+                                seed=1, config=config, run_started=started, alive=alive, round_timeout_s=30,
+                                lag=lag, learner=learner(spec, config) if learner else None,
+                                time_budget_s=time_budget_s)
     finally:
         board.stop(-1)
         for t in threads:
@@ -210,3 +216,129 @@ def test_a_session_is_deterministic_given_its_seed(tmp_path):
     b, _, _ = _session(tmp_path / "b", "gb", producers=2, rounds=2, episodes=4)
     assert a.learner.weights_sha256() == b.learner.weights_sha256()
     assert isinstance(a.learner, MAPPO)
+
+
+# --- lag: the producers collect round r + lag while the learner updates on round r --------------------------
+def _spec(run="g"):
+    return RunSpec.from_run_started(run, {"env_id": "match_target_v0", "env_version": "0", "seed": 1,
+                                          "config_hash": "", **env_spaces(MatchTarget())})
+
+
+def test_which_policy_collects_each_round_and_which_actors_the_learner_keeps():
+    assert [acting_policy(r, 0) for r in range(4)] == [0, 1, 2, 3]
+    assert [acting_policy(r, 1) for r in range(4)] == [0, 0, 1, 2]
+    assert [acting_policy(r, 2) for r in range(5)] == [0, 0, 0, 1, 2]
+    with pytest.raises(ValueError):
+        acting_policy(3, -1)
+    # the config records a lag only where there is one: a synchronous session's config (and hash) is unchanged
+    cfg = group_config("mappo", MAPPOConfig(), ["g.p0"], 4, 1)
+    assert "lag" not in cfg and group_config("mappo", MAPPOConfig(), ["g.p0"], 4, 1, 1) == {**cfg, "lag": 1}
+
+    torch.set_num_threads(1)
+    learner = MAPPO(_spec(), MAPPOConfig(seed=1, episodes_per_update=2))
+    replay = replay_of(harness_run(MatchTarget(), learner, run_id="g", episodes=2), "g")
+    book = BehaviourActors(1, learner)
+    book.keep(0, learner)
+    published = [weights_sha256(learner.actor)]
+    assert book.behaviour(0, 0) is None  # round 0: collected by the learner's own policy 0
+    for r in range(4):
+        if r:
+            actor = book.behaviour(r, r)  # round r was collected by policy r - 1, one update behind
+            assert actor is not learner.actor and weights_sha256(actor) == published[r - 1]
+            assert weights_sha256(actor) != weights_sha256(learner.actor)
+            assert book.held() == [r - 1, r]  # older actors are dropped
+        learner.update(replay)
+        book.keep(r + 1, learner)
+        published.append(weights_sha256(learner.actor))
+    assert book.held() == [2, 3, 4]
+    # no lag, or an off-policy learner: nothing kept, the learner's own policy
+    for none in (BehaviourActors(0, learner), BehaviourActors(1, DQN(_spec()))):
+        none.keep(0, learner)
+        assert none.held() == [] and none.behaviour(3, 3) is None
+
+
+def test_mappo_scores_old_log_probabilities_with_the_behaviour_actor():
+    torch.set_num_threads(1)
+    config = MAPPOConfig(seed=1, episodes_per_update=4)
+    collector = MAPPO(_spec(), config)
+    replay = replay_of(harness_run(MatchTarget(), collector, run_id="g", episodes=4), "g")
+    a, b, c = (MAPPO(_spec(), config) for _ in range(3))
+    a.update(replay)
+    b.update(replay, behaviour=copy.deepcopy(b.actor))  # the same actor as a module of its own: the same update
+    assert a.weights_sha256() == b.weights_sha256()
+
+    calls = []
+    other = MAPPO(_spec(), MAPPOConfig(seed=7)).actor  # an actor with other weights acted
+
+    def spy(x, actions, _f=other.log_prob_entropy):
+        calls.append(x.shape[0])
+        return _f(x, actions)
+    other.log_prob_entropy = spy
+    before = weights_sha256(other)
+    out = c.update(replay, behaviour=other)
+    assert calls == [replay.env_steps * 2]  # once, over every live agent-step (2 agents), before the epochs
+    assert weights_sha256(other) == before  # the behaviour actor is read, never trained
+    assert c.weights_sha256() != a.weights_sha256()  # the ratio is taken against the actor that acted
+    assert out["losses"]["losses/approx_kl"] != pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_lagged_session_scores_each_round_with_the_policy_that_collected_it_and_reproduces(tmp_path):
+    seen = []
+
+    class Spy(MAPPO):
+        def update(self, replay, behaviour=None):
+            seen.append(None if behaviour is None else weights_sha256(behaviour).hex()[:12])
+            return super().update(replay, behaviour=behaviour)
+
+    res, sink, pk = _session(tmp_path, "lag", producers=3, rounds=4, episodes=5, lag=1, learner=Spy)
+    assert [r["env_steps"] for r in res.curve] == [40, 80, 120, 160]
+    records = records_from_memory(sink.sent)
+    group = read_group_run(records, "lag")
+    assert group.lag == 1 and [u["event_hash"] for u in group.updates] == res.update_hashes
+    updates = group.updates
+    versions = [updates[0]["parent_policy_version"]] + [u["policy_version"] for u in updates]  # policy p
+    # round r was collected by policy max(0, r - 1): rounds 0 and 1 by policy 0, round 2 by policy 1, ...
+    for r in range(4):
+        acted = {CODEC.decode(v)[1]["policy_version"] for t, k, v in sink.sent
+                 if t == "marl.joint.action" and CODEC.decode(v)[1]["producer_id"] == f"harness-{r}"}
+        assert acted == {versions[acting_policy(r, 1)]}
+        # the learner's update of round r took its old log-probabilities from that policy's actor
+        assert (seen[r] is None) == (r == 0)
+        if r:
+            assert seen[r] == versions[r - 1].rsplit("-", 1)[1] and versions[r - 1] != updates[r]["parent_policy_version"]
+    # each update still names exactly the round's ranges of every producer
+    actions = [{x["chain_id"]: (x["first_seq"], x["last_seq"]) for x in u["lineage"]
+                if x["topic"] == "marl.joint.action"} for u in updates]
+    assert actions[3] == {"lag.p0:actions": (48, 63), "lag.p1:actions": (48, 63), "lag.p2:actions": (24, 31)}
+    report = Verifier(pk, require_signed=True)
+    report.add_checkpoints([r for r in records if r.topic == "marl.audit.checkpoints"])
+    report.feed([r for r in records if r.topic != "marl.audit.checkpoints"])
+    assert report.finish().ok
+    # reproduced bit for bit from the records, with the lag run.started records ...
+    assert reproduce(records, "lag", public_key=pk) == [(u["policy_version"], True) for u in updates]
+    _, hashes = retrain(sorted(records, key=lambda r: r.topic, reverse=True), group, public_key=pk)
+    assert hashes == [bytes(u["weights_sha256"]) for u in updates] and hashes[-1] == res.learner.weights_sha256()
+    # ... and not without it: from round 1 on the synchronous old log-probabilities differ
+    group.lag = 0
+    _, sync = retrain(records, group, public_key=pk)
+    assert sync[0] == hashes[0] and all(x != y for x, y in zip(sync[1:], hashes[1:]))
+
+
+def test_a_lagged_session_out_of_time_trains_on_the_rounds_already_published(tmp_path):
+    # a time budget of 0: the first update spends it; round 1, published with round 0, is still trained on
+    res, sink, pk = _session(tmp_path, "late", producers=2, rounds=50, episodes=4, lag=1, time_budget_s=0.0)
+    assert [r["iteration"] for r in res.curve] == [0, 1]
+    records = records_from_memory(sink.sent)
+    collected = {CODEC.decode(v)[1]["producer_id"] for t, k, v in sink.sent if t == "marl.joint.action"}
+    assert collected == {"harness-0", "harness-1"}  # nothing collected that is not trained on
+    assert reproduce(records, "late", public_key=pk) == [(u["policy_version"], True)
+                                                         for u in read_group_run(records, "late").updates]
+
+
+def test_a_lagged_session_is_deterministic_given_its_seed(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, _, _ = _session(tmp_path / "a", "ga", producers=2, rounds=3, episodes=4, lag=1)
+    b, _, _ = _session(tmp_path / "b", "gb", producers=2, rounds=3, episodes=4, lag=1)
+    s, _, _ = _session(tmp_path, "gs", producers=2, rounds=3, episodes=4)
+    assert a.learner.weights_sha256() == b.learner.weights_sha256() != s.learner.weights_sha256()
