@@ -1,7 +1,8 @@
 """Many producers, one learner (seed 002) on the real broker: three producer processes and a learner
 (this process, through a consumer group) train MAPPO on simple_spread_v3 for a few rounds; every
 update names every producer's ranges, the union's env steps are counted, everything verifies with
-signatures required, and retraining from the topics gives the same weights, bit for bit."""
+signatures required, and retraining from the topics gives the same weights, bit for bit; and a lagged
+session (the producers collect round r + 1 while the learner updates on round r) does the same."""
 from __future__ import annotations
 
 import pytest
@@ -12,7 +13,7 @@ from eventlog.audit import verify_kafka
 from eventlog.checkpoint import Signer
 from eventlog.codec import default_codec
 from eventlog.kafka import read_records
-from learners.distributed import read_group_run, reproduce
+from learners.distributed import acting_policy, read_group_run, reproduce, retrain
 from learners.mappo import MAPPOConfig
 from learners.replay import VERIFY_TOPICS
 from marlgrc.scaleout import train_scaleout
@@ -80,3 +81,41 @@ def test_three_producer_processes_feed_one_learner_through_kafka(kafka, topics, 
         ends = [r.offset + 1 for r in actions if r.partition == p]
         if ends:
             assert off == max(ends)
+
+
+@pytest.mark.timeout(240)
+def test_a_lagged_session_through_kafka_verifies_and_reproduces(kafka, topics, tmp_path):
+    torch.set_num_threads(1)
+    key = tmp_path / "signing.pem"
+    signer = Signer.load_or_create(key)
+    rounds = ROUNDS + 1
+    res = train_scaleout("simple_spread_v3", producers=PRODUCERS, bootstrap=kafka.bootstrap, prefix=topics,
+                         algo="mappo", signing_key=key, iterations=rounds, seed=1, run_id="lag1", lag=1,
+                         config=MAPPOConfig(seed=1, episodes_per_update=EPISODES), board_dir=tmp_path / "policies")
+    per_round = EPISODES * STEPS
+    assert [r["env_steps"] for r in res.curve] == [per_round * (i + 1) for i in range(rounds)]
+    records = list(read_records(kafka.bootstrap, VERIFY_TOPICS, prefix=topics))
+    group = read_group_run(records, "lag1")
+    assert group.lag == 1 and [u["event_hash"] for u in group.updates] == res.update_hashes
+    for i, u in enumerate(group.updates):  # each update names exactly its round's share of every producer
+        acts = {x["chain_id"]: x for x in u["lineage"] if x["topic"] == "marl.joint.action"}
+        assert [(acts[f"lag1.p{k}:actions"]["first_seq"], acts[f"lag1.p{k}:actions"]["last_seq"])
+                for k in range(PRODUCERS)] == [(i * 50, i * 50 + 49)] * PRODUCERS
+    # round r was acted by policy max(0, r - 1), as every producer's joint.action events say
+    codec = default_codec()
+    versions = [group.updates[0]["parent_policy_version"]] + [u["policy_version"] for u in group.updates]
+    acted: dict[int, set] = {}
+    for r in records:
+        if r.topic == "marl.joint.action" and r.key.startswith("lag1.p"):
+            ev = codec.decode(r.value)[1]
+            acted.setdefault(int(ev["producer_id"].split("-")[1]), set()).add(ev["policy_version"])
+    assert acted == {r: {versions[acting_policy(r, 1)]} for r in range(rounds)}
+
+    report, _ = verify_kafka(kafka.bootstrap, prefix=topics, public_key=signer.public_key, require_signed=True)
+    assert report.ok, [b.describe() for b in report.breaks]
+    assert reproduce(records, "lag1", public_key=signer.public_key) == \
+        [(u["policy_version"], True) for u in group.updates]
+    assert bytes(group.updates[-1]["weights_sha256"]) == res.learner.weights_sha256()
+    group.lag = 0  # the lag is what makes them reproduce: without it the rounds after the first differ
+    _, sync = retrain(records, group, public_key=signer.public_key)
+    assert [bytes(u["weights_sha256"]) == h for u, h in zip(group.updates, sync)] == [True] + [False] * (rounds - 1)
