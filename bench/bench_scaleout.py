@@ -12,13 +12,19 @@ on / seconds until the last update. The rounds are synchronous, so every arm's u
 the episodes of the same seeds (``20 * i ...``) with the policy of update ``i - 1``: the return curves
 per env step are printed side by side, in bins of updates.
 
+``--lag 1`` adds, for each producer count, an arm whose producers collect round ``i + 1`` with policy
+``i - 1`` while the learner updates on round ``i`` (``train_scaleout(lag=1)``: the update off the
+producers' time; PPO scores each round with the actor that collected it). Its update ``i`` trains on
+the same seeds, acted by a policy one update older: its return curve per env step is printed beside
+the synchronous ones, and its verdict against the target beside theirs.
+
 CPU ms per env step (this process and the producer processes, startup included; the broker's
 not counted) says what the arms cost beside what they reach.
 
 The machine is shared: the load average (1 min) is printed before and after each arm; run it when
 ``uptime`` is lowest and report the load with the figures.
 
-    ./dev python bench/bench_scaleout.py [--seconds 60] [--producers 2,4] [--repeats 1] [--seed 1]
+    ./dev python bench/bench_scaleout.py [--seconds 60] [--producers 2,4] [--lag 1] [--repeats 1] [--seed 1]
 """
 from __future__ import annotations
 
@@ -52,6 +58,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="arms interleaved this many times")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--bin", type=int, default=10, help="updates per bin of the return curves")
+    p.add_argument("--lag", type=int, default=0, help="also run each producer count with this lag (the update "
+                   "overlapped with the next rounds' collection); 0: synchronous arms only")
     args = p.parse_args()
     counts = [int(x) for x in args.producers.split(",") if x]
     torch.set_num_threads(1)
@@ -80,7 +88,7 @@ def main() -> None:
                                time_budget_s=args.seconds)
             return {"curve": res.curve, "startup": 0.0}
 
-        def producers(n: int) -> dict:
+        def producers(n: int, lag: int = 0) -> dict:
             t = time.perf_counter()
             first: list[float] = []
 
@@ -89,10 +97,12 @@ def main() -> None:
                     first.append(time.perf_counter() - t - row["seconds"])  # spawn + imports + warm-up
             res = train_scaleout("simple_spread_v3", producers=n, bootstrap=boot, prefix=prefix, algo="mappo",
                                  signing_key=key, iterations=10**9, seed=args.seed, config=MAPPOConfig(seed=args.seed),
-                                 time_budget_s=args.seconds, on_update=on_update)
+                                 time_budget_s=args.seconds, on_update=on_update, lag=lag)
             return {"curve": res.curve, "startup": first[0] if first else float("nan")}
 
         arms = {"1 process": one_process, **{f"{n} producers": (lambda n=n: producers(n)) for n in counts}}
+        if args.lag:
+            arms.update({f"{n} prod lag {args.lag}": (lambda n=n: producers(n, args.lag)) for n in counts})
         results: dict[str, list[dict]] = {name: [] for name in arms}
         for _ in range(args.repeats):
             for name, arm in arms.items():
@@ -117,7 +127,7 @@ def main() -> None:
         sps = float(np.median([r["sps"] for r in runs]))
         ratio = sps / base
         verdict = ""
-        if name == "2 producers":
+        if name.startswith("2 prod"):
             verdict = f" (target >= {TARGET}: {'PASS' if ratio >= TARGET else 'FAIL'})"
         loads = ", ".join(f"{a:.2f}->{b:.2f}" for a, b in (r["load"] for r in runs))
         cpu = float(np.median([r["cpu_ms"] for r in runs]))

@@ -33,17 +33,17 @@ Lag (``lag=L``, default 0: the synchronous rounds above). Round ``r`` is collect
 ``max(0, r - L)`` (the learner after that many updates): the learner publishes policy 0 for rounds
 ``0..L``, and after its update on round ``r`` publishes policy ``r + 1`` for round ``r + 1 + L``. So
 with ``L = 1`` the producers collect round ``r + 1`` with policy ``r`` while the learner updates on
-round ``r``: the update is off the producers' time, and every round but the first ``L + 1`` is
-collected by a policy ``L`` updates behind the one it trains. PPO's ratio must then compare with the
-policy that acted, not the learner's current one: the learner keeps the actors of the policies still
-collecting (``BehaviourActors``) and gives each round's update the actor that collected it
-(``MAPPO.update(replay, behaviour=...)``; off-policy learners need none). When the time budget runs
-out, the rounds already published are still trained on. ``run.started``'s config records ``lag``
-(absent at 0, so a synchronous session's config and hash are what they were).
+round ``r``: the update is off the producers' time, and every round from ``L`` on is collected by
+a policy ``L`` updates behind the one that trains on it (round ``r < L`` by policy 0). PPO's ratio
+must then compare with the policy that acted, not the learner's current one: the learner keeps the
+actors of the policies still collecting (``BehaviourActors``) and gives each round's update the actor
+that collected it (``MAPPO.update(replay, behaviour=...)``; off-policy learners need none). When the
+time budget runs out, the rounds already published are still trained on. ``run.started``'s config
+records ``lag`` (absent at 0, so a synchronous session's config and hash are what they were).
 
-Every update is a function of the producers' batches in producer order (and the lag), so ``retrain`` computes each
-update's weights again from the topics alone, bit for bit (``reproduce`` compares them with the
-``weights_sha256`` each ``policy.update`` recorded).
+Every update is a function of the producers' batches in producer order (and of the lag), so
+``retrain`` computes each update's weights again from the topics alone, bit for bit (``reproduce``
+compares them with the ``weights_sha256`` each ``policy.update`` recorded).
 
 The policy reaches the producers as a signed learner checkpoint (``learners.checkpoint``) in a
 directory they share (a local one here; across hosts, a shared file system), announced by an
@@ -345,6 +345,10 @@ class PolicyBoard:
             Path(str(old) + suffix).unlink(missing_ok=True)
         return base
 
+    def stopped(self) -> bool:
+        """Whether the learner wrote ``stop`` (no round after those published will come)."""
+        return (self.directory / "stop").exists()
+
     def stop(self, rounds: int, reason: str = "") -> None:
         if not (self.directory / "stop").exists():
             self._write(self.directory / "stop", {"rounds": rounds, "reason": reason})
@@ -553,7 +557,7 @@ def train_distributed(spec: RunSpec, algo: str, *, runs: Sequence[str], source: 
     end = iterations  # rounds to train on
     t0 = time.monotonic()
     try:
-        for q in range(min(lag, iterations - 1) + 1):  # policy 0 collects rounds 0..lag
+        for q in range(max(0, min(lag, iterations - 1)) + 1):  # policy 0 collects rounds 0..lag
             board.publish(q, learner, signing_key)
         behaviours.keep(0, learner)
         for r in range(iterations):
@@ -723,6 +727,7 @@ def reproduce(records: Sequence[Record], group_run: str, *, public_key=None) -> 
 
 
 __all__ = ["ROUND_TOPICS", "BehaviourActors", "DistributedError", "GroupRun", "GroupSource", "PolicyBoard",
-           "RecordSource", "RoundBook", "acting_policy", "acting_seed", "batch_producer_id", "collect_batch", "group_config", "load_policy", "produce_rounds",
+           "RecordSource", "RoundBook", "acting_policy", "acting_seed", "batch_producer_id", "collect_batch",
+           "group_config", "load_policy", "produce_rounds",
            "producer_run_id", "read_group_run", "reproduce", "reseed_acting", "retrain", "round_checkpoint_chain",
            "round_seed", "split_episodes", "train_distributed", "union_replay"]

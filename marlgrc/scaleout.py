@@ -106,6 +106,20 @@ def producer_main(job: ProducerJob) -> None:
     os._exit(code)
 
 
+def check_producers(procs: list, runs: list[str], board: PolicyBoard) -> None:
+    """Raise where a producer process (``exitcode``: None while it runs) ended before its time: with an
+    error, or cleanly before the learner wrote ``stop``. A clean exit after it is a producer done with
+    its last round: with a lag, the learner writes ``stop`` when it publishes no more rounds and still
+    trains on the rounds in flight, whose producers may have ended by then (their events flushed)."""
+    for k, p in enumerate(procs):
+        if p.exitcode is None or (p.exitcode == 0 and board.stopped()):
+            continue
+        err = _error_file(board.directory, k)
+        why = err.read_text().strip() if err.exists() else "no error was written"
+        raise ScaleoutError(f"producer {k} (run {runs[k]}) exited with code {p.exitcode} before the "
+                            f"learner stopped: {why}")
+
+
 def train_scaleout(env_name: str, *, producers: int, bootstrap: str, prefix: str, algo: str, signing_key: Path,
                    iterations: int, seed: int = 1, config: Any = None, env_args: dict | None = None,
                    continuous: bool = False, max_steps: int | None = None, run_id: str | None = None,
@@ -154,12 +168,7 @@ def train_scaleout(env_name: str, *, producers: int, bootstrap: str, prefix: str
     sink = EventProducer(bootstrap, prefix=prefix, client_id="marlgrc-learner", **{"linger.ms": LINGER_MS})
 
     def alive() -> None:
-        for k, p in enumerate(procs):
-            if p.exitcode is not None:
-                err = _error_file(board.directory, k)
-                why = err.read_text().strip() if err.exists() else "no error was written"
-                raise ScaleoutError(f"producer {k} (run {runs[k]}) exited with code {p.exitcode} before the "
-                                    f"learner stopped: {why}")
+        check_producers(procs, runs, board)
 
     try:
         for p in procs:

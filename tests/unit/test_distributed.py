@@ -305,7 +305,8 @@ def test_a_lagged_session_scores_each_round_with_the_policy_that_collected_it_an
         # the learner's update of round r took its old log-probabilities from that policy's actor
         assert (seen[r] is None) == (r == 0)
         if r:
-            assert seen[r] == versions[r - 1].rsplit("-", 1)[1] and versions[r - 1] != updates[r]["parent_policy_version"]
+            assert seen[r] == versions[r - 1].rsplit("-", 1)[1]
+            assert versions[r - 1] != updates[r]["parent_policy_version"]  # not the learner's policy at the update
     # each update still names exactly the round's ranges of every producer
     actions = [{x["chain_id"]: (x["first_seq"], x["last_seq"]) for x in u["lineage"]
                 if x["topic"] == "marl.joint.action"} for u in updates]
@@ -342,3 +343,26 @@ def test_a_lagged_session_is_deterministic_given_its_seed(tmp_path):
     b, _, _ = _session(tmp_path / "b", "gb", producers=2, rounds=3, episodes=4, lag=1)
     s, _, _ = _session(tmp_path, "gs", producers=2, rounds=3, episodes=4)
     assert a.learner.weights_sha256() == b.learner.weights_sha256() != s.learner.weights_sha256()
+
+
+def test_a_producer_done_after_the_stop_is_not_a_failure_one_ended_before_it_is(tmp_path):
+    # with a lag the learner writes `stop` when it publishes no more rounds, and still trains on the rounds
+    # in flight: their producers may end (cleanly) before it reads their last batch
+    from types import SimpleNamespace
+
+    from marlgrc.scaleout import ScaleoutError, check_producers
+
+    board = PolicyBoard(tmp_path / "policies")
+    runs = ["g.p0", "g.p1"]
+    done, running, failed = (SimpleNamespace(exitcode=c) for c in (0, None, 1))
+    check_producers([running, running], runs, board)
+    with pytest.raises(ScaleoutError, match="producer 0 .* code 0 before the learner stopped"):
+        check_producers([done, running], runs, board)
+    (tmp_path / "policies" / "producer-1.error").write_text("ValueError: boom\n")
+    with pytest.raises(ScaleoutError, match="producer 1 .* code 1 .*ValueError: boom"):
+        check_producers([running, failed], runs, board)
+    board.stop(3, "done")
+    assert board.stopped()
+    check_producers([done, running], runs, board)
+    with pytest.raises(ScaleoutError, match="producer 1 .* code 1"):
+        check_producers([done, failed], runs, board)
