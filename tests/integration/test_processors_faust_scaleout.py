@@ -27,7 +27,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from hashlib import sha256
 from pathlib import Path
 
 import pytest
@@ -40,6 +39,7 @@ from eventlog.codec import default_codec
 from eventlog.kafka import EventProducer, ensure_topics, read_records
 from eventlog.log import EventLog
 from eventlog.topics import run_partition
+from tests.chains import chain_seqs
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -145,16 +145,6 @@ def _by_run(records) -> dict[str, list]:
     return out
 
 
-def _chain_seqs(records: list) -> list[int]:
-    """Seqs of one chain's records in offset order; asserts each links to the one before."""
-    seqs, prev = [], bytes(32)
-    for r in sorted(records, key=lambda r: r.offset):
-        rec = codec.decode(r.value)[1]
-        assert rec["prev_event_hash"] == prev, f"chain {rec['chain_id']} forks or has a hole at seq {rec['seq']}"
-        assert sha256(r.value[:-32]).digest() == r.value[-32:]
-        prev = r.value[-32:]
-        seqs.append(rec["seq"])
-    return seqs
 
 
 def _stop(*procs: subprocess.Popen) -> None:
@@ -265,13 +255,13 @@ def test_two_workers_one_killed_exactly_one_credit_per_joint_action(kafka, tmp_p
         assert set(scored) == {r.value[-32:] for r in acts[rid]}
         assert {r.key for r in by_run[rid]} == {f"{rid}:credit"}
         assert {r.partition for r in by_run[rid]} == {run_partition(rid, PARTITIONS)}
-        assert _chain_seqs(by_run[rid]) == list(range(EPISODES * STEPS))
+        assert chain_seqs(by_run[rid]) == list(range(EPISODES * STEPS))
         steps = [(d["episode"], d["step"]) for d in (codec.decode(r.value)[1] for r in
                                                      sorted(by_run[rid], key=lambda r: r.offset))]
         assert steps == [(e, s) for e in range(EPISODES) for s in range(STEPS)]
         # fairness exactly once: one unbroken chain, each window once
         f = fair_by_run[rid]
-        assert _chain_seqs(f) == list(range(len(f)))
+        assert chain_seqs(f) == list(range(len(f)))
         kinds = Counter(codec.decode(r.value)[1]["window"] for r in f)
         assert kinds == {"episode": EPISODES, "sliding": expected_sliding}, kinds
         windows = [(d["window"], d["window_start"], d["window_end"]) for d in (codec.decode(r.value)[1] for r in f)]

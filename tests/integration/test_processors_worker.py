@@ -21,6 +21,7 @@ from eventlog.checkpoint import Signer
 from eventlog.codec import default_codec
 from eventlog.kafka import EventProducer, ensure_topics, read_records
 from eventlog.log import EventLog
+from tests.chains import chain_seqs
 from tests.synthetic import synthetic_run
 from stream_processors.replay import comparable, payload_fields, reprocess
 
@@ -127,23 +128,13 @@ def synthetic_run_second_half(log: EventLog, run_id: str) -> None:
                 policy_version="random", source_event_hashes=[st.event_hash])
 
 
-def _chain_ok(records: list) -> list[int]:
-    codec = default_codec()
-    seqs, prev = [], bytes(32)
-    for r in sorted(records, key=lambda r: codec.decode(r.value)[1]["seq"]):
-        rec = codec.decode(r.value)[1]
-        assert rec["prev_event_hash"] == prev, f"chain {rec['chain_id']} forks or has a hole at seq {rec['seq']}"
-        assert sha256(r.value[:-32]).digest() == r.value[-32:]
-        prev = r.value[-32:]
-        seqs.append(rec["seq"])
-    return seqs
 
 
 def test_exactly_one_credit_per_joint_action_across_sigkill(live):
     bootstrap, prefix, run_id, credits, fairness, dlq, before, _ = live
     assert 0 < before < ACTIONS
     assert len(credits) == ACTIONS
-    assert _chain_ok(credits) == list(range(ACTIONS))
+    assert chain_seqs(credits) == list(range(ACTIONS))
     assert {r.key for r in credits} == {f"{run_id}:credit"}
     assert len({r.partition for r in credits}) == 1
     actions = [r for r in read_records(bootstrap, ["marl.joint.action"], prefix=prefix) if r.key == f"{run_id}:actions"]
@@ -152,7 +143,7 @@ def test_exactly_one_credit_per_joint_action_across_sigkill(live):
     assert sorted(scored) == sorted(r.value[-32:] for r in actions)
     assert all(codec.decode(r.value)[1]["rule_version"] == "passthrough/di-1" for r in credits)
     # fairness: one per episode plus the sliding windows, on one unbroken chain
-    fseqs = _chain_ok(fairness)
+    fseqs = chain_seqs(fairness)
     assert fseqs == list(range(len(fairness)))
     kinds = [codec.decode(r.value)[1]["window"] for r in sorted(fairness, key=lambda r: codec.decode(r.value)[1]["seq"])]
     assert kinds.count("episode") == EPISODES
@@ -173,7 +164,7 @@ def test_every_chain_the_worker_writes_is_signed_through_its_head_across_the_sig
     assert chains[f"{run_id}:credit"].events == len(credits)
     cps = _committed(bootstrap, prefix, "marl.audit.checkpoints", run_id)
     assert {r.key for r in cps} == {f"{run_id}:checkpoints:marlgrc-di"}
-    assert _chain_ok(cps) == list(range(len(cps)))
+    assert chain_seqs(cps) == list(range(len(cps)))
     for chain, n in ((f"{run_id}:credit", len(credits)), (f"{run_id}:fairness", len(fairness)),
                      (f"{run_id}:checkpoints:marlgrc-di", len(cps))):
         c = chains[chain]
