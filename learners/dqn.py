@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .learner import Learner
 from .lineage import BufferLineage
 from .networks import agent_dones, config_hash, mask_logits, seed_everything, weights_sha256
 from .replay import Replay, ReplayError, RunSpec
@@ -135,10 +136,11 @@ class ReplayBuffer:
         self.rng.bit_generator.state = s["rng"]
 
 
-class DQN:
+class DQN(Learner):
     """Shared Q-network over (observation, one-hot agent id), trained from replayed episodes."""
 
     algorithm = "dqn"
+    counter_names = (*Learner.counter_names, "pending_transitions")
     on_policy = False
     centralized_critic = False
     continuous_actions = False
@@ -162,13 +164,7 @@ class DQN:
         self.buffer = ReplayBuffer(c.buffer_size, self.in_dim, c.seed)
         self.buffer_lineage = BufferLineage(c.buffer_size)  # what policy.update names: the buffer's ranges
         self.explorer = np.random.Generator(np.random.PCG64(c.seed + 1))
-        self.updates = 0           # run time
-        self.optimizer_steps = 0   # run time
-        self.env_steps = 0         # run time
-        self.episodes = 0          # run time
-        self.pending_transitions = 0  # new agent-transitions not yet paid for by a gradient step (run time)
-        self.last_losses: dict[str, float] = {}
-        self.last_return = float("nan")
+        self._start_counters()
         self.config_hash = config_hash(self.config)
         self.version = self._version()
 
@@ -231,22 +227,11 @@ class DQN:
                 self.target_network.load_state_dict(self.q_network.state_dict())
         if n:
             losses = {k: v / n for k, v in losses.items()}
-        if replay.episodes:
-            self.last_return = float(np.mean([e.team_return for e in replay.episodes]))
-        self.env_steps += replay.env_steps
-        self.episodes += len(replay.episodes)
-        self.updates += 1
-        self.last_losses = losses
-        self.version = self._version()
-        return {"optimizer_steps": self.optimizer_steps - steps_before, "env_steps": replay.env_steps,
-                "losses": losses, "charts/episodic_return": self.last_return, "charts/epsilon": self.epsilon}
+        return self._finish_update(replay, losses, steps_before, **{"charts/epsilon": self.epsilon})
 
     # --- state -------------------------------------------------------------------------------
     def modules(self) -> list[nn.Module]:
         return [self.q_network, self.target_network]
-
-    def weights_sha256(self) -> bytes:
-        return weights_sha256(*self.modules())
 
     def state_dict(self) -> dict:
         return {"algorithm": self.algorithm, "config": asdict(self.config), "spec": self.spec.to_dict(),
@@ -254,9 +239,7 @@ class DQN:
                 "optimizer": self.optimizer.state_dict(), "buffer": self.buffer.state_dict(),
                 "buffer_lineage": self.buffer_lineage.state_dict(),
                 "explorer": self.explorer.bit_generator.state,
-                "counters": {"updates": self.updates, "optimizer_steps": self.optimizer_steps,
-                             "env_steps": self.env_steps, "episodes": self.episodes,
-                             "pending_transitions": self.pending_transitions}}
+                "counters": self.counters()}
 
     def load_state_dict(self, state: dict) -> None:
         self.q_network.load_state_dict(state["q_network"])
@@ -266,6 +249,4 @@ class DQN:
         if "buffer_lineage" in state:  # checkpoints written before it named only the last batch
             self.buffer_lineage.load_state_dict(state["buffer_lineage"])
         self.explorer.bit_generator.state = state["explorer"]
-        for k, v in state["counters"].items():
-            setattr(self, k, v)
-        self.version = self._version()
+        self.load_counters(state["counters"])

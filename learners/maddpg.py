@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .learner import Learner
 from .lineage import BufferLineage
 from .networks import agent_dones, config_hash, seed_everything, weights_sha256
 from .replay import Episode, Replay, ReplayError, RunSpec
@@ -234,10 +235,11 @@ class DeterministicActors(nn.Module):
         return self.low + (torch.tanh(z) + 1.0) * 0.5 * (self.high - self.low)
 
 
-class MADDPG:
+class MADDPG(Learner):
     """Per-agent deterministic actors, per-agent critics over all observations and actions."""
 
     algorithm = "maddpg"
+    counter_names = (*Learner.counter_names, "pending_transitions")
     on_policy = False
     centralized_critic = True
     continuous_actions = True
@@ -272,13 +274,7 @@ class MADDPG:
         self.buffer_lineage = BufferLineage(c.buffer_size)  # what policy.update names: the buffer's batches
         self.explorer = torch.Generator().manual_seed(c.seed + 1)  # acting: noise, samples, random actions
         self.gumbel = torch.Generator().manual_seed(c.seed + 2)    # the update's Gumbel noise
-        self.updates = 0              # run time
-        self.optimizer_steps = 0      # run time
-        self.env_steps = 0            # run time
-        self.episodes = 0             # run time
-        self.pending_transitions = 0  # new agent-transitions not yet paid for by a gradient step (run time)
-        self.last_losses: dict[str, float] = {}
-        self.last_return = float("nan")
+        self._start_counters()
         self.config_hash = config_hash(self.config)
         self.version = self._version()
 
@@ -408,22 +404,11 @@ class MADDPG:
             n += 1
         if n:
             losses = {k: v / n for k, v in losses.items()}
-        if replay.episodes:
-            self.last_return = float(np.mean([e.team_return for e in replay.episodes]))
-        self.env_steps += replay.env_steps
-        self.episodes += len(replay.episodes)
-        self.updates += 1
-        self.last_losses = losses
-        self.version = self._version()
-        return {"optimizer_steps": self.optimizer_steps - steps_before, "env_steps": replay.env_steps,
-                "losses": losses, "charts/episodic_return": self.last_return}
+        return self._finish_update(replay, losses, steps_before)
 
     # --- state -------------------------------------------------------------------------------
     def modules(self) -> list[nn.Module]:
         return [self.actors, self.critics, self.target_actors, self.target_critics]
-
-    def weights_sha256(self) -> bytes:
-        return weights_sha256(*self.modules())
 
     def state_dict(self) -> dict:
         return {"algorithm": self.algorithm, "config": asdict(self.config), "spec": self.spec.to_dict(),
@@ -433,9 +418,7 @@ class MADDPG:
                 "critic_optimizer": self.critic_optimizer.state_dict(),
                 "buffer": self.buffer.state_dict(), "buffer_lineage": self.buffer_lineage.state_dict(),
                 "explorer": self.explorer.get_state(), "gumbel": self.gumbel.get_state(),
-                "counters": {"updates": self.updates, "optimizer_steps": self.optimizer_steps,
-                             "env_steps": self.env_steps, "episodes": self.episodes,
-                             "pending_transitions": self.pending_transitions}}
+                "counters": self.counters()}
 
     def load_state_dict(self, state: dict) -> None:
         for k in ("actors", "critics", "target_actors", "target_critics", "actor_optimizer", "critic_optimizer",
@@ -443,6 +426,4 @@ class MADDPG:
             getattr(self, k).load_state_dict(state[k])
         self.explorer.set_state(state["explorer"])
         self.gumbel.set_state(state["gumbel"])
-        for k, v in state["counters"].items():
-            setattr(self, k, v)
-        self.version = self._version()
+        self.load_counters(state["counters"])

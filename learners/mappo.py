@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .learner import Learner
 from .networks import (Actor, RunningNorm, ValueNorm, agent_dones, clipped_gaussian_log_prob, config_hash, gae, mlp,
                        seed_everything, torch_device, weights_sha256)
 from .replay import Episode, Replay, RunSpec
@@ -97,7 +98,7 @@ class MAPPOConfig:
     """where the update runs (cpu, cuda, cuda:N); acting stays on the CPU; not part of config_hash or checkpoints"""
 
 
-class MAPPO:
+class MAPPO(Learner):
     """A shared actor and a critic over the global state plus the agent's one-hot id."""
 
     algorithm = "mappo"
@@ -129,12 +130,7 @@ class MAPPO:
                                           lr=c.learning_rate, eps=1e-5)
         self.sampler = torch.Generator().manual_seed(c.seed)       # acting
         self.shuffler = torch.Generator().manual_seed(c.seed + 1)  # minibatches
-        self.updates = 0            # policy.update events so far (run time)
-        self.optimizer_steps = 0    # total (run time)
-        self.env_steps = 0          # total (run time)
-        self.episodes = 0           # total (run time)
-        self.last_losses: dict[str, float] = {}
-        self.last_return = float("nan")
+        self._start_counters()
         self.config_hash = config_hash(self._kept_config())
         self.version = self._version()
 
@@ -319,14 +315,7 @@ class MAPPO:
             if self.twins:  # acting and everything kept read the CPU modules
                 self.actor.load_state_dict(actor.state_dict())
                 self.critic.load_state_dict(critic.state_dict())
-            self.last_return = float(np.mean([e.team_return for e in episodes]))
-        self.env_steps += replay.env_steps
-        self.episodes += len(episodes)
-        self.updates += 1
-        self.last_losses = losses
-        self.version = self._version()
-        return {"optimizer_steps": self.optimizer_steps - steps_before, "env_steps": replay.env_steps,
-                "losses": losses, "charts/episodic_return": self.last_return}
+        return self._finish_update(replay, losses, steps_before)
 
     # --- state -------------------------------------------------------------------------------
     def modules(self) -> list[nn.Module]:
@@ -341,9 +330,6 @@ class MAPPO:
         return {k: v for k, v in asdict(self.config).items()
                 if k != "device" and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
 
-    def weights_sha256(self) -> bytes:
-        return weights_sha256(*self.modules())
-
     def state_dict(self) -> dict:
         optimizer = self.optimizer.state_dict()
         if self.twins:  # the Adam moments live beside the twins: kept on the CPU like everything else
@@ -353,8 +339,7 @@ class MAPPO:
                 "value_norm": self.value_norm.state_dict(),
                 "optimizer": optimizer, "sampler": self.sampler.get_state(),
                 "shuffler": self.shuffler.get_state(),
-                "counters": {"updates": self.updates, "optimizer_steps": self.optimizer_steps,
-                             "env_steps": self.env_steps, "episodes": self.episodes}}
+                "counters": self.counters()}
 
     def load_state_dict(self, state: dict) -> None:
         self.actor.load_state_dict(state["actor"])
@@ -366,9 +351,7 @@ class MAPPO:
         self.optimizer.load_state_dict(state["optimizer"])  # moved to its parameters' device by torch
         self.sampler.set_state(state["sampler"])
         self.shuffler.set_state(state["shuffler"])
-        for k, v in state["counters"].items():
-            setattr(self, k, v)
-        self.version = self._version()
+        self.load_counters(state["counters"])
 
 
 # config fields added after checkpoints existed, with the default that means "as before"

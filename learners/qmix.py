@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .dqn import QNetwork, epsilon_greedy
+from .learner import Learner
 from .lineage import BufferLineage
 from .networks import config_hash, seed_everything, weights_sha256
 from .replay import Episode, Replay, ReplayError, RunSpec
@@ -164,10 +165,11 @@ class EpisodeBuffer:
         self.rng.bit_generator.state = s["rng"]
 
 
-class QMIX:
+class QMIX(Learner):
     """Shared agent Q-network over (observation, one-hot agent id) and a state-conditioned monotonic mixer."""
 
     algorithm = "qmix"
+    counter_names = (*Learner.counter_names, "pending_transitions")
     on_policy = False
     centralized_critic = True
     continuous_actions = False
@@ -193,13 +195,7 @@ class QMIX:
         self.buffer = EpisodeBuffer(c.buffer_size, c.seed)
         self.buffer_lineage = BufferLineage(c.buffer_size)  # what policy.update names: the buffer's batches
         self.explorer = np.random.Generator(np.random.PCG64(c.seed + 1))
-        self.updates = 0              # run time
-        self.optimizer_steps = 0      # run time
-        self.env_steps = 0            # run time
-        self.episodes = 0             # run time
-        self.pending_transitions = 0  # new agent-transitions not yet paid for by a gradient step (run time)
-        self.last_losses: dict[str, float] = {}
-        self.last_return = float("nan")
+        self._start_counters()
         self.config_hash = config_hash(self.config)
         self.version = self._version()
 
@@ -294,22 +290,11 @@ class QMIX:
                 self._update_targets()
         if n:
             losses = {k: v / n for k, v in losses.items()}
-        if replay.episodes:
-            self.last_return = float(np.mean([e.team_return for e in replay.episodes]))
-        self.env_steps += replay.env_steps
-        self.episodes += len(replay.episodes)
-        self.updates += 1
-        self.last_losses = losses
-        self.version = self._version()
-        return {"optimizer_steps": self.optimizer_steps - steps_before, "env_steps": replay.env_steps,
-                "losses": losses, "charts/episodic_return": self.last_return, "charts/epsilon": self.epsilon}
+        return self._finish_update(replay, losses, steps_before, **{"charts/epsilon": self.epsilon})
 
     # --- state -------------------------------------------------------------------------------
     def modules(self) -> list[nn.Module]:
         return [self.agent_q, self.mixer, self.target_agent_q, self.target_mixer]
-
-    def weights_sha256(self) -> bytes:
-        return weights_sha256(*self.modules())
 
     def state_dict(self) -> dict:
         return {"algorithm": self.algorithm, "config": asdict(self.config), "spec": self.spec.to_dict(),
@@ -318,14 +303,10 @@ class QMIX:
                 "optimizer": self.optimizer.state_dict(), "buffer": self.buffer.state_dict(),
                 "buffer_lineage": self.buffer_lineage.state_dict(),
                 "explorer": self.explorer.bit_generator.state,
-                "counters": {"updates": self.updates, "optimizer_steps": self.optimizer_steps,
-                             "env_steps": self.env_steps, "episodes": self.episodes,
-                             "pending_transitions": self.pending_transitions}}
+                "counters": self.counters()}
 
     def load_state_dict(self, state: dict) -> None:
         for k in ("agent_q", "mixer", "target_agent_q", "target_mixer", "optimizer", "buffer", "buffer_lineage"):
             getattr(self, k).load_state_dict(state[k])
         self.explorer.bit_generator.state = state["explorer"]
-        for k, v in state["counters"].items():
-            setattr(self, k, v)
-        self.version = self._version()
+        self.load_counters(state["counters"])

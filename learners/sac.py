@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from .lineage import BufferLineage
 from .maddpg import MLPEnsemble, TransitionBuffer, bounds_of, episode_transitions, normal_log_prob, soft_update
+from .learner import Learner
 from .networks import config_hash, mlp, seed_everything, weights_sha256
 from .replay import Episode, Replay, ReplayError, RunSpec
 
@@ -125,10 +126,11 @@ class Temperature(nn.Module):
         return self.log_alpha.exp()
 
 
-class SAC:
+class SAC(Learner):
     """A shared squashed-Gaussian actor and shared twin critics over (observation, one-hot id, action)."""
 
     algorithm = "sac"
+    counter_names = (*Learner.counter_names, "pending_transitions")
     on_policy = False
     centralized_critic = False
     continuous_actions = True
@@ -159,13 +161,7 @@ class SAC:
         self.buffer_lineage = BufferLineage(c.buffer_size)  # what policy.update names: the buffer's batches
         self.explorer = torch.Generator().manual_seed(c.seed + 1)  # acting
         self.noise = torch.Generator().manual_seed(c.seed + 2)     # the update's reparameterization noise
-        self.updates = 0              # run time
-        self.optimizer_steps = 0      # critic steps (run time)
-        self.env_steps = 0            # run time
-        self.episodes = 0             # run time
-        self.pending_transitions = 0  # new agent-transitions not yet paid for by a gradient step (run time)
-        self.last_losses: dict[str, float] = {}
-        self.last_return = float("nan")
+        self._start_counters()
         self.config_hash = config_hash(self.config)
         self.version = self._version()
 
@@ -291,22 +287,11 @@ class SAC:
                 counts[k] = counts.get(k, 0) + 1
             self.optimizer_steps += 1
         losses = {k: sums[k] / counts[k] for k in sorted(sums)} or {"losses/value": 0.0, "losses/policy": 0.0}
-        if replay.episodes:
-            self.last_return = float(np.mean([e.team_return for e in replay.episodes]))
-        self.env_steps += replay.env_steps
-        self.episodes += len(replay.episodes)
-        self.updates += 1
-        self.last_losses = losses
-        self.version = self._version()
-        return {"optimizer_steps": self.optimizer_steps - steps_before, "env_steps": replay.env_steps,
-                "losses": losses, "charts/episodic_return": self.last_return, "charts/alpha": self.alpha}
+        return self._finish_update(replay, losses, steps_before, **{"charts/alpha": self.alpha})
 
     # --- state -------------------------------------------------------------------------------
     def modules(self) -> list[nn.Module]:
         return [self.actor, self.critics, self.target_critics, self.temperature]
-
-    def weights_sha256(self) -> bytes:
-        return weights_sha256(*self.modules())
 
     def state_dict(self) -> dict:
         return {"algorithm": self.algorithm, "config": asdict(self.config), "spec": self.spec.to_dict(),
@@ -317,9 +302,7 @@ class SAC:
                 "alpha_optimizer": self.alpha_optimizer.state_dict(),
                 "buffer": self.buffer.state_dict(), "buffer_lineage": self.buffer_lineage.state_dict(),
                 "explorer": self.explorer.get_state(), "noise": self.noise.get_state(),
-                "counters": {"updates": self.updates, "optimizer_steps": self.optimizer_steps,
-                             "env_steps": self.env_steps, "episodes": self.episodes,
-                             "pending_transitions": self.pending_transitions}}
+                "counters": self.counters()}
 
     def load_state_dict(self, state: dict) -> None:
         for k in ("actor", "critics", "target_critics", "temperature", "q_optimizer",
@@ -327,6 +310,4 @@ class SAC:
             getattr(self, k).load_state_dict(state[k])
         self.explorer.set_state(state["explorer"])
         self.noise.set_state(state["noise"])
-        for k, v in state["counters"].items():
-            setattr(self, k, v)
-        self.version = self._version()
+        self.load_counters(state["counters"])
