@@ -70,7 +70,6 @@ def main() -> None:
         key = home / "signing.pem"
         signer = Signer.load_or_create(key)
         env, env_id, ver = make_env("simple_spread_v3")
-        config = MAPPOConfig(seed=args.seed)
         transport = KafkaTransport(boot, prefix)  # once, as a training session would
         # warm-up of the one-process arm (not timed): imports, torch's deterministic mode, connections
         train_on_env(env, env_id, ver, "mappo", transport=transport, iterations=3, seed=args.seed,

@@ -351,7 +351,6 @@ class RunReader:
             self._credit[bytes(rec["joint_action_hash"])] = rec
 
     def _complete_episodes(self) -> tuple[list[Episode], int]:
-        spec = self.spec
         by_ep: dict[tuple[int, int], list[int]] = {}
         for (seg, ep, step), st in self._steps.items():
             if st.action is not None:

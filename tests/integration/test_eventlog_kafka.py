@@ -12,7 +12,6 @@ from eventlog.codec import default_codec
 from eventlog.consume import decode_or_dead_letter
 from eventlog.kafka import EventProducer, ensure_topics, read_records
 from eventlog.log import EventLog
-from eventlog.verify import CHECKPOINT_TOPIC, BreakKind
 from tests import corruptions
 from tests.synthetic import synthetic_run
 

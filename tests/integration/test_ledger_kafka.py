@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from eventlog.kafka import EventProducer, read_records
 from schemas import TOPICS
-from ledger import Materializer, SqliteLedger, StaticKey, drop_sqlite, rebuild, sync, verify_ledger
+from ledger import Materializer, SqliteLedger, drop_sqlite, rebuild, sync, verify_ledger
 from tests.unit.test_ledger_storage import KEY, SIGNER, make_run
 
 pytestmark = pytest.mark.integration

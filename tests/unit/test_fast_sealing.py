@@ -1,11 +1,6 @@
 """The harness's batched sealing (producers/harness.py) gives the bytes of sealing each step, and
 batched subject keys (eventlog/privacy.py) the keys of single look-ups."""
-import itertools
-
-import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import producers.harness as harness
 from eventlog.codec import default_codec

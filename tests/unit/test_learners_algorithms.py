@@ -90,7 +90,6 @@ def test_same_data_seed_and_config_give_bit_identical_weights(name, cont, replay
 @pytest.fixture
 def key(tmp_path):
     s = Signer.generate()
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: F401
     return s
 
 

@@ -12,7 +12,7 @@ import torch
 
 from learners.maddpg import (MADDPG, MADDPGConfig, MLPEnsemble, TransitionBuffer, episode_transitions,
                              gumbel_softmax_st, soft_update)
-from learners.replay import Episode, Replay, ReplayError, RunSpec, SpaceSpec
+from learners.replay import Episode, ReplayError, RunSpec, SpaceSpec
 from learners.sac import SAC, SACConfig
 from producers.policies import RandomPolicy
 from tests.unit.test_learners_support import MatchTarget, harness_run, replay_of

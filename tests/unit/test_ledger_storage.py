@@ -227,7 +227,7 @@ class LedgerStorageContract:
         assert [f.kind for f in led.findings()] == ["edited", "edited"]
         report = verify_ledger(led, SIGNER.public_key)
         assert not report.ok and report.chains.ok   # the stored chains are intact; the findings fail it
-        assert sum(f"is already in the ledger with other bytes" in line for line in report.lines()) == 2
+        assert sum("is already in the ledger with other bytes" in line for line in report.lines()) == 2
 
     def test_seq_starts_at_0_and_grows_by_1(self):
         """Correct links but seqs that skip, start late, repeat or step back are breaks of the
