@@ -1,7 +1,7 @@
-"""Summarize issue 17's simple_spread_v3 runs: results/issue17/{ablation,kafka}/NAME_sSEED.json (written by
+"""Summarize issue 17's simple_spread_v3 runs: results/issue17/{ablation,screen300k,kafka}/NAME_sSEED.json (written by
 `marlgrc train-online --out`) -> per NAME: greedy and sampled evaluation (100 episodes, seeds 10000..10099)
 per seed, mean, sample std and min..max, env steps, training wall seconds and env steps/s (training loop
-only, evaluation excluded). Usage: ./dev python results/issue17/summarize.py [ablation|kafka] [--json OUT]"""
+only, evaluation excluded). Usage: ./dev python results/issue17/summarize.py [ablation|screen300k|kafka] [--json OUT]"""
 import json
 import re
 import statistics
