@@ -8,8 +8,10 @@ in order, running the fixtures' teardown; SIGTERM and SIGHUP would end the proce
 the broker and PostgreSQL running, so for the session they raise KeyboardInterrupt too
 (``compose.services.raise_on_stop_signals``). The services are stopped with those signals held, so
 a second signal cannot cut the stop short; and an ``atexit`` hook stops whatever a session's teardown
-did not reach (an interrupted teardown, an internal error). Only SIGKILL leaves them behind.
-(tests/integration/test_interrupt_cleanup.py checks this on a real inner pytest.)
+did not reach (an interrupted teardown, an internal error). For SIGKILL, where no code of this process
+runs, each services home has a watcher (``compose.watchdog.guard``) that stops its services and deletes
+it when this process dies without releasing it. (tests/integration/test_interrupt_cleanup.py checks
+all of these on a real inner pytest.)
 """
 from __future__ import annotations
 
@@ -25,11 +27,12 @@ from pathlib import Path
 import pytest
 
 from compose.services import raise_on_stop_signals, restore_handlers, signals_held
+from compose.watchdog import Guard, guard
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 _replaced_handlers: dict = {}
-_homes: set[Path] = set()   # service homes of this session whose teardown has not finished
+_homes: dict[Path, Guard] = {}   # service homes of this session whose teardown has not finished, and their watchers
 
 
 def pytest_configure(config) -> None:
@@ -62,11 +65,18 @@ def _stop_services(home: Path, *, kafka: bool = True, postgres: bool = True) -> 
 def _stop_left_behind() -> None:
     """The fallback: services of a home whose teardown did not finish."""
     for home in list(_homes):
-        try:
-            _stop_services(home)
-        finally:
-            shutil.rmtree(home, ignore_errors=True)
-            _homes.discard(home)
+        _remove_home(home)
+
+
+def _remove_home(home: Path) -> None:
+    """Stop the home's services, delete it, and release its watcher (idempotent)."""
+    try:
+        _stop_services(home)   # a no-op once the fixtures below have stopped theirs
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+        watcher = _homes.pop(home, None)
+        if watcher is not None:
+            watcher.release()
 
 
 def _unavailable(what: str, exc: BaseException) -> None:
@@ -93,15 +103,11 @@ class KafkaService:
 def services_home():
     home = Path(tempfile.mkdtemp(prefix="marlgrc-test-"))
     os.chmod(home, 0o755)  # the postgres OS user must traverse it
-    _homes.add(home)
+    _homes[home] = guard(home, remove=True)   # before any service starts: SIGKILL of this process stops them too
     try:
         yield home
     finally:
-        try:
-            _stop_services(home)   # no-op after the fixtures below stopped theirs
-        finally:
-            shutil.rmtree(home, ignore_errors=True)
-            _homes.discard(home)
+        _remove_home(home)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@
 
 A real inner pytest, with the project's fixtures (``-p tests.conftest``), starts its own Kafka and
 PostgreSQL in a services home under its own TMPDIR (the outer session's services are not touched),
-and sleeps in a test; once both answer it gets SIGTERM, or SIGINT. Likewise `python -m marlgrc up
+and sleeps in a test; once both answer it gets SIGTERM, SIGINT, or SIGKILL (where the services home's
+watcher, ``compose.watchdog``, must stop them: no code of the killed process runs). Likewise `python -m marlgrc up
 --postgres` is interrupted while it starts Kafka, and while it starts PostgreSQL. Afterwards the
 processes named in the launcher's state files, and their children, are gone and their ports free;
 services that ran before an interrupted `up` keep running, and so do those of a completed `up`.
@@ -161,11 +162,18 @@ class InnerSession:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         output = self.log.read_text()
-        # 2: pytest's "interrupted", after its teardown; 3: the SystemExit that skipped the teardown
-        assert rc == (2 if self.teardown else 3), f"{self.name}:\n{output[-4000:]}"
-        assert "KeyboardInterrupt" in output, f"{self.name}:\n{output[-4000:]}"
+        if self.sig == signal.SIGKILL:
+            assert rc == -signal.SIGKILL, f"{self.name}:\n{output[-4000:]}"
+        else:
+            # 2: pytest's "interrupted", after its teardown; 3: the SystemExit that skipped the teardown
+            assert rc == (2 if self.teardown else 3), f"{self.name}:\n{output[-4000:]}"
+            assert "KeyboardInterrupt" in output, f"{self.name}:\n{output[-4000:]}"
         _assert_gone(self.pids, self.ports, f"{self.name}: the inner pytest's services")
-        assert not self.home.exists(), self.name   # the teardown (or the atexit fallback) ran to its end
+        # the teardown, the atexit fallback or (SIGKILL) the watcher ran to its end
+        deadline = time.monotonic() + GONE_WITHIN
+        while self.home.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not self.home.exists(), self.name
 
     def cleanup(self) -> None:
         if self.proc.poll() is None:
@@ -192,6 +200,17 @@ def test_an_interrupted_pytest_stops_its_broker_and_postgres():
     finally:
         for session in sessions:
             session.cleanup()
+
+
+def test_a_killed_pytest_leaves_no_broker_or_postgres():
+    """SIGKILL: no handler, no teardown, no atexit. The services home's watcher sees the session's end
+    (the pipe it alone held closes) and stops Kafka and PostgreSQL and deletes the home."""
+    session = InnerSession("SIGKILL", signal.SIGKILL)
+    try:
+        session.interrupt()
+        session.check()
+    finally:
+        session.cleanup()
 
 
 def _up(home: Path, *args: str, log: Path) -> subprocess.Popen:
