@@ -282,20 +282,7 @@ def _previous_ports(files: _Files) -> tuple[int | None, int | None]:
     return port, cport
 
 
-def _write_config(files: _Files, port: int, cport: int) -> None:
-    config = f"""\
-# Written by marlgrc's native launcher (compose/kafka.py); rewritten on every start.
-# Single-node KRaft: this process is both broker and controller.
-process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@{HOST}:{cport}
-listeners=PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{cport}
-advertised.listeners=PLAINTEXT://{HOST}:{port}
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
-controller.listener.names=CONTROLLER
-log.dirs={files.data}
-
+_SINGLE = """\
 # One broker: internal topics cannot have more than one replica. Without these, transactions
 # (faust's exactly_once) and consumer groups cannot start.
 offsets.topic.replication.factor=1
@@ -303,10 +290,55 @@ transaction.state.log.replication.factor=1
 transaction.state.log.min.isr=1
 default.replication.factor=1
 min.insync.replicas=1
-group.initial.rebalance.delay.ms=0
+"""
 
-# After a crash (SIGKILL) the restarted broker can only re-register once the controller has
-# expired its previous session: 9 s by default; shorter here for quick crash-recovery tests.
+_REPLICATED = """\
+# Three copies of everything; a write with acks=all needs two of them in sync, so one node can be
+# lost without losing an acknowledged event, and a write is refused rather than kept on one copy.
+offsets.topic.replication.factor=3
+transaction.state.log.replication.factor=3
+transaction.state.log.min.isr=2
+default.replication.factor=3
+min.insync.replicas=2
+unclean.leader.election.enable=false
+# A local cluster: fewer internal partitions and threads than a server's defaults (50 and 8),
+# three JVMs share a laptop's cores.
+offsets.topic.num.partitions=10
+transaction.state.log.num.partitions=10
+num.io.threads=2
+num.network.threads=2
+num.replica.fetchers=1
+background.threads=4
+"""
+
+
+def _write_config(files: _Files, node_id: int, ports: dict[int, tuple[int, int]]) -> None:
+    """``server.properties`` (and the log4j file) of node ``node_id`` of a KRaft quorum whose nodes
+    listen on ``ports`` (``{node id: (client port, controller port)}``): the single broker is node 1
+    of a quorum of one; a cluster's nodes replicate everything three times."""
+    voters = ",".join(f"{i}@{HOST}:{c}" for i, (_, c) in sorted(ports.items()))
+    port, cport = ports[node_id]
+    single = len(ports) == 1
+    role = ("Single-node KRaft: this process is both broker and controller." if single else
+            f"Node {node_id} of a {len(ports)}-node KRaft cluster: every node is both broker and controller, "
+            "and the\n# controllers form one quorum.")
+    config = f"""\
+# Written by marlgrc's launcher (compose/kafka.py); rewritten on every start.
+# {role}
+process.roles=broker,controller
+node.id={node_id}
+controller.quorum.voters={voters}
+listeners=PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{cport}
+advertised.listeners=PLAINTEXT://{HOST}:{port}
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+log.dirs={files.data}
+
+{_SINGLE if single else _REPLICATED}group.initial.rebalance.delay.ms=0
+
+# After a crash (SIGKILL) the controller fences the dead node (a restarted broker can re-register)
+# once its session expires: 9 s by default; shorter here, for quick crash-recovery tests.
 broker.heartbeat.interval.ms=1000
 broker.session.timeout.ms=4000
 
@@ -332,56 +364,6 @@ log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
 log4j.logger.kafka.server.KafkaRaftServer=INFO
 """
     write_atomic(files.log4j, log4j)
-
-
-def _write_node_config(files: _Files, node_id: int, ports: dict[int, tuple[int, int]]) -> None:
-    """``server.properties`` of cluster node ``node_id``; ``ports``: every node's (client, controller)."""
-    voters = ",".join(f"{i}@{HOST}:{c}" for i, (_, c) in sorted(ports.items()))
-    port, cport = ports[node_id]
-    config = f"""\
-# Written by marlgrc's native launcher (compose/kafka.py); rewritten on every start.
-# Node {node_id} of a {len(ports)}-node KRaft cluster: every node is both broker and controller, and the
-# controllers form one quorum.
-process.roles=broker,controller
-node.id={node_id}
-controller.quorum.voters={voters}
-listeners=PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{cport}
-advertised.listeners=PLAINTEXT://{HOST}:{port}
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
-controller.listener.names=CONTROLLER
-log.dirs={files.data}
-
-# Three copies of everything; a write with acks=all needs two of them in sync, so one node can be
-# lost without losing an acknowledged event, and a write is refused rather than kept on one copy.
-offsets.topic.replication.factor=3
-transaction.state.log.replication.factor=3
-transaction.state.log.min.isr=2
-default.replication.factor=3
-min.insync.replicas=2
-unclean.leader.election.enable=false
-# A local cluster: fewer internal partitions and threads than a server's defaults (50 and 8),
-# three JVMs share a laptop's cores.
-offsets.topic.num.partitions=10
-transaction.state.log.num.partitions=10
-num.io.threads=2
-num.network.threads=2
-num.replica.fetchers=1
-background.threads=4
-group.initial.rebalance.delay.ms=0
-
-# After a crash (SIGKILL) the controller fences the dead node (and moves its leaderships) once its
-# session expires: 9 s by default; shorter here, as for the single broker.
-broker.heartbeat.interval.ms=1000
-broker.session.timeout.ms=4000
-
-# Topics are created explicitly (with their partitions and configs), never by a typo.
-auto.create.topics.enable=false
-num.partitions=3
-delete.topic.enable=true
-"""
-    write_atomic(files.config, config)
-    _write_log4j(files)
 
 
 def _running(files: _Files) -> KafkaBroker | None:
@@ -529,7 +511,7 @@ def _start_locked(files: _Files, port: int | None, cport: int | None, timeout: f
     if cport == port:
         raise ServiceError(f"Kafka client and controller ports are both {port}: give distinct ports")
     files.data.mkdir(parents=True, exist_ok=True)
-    _write_config(files, port, cport)
+    _write_config(files, 1, {1: (port, cport)})
     log_offset = size(files.log)
     _format(files, java, jars, _cluster_id(), timeout)
     proc = _spawn_broker(files, java, jars, ["-Xmx1g", "-Xms256m"])
@@ -691,7 +673,7 @@ def _start_cluster_locked(cf: _ClusterFiles, port: int | None, timeout: float) -
                 continue
             files = cf.node(i)
             files.data.mkdir(parents=True, exist_ok=True)
-            _write_node_config(files, i, ports)
+            _write_config(files, i, ports)
             offsets[i] = size(files.log)
             _format(files, java, jars, cluster_id, timeout)
         for i in sorted(offsets):  # all at once: a node waits for a quorum of the others
