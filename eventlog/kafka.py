@@ -183,6 +183,7 @@ class EventProducer:
         self._failures: list[str] = []
         self._failed_chains: dict[tuple[str, str], int] = {}  # (topic, chain id) -> events not delivered
         self._fatal: str | None = None
+        self._closed = False
         self.sent = 0
 
     def _on_error(self, err: KafkaError) -> None:
@@ -238,7 +239,16 @@ class EventProducer:
                 f"them from their last good head before writing more")
 
     def close(self) -> None:
-        self.flush()
+        """Flush (raising DeliveryError as ``flush`` does), then close the client: its connections and
+        threads end now rather than when the object is collected (a client that outlives its broker
+        logs "Connection refused" every second). Idempotent; a closed producer refuses ``send``."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            self._producer.close()
 
 
 def _consumer(bootstrap: str, **extra) -> Consumer:

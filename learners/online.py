@@ -133,8 +133,16 @@ class KafkaTransport:
         return self._reader.read(start, end)
 
     def close(self) -> None:
-        self.sink.flush()
-        self._reader.close()
+        try:
+            self.sink.close()
+        finally:
+            self._reader.close()
+
+    def __enter__(self) -> KafkaTransport:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @dataclass

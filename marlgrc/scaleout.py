@@ -92,7 +92,7 @@ def producer_main(job: ProducerJob) -> None:
         produce_rounds(job.group_run, job.producer, job.producers, collect=collect, sink=sink,
                        board=PolicyBoard(Path(job.board)), public_key=signer.public_key, signer=signer,
                        episodes_per_round=job.episodes_per_round, seed=job.seed, algo=job.algo)
-        sink.flush()
+        sink.close()
         code = 0
     except BaseException as exc:  # noqa: BLE001 - reported to the learner through the error file
         line = f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -196,7 +196,7 @@ def train_scaleout(env_name: str, *, producers: int, bootstrap: str, prefix: str
                     p.terminate()
                     p.join(5)
         source.close()
-        sink.flush()
+        sink.close()
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 

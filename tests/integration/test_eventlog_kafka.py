@@ -48,6 +48,20 @@ def test_written_run_replays_and_verifies(kafka, topics):
     assert len(list(read_records(kafka.bootstrap, ["marl.joint.action"], prefix=topics, start_timestamp_ms=0))) == 40
 
 
+def test_close_delivers_everything_then_releases_the_client(kafka, topics):
+    """close() without a flush first: every queued event is on the topic; a second close is a no-op; a
+    send after it is refused (the client is gone, not merely idle until collected)."""
+    producer = EventProducer(kafka.bootstrap, prefix=topics)
+    log = EventLog(producer, run_id="r1", producer_id="p")
+    synthetic_run(log, episodes=1, steps=7, agents=1)
+    queued = producer.sent
+    producer.close()
+    producer.close()
+    assert len(list(read_records(kafka.bootstrap, ALL, prefix=topics))) == queued > 0
+    with pytest.raises(RuntimeError, match="closed"):
+        producer.send("marl.joint.action", "r1:actions", b"late")
+
+
 TAMPER = corruptions.standard_cases()
 
 

@@ -35,9 +35,10 @@ def _write_run(bootstrap, prefix, run_id, signer, episodes=4):
 def test_online_training_through_kafka_reads_back_exactly_its_batches(kafka, topics):
     signer = Signer.generate()
     env = MatchTarget()
-    res = train_on_env(env, "match_target_v0", "0", "mappo", transport=KafkaTransport(kafka.bootstrap, topics),
-                       iterations=3, seed=1, config=MAPPOConfig(seed=1, episodes_per_update=4), signer=signer,
-                       public_key=signer.public_key, run_id="online1")
+    with KafkaTransport(kafka.bootstrap, topics) as transport:
+        res = train_on_env(env, "match_target_v0", "0", "mappo", transport=transport, iterations=3, seed=1,
+                           config=MAPPOConfig(seed=1, episodes_per_update=4), signer=signer,
+                           public_key=signer.public_key, run_id="online1")
     assert [r["env_steps"] for r in res.curve] == [32, 64, 96]
     updates = [r for r in read_records(kafka.bootstrap, ["marl.policy.update"], prefix=topics)]
     assert len(updates) == 3
@@ -171,10 +172,10 @@ def test_online_training_while_a_processor_worker_scores_the_same_run(kafka, top
                               stdout=open(tmp_path / "worker.log", "ab"), stderr=subprocess.STDOUT,
                               start_new_session=True)
     try:
-        res = train_on_env(MatchTarget(), "match_target_v0", "0", "mappo",
-                           transport=KafkaTransport(kafka.bootstrap, topics), iterations=6, seed=1,
-                           config=MAPPOConfig(seed=1, episodes_per_update=4), signer=signer,
-                           public_key=signer.public_key, run_id="online-scored")
+        with KafkaTransport(kafka.bootstrap, topics) as transport:
+            res = train_on_env(MatchTarget(), "match_target_v0", "0", "mappo", transport=transport, iterations=6,
+                               seed=1, config=MAPPOConfig(seed=1, episodes_per_update=4), signer=signer,
+                               public_key=signer.public_key, run_id="online-scored")
         assert [r["env_steps"] for r in res.curve] == [32 * k for k in range(1, 7)]
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:  # the worker catches up with the last batch
