@@ -174,12 +174,13 @@ def register(app: typer.Typer) -> None:
             staged = CurriculumConfig(curriculum_window, curriculum_window)
         if lag and producers < 2:
             fail("--lag overlaps producer processes with the learner: give --producers N (N >= 2)")
-        if producers > 1:  # no evaluation: the learning curve and the checkpoint (marlgrc.scaleout)
+        if producers > 1:  # producer processes and a learner through Kafka (marlgrc.scaleout)
             from .scaleout import run_scaleout
 
             res = run_scaleout(s, env=env, algo=algo, producers=producers, seed=seed, iterations=iterations,
                                minutes=minutes, continuous=continuous, env_args=env_args, overrides=overrides,
-                               out=out, checkpoint=checkpoint, threads=threads, lag=lag, say=typer.echo)
+                               out=out, checkpoint=checkpoint, threads=threads, lag=lag,
+                               eval_episodes=eval_episodes, say=typer.echo)
             typer.echo(res.run_id)
             return
         res = run_training(s, env=env, algo=algo, seed=seed, iterations=iterations, minutes=minutes,

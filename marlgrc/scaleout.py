@@ -30,7 +30,7 @@ from learners.online import LINGER_MS, OnlineResult
 from producers.envs import make_env
 from producers.harness import config_digest, env_spaces, run_episodes
 
-from .training import new_run_id, spec_of
+from .training import evaluate_baselines, evaluate_learned, new_run_id, say_evaluation, spec_of
 
 
 class ScaleoutError(RuntimeError):
@@ -204,10 +204,12 @@ def train_scaleout(env_name: str, *, producers: int, bootstrap: str, prefix: str
 def run_scaleout(s: Any, *, env: str, algo: str, producers: int, seed: int = 1, iterations: int | None = None,
                  minutes: float | None = None, continuous: bool = False, env_args: dict | None = None,
                  max_steps: int | None = None, overrides: list[str] = (), out: Path | None = None,
-                 checkpoint: Path | None = None, threads: int = 1, lag: int = 0,
+                 checkpoint: Path | None = None, threads: int = 1, lag: int = 0, eval_episodes: int = 0,
                  say: Callable[[str], None] = print) -> OnlineResult:
     """What `marlgrc train-online --producers N` runs: settings, the home's signing key, topics, the
-    session (``train_scaleout``), the learning curve in ``out`` and a signed checkpoint at the end."""
+    session (``train_scaleout``), the learning curve in ``out``, a signed checkpoint at the end and,
+    with ``eval_episodes``, the evaluation of random, heuristic and learned policies (in this process,
+    without events, as `train-online` in one process: ``marlgrc.training.evaluate_baselines``)."""
     import json
 
     import torch
@@ -264,10 +266,21 @@ def run_scaleout(s: Any, *, env: str, algo: str, producers: int, seed: int = 1, 
     except (EnvError, BrokerUnavailable, DeliveryError, HarnessError, ReplayError, DistributedError,
             ScaleoutError) as exc:
         fail(str(exc))
+    more: dict = {"config": asdict(config)}
     if out is not None:
-        out.write_text(json.dumps({**head, "config": asdict(config), "curve": rows}, indent=1))
+        out.write_text(json.dumps({**head, **more, "curve": rows}, indent=1))
     base = checkpoint or s.checkpoints / res.run_id / "policy"
     save_checkpoint(base, res.learner, key)
     say(f"run {res.run_id}: {res.learner.version}, {res.learner.env_steps} env steps from producer runs "
         f"{', '.join(producer_run_id(res.run_id, k) for k in range(producers))}; checkpoint {base}.pt")
+    if eval_episodes:
+        e = make_env(env, continuous=continuous, **(env_args or {}))[0]
+        policies = evaluate_baselines(e, eval_episodes, seed=seed)
+        final, learned = evaluate_learned(e, res.learner, eval_episodes)
+        policies.update(learned)
+        head["random_return"] = policies["random"]["mean_return"]
+        if out is not None:
+            out.write_text(json.dumps({**head, **more, "final_eval_return": final, "policies": policies,
+                                       "curve": rows}, indent=1))
+        say_evaluation(say, head["random_return"], final, policies, eval_episodes)
     return res

@@ -40,6 +40,49 @@ def new_run_id(env_id: str, algo: str, seed: int) -> str:
     return f"{env_id}__{algo}__{seed}__{int(time.time())}-{uuid.uuid4().hex[:6]}"
 
 
+def evaluate_baselines(e: Any, episodes: int, *, seed: int, progress: bool = False) -> dict[str, dict]:
+    """``env.metrics()`` means of the fixed policies over ``episodes`` evaluation episodes (reset seeds
+    10000, 10001, ...): random (seeded with the training seed) and the env's heuristic where it has one."""
+    from learners.evaluate import evaluate_security
+    from producers.policies import HeuristicPolicy, RandomPolicy
+
+    fixed = [("random", RandomPolicy(e, seed=seed))]
+    if hasattr(e, "heuristic_action"):
+        fixed.append(("heuristic", HeuristicPolicy(e)))
+    out: dict[str, dict] = {}
+    with progress_bar(f"evaluating {' and '.join(n for n, _ in fixed)} over {episodes} episodes",
+                      len(fixed), unit="policies", enabled=progress) as bar:
+        for name, pol in fixed:
+            out[name] = evaluate_security(e, pol, episodes, seed=10_000)
+            bar.advance()
+    return out
+
+
+def evaluate_learned(e: Any, learner: Any, episodes: int, *, progress: bool = False) -> tuple[float, dict[str, dict]]:
+    """(mean team return, ``env.metrics()`` means of the sampled and the greedy policy) of a trained
+    learner over the same evaluation episodes as :func:`evaluate_baselines`."""
+    from learners.evaluate import GreedyPolicy, evaluate, evaluate_security
+
+    if learner.algorithm in ("dqn", "qmix"):
+        learner.episodes = 10**9  # evaluate at the final epsilon, not the one of the last batch
+    with progress_bar(f"evaluating the trained policy over {episodes} episodes", 3, unit="passes",
+                      enabled=progress) as bar:
+        final = evaluate(e, learner, episodes, seed=10_000)
+        bar.advance()
+        policies = {"learned (sampled)": evaluate_security(e, learner, episodes, seed=10_000)}
+        bar.advance()
+        policies["learned (greedy)"] = evaluate_security(e, GreedyPolicy(learner), episodes, seed=10_000)
+        bar.advance()
+    return final, policies
+
+
+def say_evaluation(say: Callable[[str], None], random_return: float, final: float, policies: dict[str, dict],
+                   episodes: int) -> None:
+    say(f"random {random_return:.2f} -> trained {final:.2f} (mean team return over {episodes} episodes)")
+    for name, row in policies.items():
+        say(f"{name:18s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
+
+
 def train_on_env(env: Any, env_id: str, env_version: str, algo: str, *, transport: Transport, iterations: int,
                  seed: int = 1, run_id: str | None = None, protector: Any = None, max_steps: int | None = None,
                  progress: Callable[[int], None] | None = None, curriculum: Any = None, **loop: Any) -> OnlineResult:
@@ -88,12 +131,10 @@ def run_training(s: Settings, *, env: str, algo: str, seed: int = 1, iterations:
     from eventlog.privacy import FieldProtector, LocalKeyStore, PrivacyError
     from learners import algorithm, config_overrides
     from learners.checkpoint import CheckpointError, load_signing_key, save_checkpoint
-    from learners.evaluate import GreedyPolicy, evaluate, evaluate_security
     from learners.online import KafkaTransport
     from learners.replay import ReplayError
     from producers.envs import EnvError, make_env
     from producers.harness import HarnessError
-    from producers.policies import HeuristicPolicy, RandomPolicy
 
     torch.set_num_threads(threads)
     try:
@@ -148,18 +189,8 @@ def run_training(s: Settings, *, env: str, algo: str, seed: int = 1, iterations:
 
     baselines: dict[str, dict] = {}
 
-    def evaluate_baselines() -> None:
-        fixed = [("random", RandomPolicy(e, seed=seed))]
-        if hasattr(e, "heuristic_action"):
-            fixed.append(("heuristic", HeuristicPolicy(e)))
-        with progress_bar(f"evaluating {' and '.join(n for n, _ in fixed)} over {eval_episodes} episodes",
-                          len(fixed), unit="policies", enabled=progress) as bar:
-            for name, pol in fixed:
-                baselines[name] = evaluate_security(e, pol, eval_episodes, seed=10_000)
-                bar.advance()
-
     if eval_episodes and cur is None:  # with a curriculum: after training, at the hardest stage reached
-        evaluate_baselines()
+        baselines.update(evaluate_baselines(e, eval_episodes, seed=seed, progress=progress))
     head = {"env": env, "algo": algo, "seed": seed, "transport": MEMORY if memory else "kafka",
             "random_return": baselines.get("random", {}).get("mean_return")}
     rows: list[dict] = []
@@ -226,26 +257,14 @@ def run_training(s: Settings, *, env: str, algo: str, seed: int = 1, iterations:
             f"final stage {cur.stage}, hardest reached {cur.stages[cur.highest]}")
         if eval_episodes:
             e.set_stage(cur.stages[cur.highest])
-            evaluate_baselines()
+            baselines.update(evaluate_baselines(e, eval_episodes, seed=seed, progress=progress))
             head["random_return"] = baselines["random"]["mean_return"]
             head["eval_stage"] = cur.stages[cur.highest]
     if eval_episodes:
-        learner = res.learner
-        if algo in ("dqn", "qmix"):
-            learner.episodes = 10**9  # evaluate at the final epsilon, not the one of the last batch
-        with progress_bar(f"evaluating the trained policy over {eval_episodes} episodes", 3, unit="passes",
-                          enabled=progress) as bar:
-            final = evaluate(e, learner, eval_episodes, seed=10_000)
-            bar.advance()
-            baselines["learned (sampled)"] = evaluate_security(e, learner, eval_episodes, seed=10_000)
-            bar.advance()
-            baselines["learned (greedy)"] = evaluate_security(e, GreedyPolicy(learner), eval_episodes, seed=10_000)
-            bar.advance()
+        final, learned = evaluate_learned(e, res.learner, eval_episodes, progress=progress)
+        baselines.update(learned)
         write(config=asdict(config), final_eval_return=final, policies=baselines)
-        say(f"random {head['random_return']:.2f} -> trained {final:.2f} (mean team return over {eval_episodes} "
-            f"episodes)")
-        for name, row in baselines.items():
-            say(f"{name:18s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
+        say_evaluation(say, head["random_return"], final, baselines, eval_episodes)
     else:
         write(config=asdict(config))
     if online is not None:

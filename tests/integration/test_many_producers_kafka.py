@@ -119,3 +119,35 @@ def test_a_lagged_session_through_kafka_verifies_and_reproduces(kafka, topics, t
     group.lag = 0  # the lag is what makes them reproduce: without it the rounds after the first differ
     _, sync = retrain(records, group, public_key=signer.public_key)
     assert [bytes(u["weights_sha256"]) == h for u, h in zip(group.updates, sync)] == [True] + [False] * (rounds - 1)
+
+
+@pytest.mark.timeout(240)
+def test_train_online_with_producers_evaluates_the_trained_policy(kafka, topics, tmp_path):
+    """`marlgrc train-online --producers 2 --eval-episodes N`: after the session, random and the learned
+    policy (sampled, greedy) are evaluated as in one process, and the greedy figure is that of the
+    signed checkpoint's weights."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from learners.checkpoint import learner_from_checkpoint
+    from learners.evaluate import GreedyPolicy, evaluate_security
+    from marlgrc.cli import app
+    from producers.envs import make_env
+
+    home, out, base = tmp_path / "home", tmp_path / "curve.json", tmp_path / "ck" / "policy"
+    r = CliRunner().invoke(app, ["train-online", "--env", "simple_spread_v3", "--algo", "mappo", "--producers", "2",
+                                 "--iterations", "2", "--set", "episodes_per_update=4", "--eval-episodes", "5",
+                                 "--out", str(out), "--checkpoint", str(base), "--home", str(home),
+                                 "--bootstrap", kafka.bootstrap, "--prefix", topics])
+    assert r.exit_code == 0, r.output
+    assert "-> trained" in r.output and "learned (greedy)" in r.output
+    doc = json.loads(out.read_text())
+    assert doc["producers"] == 2 and len(doc["curve"]) == 2
+    assert set(doc["policies"]) == {"random", "learned (sampled)", "learned (greedy)"}
+    assert doc["random_return"] == doc["policies"]["random"]["mean_return"] < 0
+    assert doc["final_eval_return"] < 0
+    learner = learner_from_checkpoint(base, Signer.load(home / "keys" / "signing.pem").public_key)
+    env = make_env("simple_spread_v3")[0]
+    assert doc["policies"]["learned (greedy)"]["mean_return"] == \
+        evaluate_security(env, GreedyPolicy(learner), 5, seed=10_000)["mean_return"]
