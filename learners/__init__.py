@@ -48,6 +48,11 @@ def algorithm(name: str) -> Algorithm:
     return reg[name]
 
 
+def config_from_record(name: str, fields: dict):
+    """Algorithm ``name``'s config from the ``asdict`` JSON a run recorded (lists back to tuples)."""
+    return algorithm(name).config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
 def config_overrides(config_cls: type, items: list[str]) -> dict:
     """``["update_epochs=10", ...]`` as typed values of the config's fields, validated by pydantic
     against the config dataclass's annotations (bools from 1/true/yes, tuples from comma-separated

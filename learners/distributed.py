@@ -69,7 +69,7 @@ from eventlog.kafka import Record
 from eventlog.log import EventLog, Sink
 from eventlog.verify import CHECKPOINT_TOPIC, Report
 
-from . import algorithm
+from . import algorithm, config_from_record
 from .checkpoint import CheckpointError, learner_from_checkpoint, load_checkpoint, save_checkpoint
 from .lineage import emit_policy_update, policy_chain
 from .online import Collect, OnlineResult, _close_after
@@ -678,14 +678,11 @@ def read_group_run(records: Iterable[Record], group_run: str) -> GroupRun:
     if "producer_runs" not in cfg:
         raise ReplayError(f"run {group_run} is not a many-producer learner run (its config names no producer_runs)")
     a = algorithm(cfg["algorithm"])
-    lc = dict(cfg["learner_config"])
-    for k, v in lc.items():
-        if isinstance(v, list):
-            lc[k] = tuple(v)
     chain = policy_chain(group_run, a.name)
     updates = sorted((u for u in updates if u["chain_id"] == chain), key=lambda u: u["seq"])
-    return GroupRun(RunSpec.from_run_started(group_run, started), a.name, a.config_cls(**lc), cfg["producer_runs"],
-                    updates, int(cfg.get("lag", 0)))
+    return GroupRun(RunSpec.from_run_started(group_run, started), a.name,
+                    config_from_record(a.name, cfg["learner_config"]), cfg["producer_runs"], updates,
+                    int(cfg.get("lag", 0)))
 
 
 def retrain(records: Iterable[Record], group: GroupRun, *, public_key=None,

@@ -22,8 +22,10 @@ the updated policy is judged on the recent window and a refused one is rolled ba
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
+
+import torch
 
 from eventlog.kafka import Record
 from eventlog.log import EventLog, MemorySink, Sink
@@ -219,6 +221,8 @@ def train_online(spec: RunSpec, algo: str, *, collect: Collect, transport: Trans
                 cfg = {"algorithm": algo, "iteration": it}
                 if K is not None:
                     cfg["batch"] = batch
+                if batch == 0:  # what `learners.reproduce` builds the learner from (the batch records its version)
+                    cfg |= {"learner_config": asdict(learner.config), "torch_threads": torch.get_num_threads()}
                 try:
                     collect(learner, log, episodes=episodes, seed=seed * 1_000_003 + collected, config=cfg)
                 except BaseException as exc:

@@ -112,6 +112,67 @@ def register(app: typer.Typer) -> None:
                    f"{len(events)} policy.update event(s); checkpoint {base}.pt"
                    + (f"; onnx {onnx} (signature {onnx}.sig.json)" if onnx else ""))
 
+    @app.command()
+    def reproduce(run: str = typer.Option(..., "--run", help="the run whose updates to retrain: a train-online, "
+                                          "run --algo or --producers N (learner) run"),
+                  bundle: Optional[Path] = typer.Option(None, "--bundle", help="read an exported bundle instead of Kafka"),
+                  public_key: Optional[Path] = typer.Option(None, "--public-key", help="trusted Ed25519 public key (PEM)"),
+                  allow_unverified: bool = typer.Option(False, "--allow-unverified",
+                                                        help="retrain even if a chain fails verification"),
+                  checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="also save the retrained "
+                                                            "learner as a checkpoint signed with the home's key"),
+                  as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+                  progress: bool = ProgressOpt,
+                  home: Optional[Path] = HomeOpt, bootstrap: Optional[str] = BootOpt,
+                  prefix: Optional[str] = PrefixOpt) -> None:
+        """Train RUN's learner again from its topics alone and compare every update's weights with the hash its
+        policy.update recorded (rolled-back updates: the restored weights too). Exit 0 when all are equal, 1 when
+        any differs, 2 when it could not read or replay the run."""
+        import json
+
+        from eventlog.bundle import read_bundle
+        from eventlog.kafka import read_records
+        from learners.replay import VERIFY_TOPICS
+        from learners.reproduce import reproduce as reproduce_run
+
+        from .cli import _public_key
+
+        s = Settings.load(home=home, bootstrap=bootstrap, prefix=prefix)
+        key = _public_key(public_key, s, bundle)
+        source = f"bundle {bundle}" if bundle is not None else "Kafka"
+        with progress_bar(f"reading, verifying and retraining run {run} from {source}", enabled=progress):
+            records = (read_bundle(bundle) if bundle is not None else
+                       read_records(s.resolve_bootstrap(), VERIFY_TOPICS, prefix=s.prefix))
+            out = reproduce_run(records, run, public_key=key, allow_unverified=allow_unverified)
+        if checkpoint is not None:
+            from learners.checkpoint import load_signing_key, save_checkpoint
+
+            save_checkpoint(checkpoint, out.learner, load_signing_key(s.signing_key))
+        if as_json:
+            typer.echo(json.dumps({
+                "run_id": out.run_id, "kind": out.kind, "algorithm": out.algo, "ok": out.ok, "events": out.events,
+                "signatures_checked": out.signatures_checked,
+                "updates": [{"seq": c.seq, "policy_version": c.policy_version, "recorded": c.recorded.hex(),
+                             "retrained": c.retrained.hex(), "rolled_back": c.rolled_back, "restored": c.restored,
+                             "equal": c.equal} for c in out.checks]}, indent=1))
+        else:
+            typer.echo(f"run {out.run_id} ({out.kind}, {out.algo}): {len(out.checks)} update(s) retrained from "
+                       f"{out.events} verified events ({'signatures checked' if out.signatures_checked else 'no public key: signatures not checked'})")
+            for c in out.checks:
+                verdict = "equal" if c.recorded == c.retrained else \
+                    f"DIFFERS: recorded {c.recorded.hex()[:16]}…, retrained {c.retrained.hex()[:16]}…"
+                if c.rolled_back:
+                    verdict += "; rolled back, restored weights " + ("equal" if c.restored else "DIFFER")
+                typer.echo(f"  update seq {c.seq} {c.policy_version}: {verdict}")
+            first = out.first_difference
+            typer.echo("reproduced: every update's weights equal the hash its policy.update recorded" if out.ok else
+                       f"NOT reproduced: {sum(not c.equal for c in out.checks)} of {len(out.checks)} update(s) differ, "
+                       f"the first at seq {first.seq} ({first.policy_version})")
+            if checkpoint is not None:
+                typer.echo(f"checkpoint {checkpoint}.pt (the retrained learner)")
+        if not out.ok:
+            raise typer.Exit(1)
+
     @app.command("train-online")
     def train_online_cmd(
         env: str = typer.Option("simple_spread_v3", "--env", help="simple_spread_v3 | mailbox_v0 | sandbox_v0 | "

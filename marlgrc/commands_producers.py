@@ -235,6 +235,7 @@ def register(app: typer.Typer) -> None:
                                        progress=step, protector=protector, max_steps=max_steps)
                 bar.finish()  # episodes end early in some envs: the hint was an upper bound
             log.close()
+            producer.close()
         except (BrokerUnavailable, DeliveryError) as exc:
             fail(str(exc))
         except HarnessError as exc:  # the env or the policy failed mid-run: what was written still verifies

@@ -152,6 +152,47 @@ def test_every_way_to_train_signs_every_chain_with_the_home_key(kafka, topics, t
     assert verify_records(records, Signer.generate().public_key).breaks  # another key: refused
 
 
+@pytest.mark.timeout(240)
+def test_reproduce_command_retrains_every_update_from_kafka_and_from_a_bundle(kafka, topics, tmp_path):
+    """`marlgrc reproduce --run R` after `marlgrc run --algo` and `train-online` through the broker: every
+    update's weights are retrained to the recorded hash, from the topics and from the run's exported
+    bundle (an auditor's copy, read without a broker), and the retrained learner is checkpointed."""
+    import json
+
+    from marlgrc.cli import app
+
+    home = tmp_path / "home"
+    common = ["--home", str(home), "--bootstrap", kafka.bootstrap, "--prefix", topics]
+    env = "tests.unit.test_learners_support:MatchTarget"
+    runner = CliRunner()
+    runs = []
+    for cmd in (["run", "--env", env, "--algo", "dqn", "--iterations", "2"],
+                ["train-online", "--env", env, "--algo", "mappo", "--iterations", "3", "--set", "episodes_per_update=3",
+                 "--eval-episodes", "0"]):
+        r = runner.invoke(app, [*cmd, *common])
+        assert r.exit_code == 0, r.output
+        runs.append(r.stdout.strip().splitlines()[-1])
+    for run, algo, n in zip(runs, ("dqn", "mappo"), (2, 3)):
+        r = runner.invoke(app, ["reproduce", "--run", run, "--no-progress", "--checkpoint", str(tmp_path / run),
+                                *common])
+        assert r.exit_code == 0, r.output
+        assert f"(online, {algo}): {n} update(s) retrained" in r.output and "signatures checked" in r.output
+        assert r.output.count(": equal") == n and "reproduced: every update" in r.output
+        assert (tmp_path / f"{run}.pt").exists()
+    bundle = tmp_path / "bundle"
+    r = runner.invoke(app, ["export", "--run", runs[1], "--out", str(bundle), "--no-progress", *common])
+    assert r.exit_code == 0, r.output
+    pem = tmp_path / "auditor.pem"   # the key the auditor pinned, not the bundle's own copy
+    pem.write_text(runner.invoke(app, ["public-key", "--home", str(home)]).stdout)
+    r = runner.invoke(app, ["reproduce", "--run", runs[1], "--bundle", str(bundle), "--json", "--no-progress",
+                            "--public-key", str(pem), "--home", str(home)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["ok"] and doc["signatures_checked"] and [u["equal"] for u in doc["updates"]] == [True] * 3
+    r = runner.invoke(app, ["reproduce", "--run", "no-such-run", "--no-progress", *common])
+    assert r.exit_code == 2 and "no run.started" in r.output
+
+
 @pytest.mark.timeout(300)
 def test_online_training_while_a_processor_worker_scores_the_same_run(kafka, topics, tmp_path):
     """A decision-interpreter worker writes credits (and signs them) while the run trains: the credits

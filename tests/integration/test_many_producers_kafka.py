@@ -125,7 +125,7 @@ def test_a_lagged_session_through_kafka_verifies_and_reproduces(kafka, topics, t
 def test_train_online_with_producers_evaluates_the_trained_policy(kafka, topics, tmp_path):
     """`marlgrc train-online --producers 2 --eval-episodes N`: after the session, random and the learned
     policy (sampled, greedy) are evaluated as in one process, and the greedy figure is that of the
-    signed checkpoint's weights."""
+    signed checkpoint's weights; `marlgrc reproduce --run G` then retrains every update."""
     import json
 
     from typer.testing import CliRunner
@@ -151,3 +151,9 @@ def test_train_online_with_producers_evaluates_the_trained_policy(kafka, topics,
     env = make_env("simple_spread_v3")[0]
     assert doc["policies"]["learned (greedy)"]["mean_return"] == \
         evaluate_security(env, GreedyPolicy(learner), 5, seed=10_000)["mean_return"]
+    # and `marlgrc reproduce` retrains the group's updates from the producers' topics
+    run = r.stdout.strip().splitlines()[-1]
+    r = CliRunner().invoke(app, ["reproduce", "--run", run, "--no-progress", "--home", str(home),
+                                 "--bootstrap", kafka.bootstrap, "--prefix", topics])
+    assert r.exit_code == 0, r.output
+    assert f"run {run} (group, mappo): 2 update(s) retrained" in r.output and r.output.count(": equal") == 2
