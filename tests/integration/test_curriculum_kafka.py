@@ -63,6 +63,8 @@ def test_train_online_with_a_curriculum_records_its_stage_changes_signed_on_the_
 
     res = cli_ok("verify", "--run", run_id, "--require-signed", *common)
     assert "no break" in res.output, res.output
+    res = cli_ok("reproduce", "--run", run_id, "--no-progress", *common)   # the stages change batches, not updates
+    assert "3 update(s) retrained" in res.output and "reproduced: every update" in res.output, res.output
     res = cli_ok("ledger", "sync", *common)
     assert "0 integrity findings" in res.output, res.output
     want = [(e["seq"], e["reason"], e["to_stage"], e["window_episodes"], e["window_mean"]) for e in stage]
