@@ -35,6 +35,7 @@ from eventlog.verify import CHECKPOINT_TOPIC, verify_records
 from . import algorithm, config_from_record
 from .checkpoint import load_torch_state
 from .lineage import policy_chain
+from .networks import torch_device
 from .replay import ONLINE_TOPICS, POLICY_TOPIC, ReplayError, RunReader, RunSpec, UnverifiedStream
 
 
@@ -154,7 +155,15 @@ def _reproduce_online(records: list[Record], run_id: str, cfg: dict, public_key,
     threads = torch.get_num_threads()
     torch.set_num_threads(int(cfg.get("torch_threads", threads)))  # float sums depend on the split
     try:
-        learner = algorithm(algo).learner_cls(spec, config_from_record(algo, cfg["learner_config"]))
+        config = config_from_record(algo, cfg["learner_config"])
+        device = getattr(config, "device", "cpu")
+        if device != "cpu":   # CUDA's sums are not the CPU's: only the same kind of device reproduces them
+            try:
+                torch_device(device)
+            except ValueError as exc:
+                raise ReplayError(f"run {run_id} updated on {device!r}, which this machine cannot give ({exc}); "
+                                  f"reproduce it on a machine with that device") from None
+        learner = algorithm(algo).learner_cls(spec, config)
         if learner.version != cfg.get("policy_version"):
             raise ReplayError(f"run {run_id}: its first batch was collected by policy {cfg.get('policy_version')}, "
                               f"not by a new learner of its config ({learner.version}): the session resumed a "

@@ -81,6 +81,22 @@ def test_an_update_that_did_not_come_from_its_config_and_events_is_named():
     assert out.checks[-1].recorded == res.learner.weights_sha256() != out.learner.weights_sha256()
 
 
+def test_a_run_updated_on_a_device_this_machine_lacks_is_refused(monkeypatch):
+    """A CUDA run reproduces on CUDA only; here its recorded device is given as one no machine has."""
+    res, records = _train("mappo", False, "rep-device", iterations=1, config=MAPPOConfig(seed=1, episodes_per_update=4))
+    from learners import reproduce as rep
+
+    real = rep._started_config
+
+    def on_gpu(recs, run_id):
+        started, cfg = real(recs, run_id)
+        return started, cfg | {"learner_config": cfg["learner_config"] | {"device": "cuda:99"}}
+
+    monkeypatch.setattr(rep, "_started_config", on_gpu)
+    with pytest.raises(ReplayError, match="updated on 'cuda:99'.*reproduce it on a machine with that device"):
+        reproduce(records, res.run_id, public_key=SIGNER.public_key)
+
+
 def test_a_tampered_event_stops_the_reproduction():
     res, records = _train("mappo", False, "rep-tamper", iterations=2,
                           config=MAPPOConfig(seed=1, episodes_per_update=4))
