@@ -145,7 +145,7 @@ def _reproduce_online(records: list[Record], run_id: str, cfg: dict, public_key,
     updates.sort(key=lambda u: u["seq"])
     if not updates:
         raise ReplayError(f"run {run_id}: no policy.update on {chain}; nothing to reproduce")
-    data: dict[tuple[str, str], list[tuple[int, Record]]] = {}   # chain -> [(seq, record)] in offset order
+    data: dict[tuple[str, str], list[tuple[int, Record]]] = {}   # chain -> [(seq, record)] in offset (= seq) order
     for r in records:
         if r.topic in ONLINE_TOPICS and r.topic != CHECKPOINT_TOPIC:
             data.setdefault((r.topic, r.key), []).append((seq_and_chain(r.value)[0], r))
@@ -171,17 +171,17 @@ def _reproduce_online(records: list[Record], run_id: str, cfg: dict, public_key,
         # signatures were checked above, over the whole run: the reader checks the hash chains batch by
         # batch, as the online loop read them
         reader = RunReader(run_id, allow_unverified=allow_unverified, topics=ONLINE_TOPICS)
-        done: dict[tuple[str, str], int] = {}   # chain -> last seq fed
+        fed: dict[tuple[str, str], int] = {}   # chain -> how many of its records were fed (seqs ascend)
         checks = []
         for u in updates:
             window = []
             for x in u["lineage"]:
                 key = (x["topic"], x["chain_id"])
-                if key not in data:
-                    continue
-                lo, hi = done.get(key, -1), x["last_seq"]
-                window.extend(r for s, r in data[key] if lo < s <= hi)
-                done[key] = max(lo, hi)
+                rows, i = data.get(key, ()), fed.get(key, 0)
+                while i < len(rows) and rows[i][0] <= x["last_seq"]:
+                    window.append(rows[i][1])
+                    i += 1
+                fed[key] = i
             replay = reader.add(window)
             rollback = rollbacks.get(u["event_hash"])
             before = _snapshot(learner) if rollback is not None else None
