@@ -93,7 +93,7 @@ def reproduce(records: Iterable[Record], run_id: str, *, public_key=None, allow_
     from .distributed import read_group_run, retrain
 
     own = [r for r in records if r.key.startswith(f"{run_id}:") or r.key.startswith(f"{run_id}.p")]
-    _, cfg = _started_config(own, run_id)
+    started, cfg = _started_config(own, run_id)
     if "producer_runs" in cfg:   # the learner's run G and its producers' runs G.pK
         group = read_group_run(own, run_id)
         if not group.updates:
@@ -106,7 +106,7 @@ def reproduce(records: Iterable[Record], run_id: str, *, public_key=None, allow_
                   for u, h in zip(group.updates, hashes)]
         return Reproduction(run_id, "group", group.algo, checks, learner, count, signed)
     mine = [r for r in own if r.key.startswith(f"{run_id}:")]
-    return _reproduce_online(mine, run_id, cfg, public_key, allow_unverified)
+    return _reproduce_online(mine, run_id, started, cfg, public_key, allow_unverified)
 
 
 def _verify(records: list[Record], run_id: str, public_key, allow_unverified: bool) -> tuple[int, bool]:
@@ -123,8 +123,8 @@ def _snapshot(learner: Any) -> bytes:
     return buf.getvalue()
 
 
-def _reproduce_online(records: list[Record], run_id: str, cfg: dict, public_key, allow_unverified: bool
-                      ) -> Reproduction:
+def _reproduce_online(records: list[Record], run_id: str, started: dict, cfg: dict, public_key,
+                      allow_unverified: bool) -> Reproduction:
     if "learner_config" not in cfg:
         raise ReplayError(f"run {run_id}: its run.started records no learner config, so its updates cannot be "
                           f"replayed (a run of `marlgrc run` without --algo, or written before reproduction "
@@ -150,7 +150,6 @@ def _reproduce_online(records: list[Record], run_id: str, cfg: dict, public_key,
         if r.topic in ONLINE_TOPICS and r.topic != CHECKPOINT_TOPIC:
             data.setdefault((r.topic, r.key), []).append((seq_and_chain(r.value)[0], r))
 
-    started = _started_config(records, run_id)[0]
     spec = RunSpec.from_run_started(run_id, started)
     threads = torch.get_num_threads()
     torch.set_num_threads(int(cfg.get("torch_threads", threads)))  # float sums depend on the split
